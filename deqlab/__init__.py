@@ -1,0 +1,48 @@
+"""deqlab: Deep Equilibrium models in PyTorch.
+
+The engine (this package minus ``lit`` and ``__main__``) is pure PyTorch:
+
+    from deqlab import DEQ
+    deq = DEQ(solver={"name": "anderson", "max_iter": 30}, grad={"name": "ift"})
+    z_star, info = deq(lambda z: cell(z, x), torch.zeros_like(x))
+"""
+
+from .core import DEQ, DEQInfo, SolverConfig
+from .dropout import (
+    VariationalDropout,
+    VariationalDropout1d,
+    VariationalDropout2d,
+    VariationalDropout3d,
+    VariationalTokenDropout,
+    reset_dropout,
+)
+from .grad import DivergenceWarning, GradConfig
+from .init import mixed_init, zeros_init
+from .norm import NormConfig, apply_norm, remove_norm
+from .regularize import fp_correction, jacobian_loss, spectral_radius
+from .solvers import SolverResult, get_solver, register_solver
+
+__all__ = [
+    "DEQ",
+    "DEQInfo",
+    "DivergenceWarning",
+    "GradConfig",
+    "NormConfig",
+    "SolverConfig",
+    "SolverResult",
+    "VariationalDropout",
+    "VariationalDropout1d",
+    "VariationalDropout2d",
+    "VariationalDropout3d",
+    "VariationalTokenDropout",
+    "apply_norm",
+    "fp_correction",
+    "get_solver",
+    "jacobian_loss",
+    "mixed_init",
+    "register_solver",
+    "remove_norm",
+    "reset_dropout",
+    "spectral_radius",
+    "zeros_init",
+]

@@ -1,0 +1,167 @@
+"""Weight and spectral normalization of a DEQ cell's weights, on ``torch.nn.utils.parametrize``.
+
+Normalization keeps the cell's Lipschitz constant in check, which keeps the fixed point
+well-posed and the solvers fast (Bai et al., 2019 use weight norm; Miyato et al., 2018 for
+spectral norm). The normalized weight is a parametrization, so ``DEQ`` computes it once per
+solve (``parametrize.cached``) rather than once per f evaluation, and nothing has to be reset
+by hand between batches.
+
+- ``weight_norm``: W = s * V / ||V||, the norm taken per output unit (Salimans & Kingma, 2016);
+  s starts at ||V|| so the layer's function is unchanged at the moment of applying it.
+- ``spectral_norm``: W = s * V / sigma(V), sigma by power iteration (one step per solve in
+  training); s starts at 1.
+
+``learn_scale`` makes s a parameter (else a fixed buffer); ``target_norm`` clips s from above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.utils import parametrize
+
+NORM_KINDS = ("none", "weight_norm", "spectral_norm")
+
+
+@dataclass
+class NormConfig:
+    """Normalization settings (the ``norm`` config group)."""
+
+    kind: str = "none"
+    learn_scale: bool = True
+    target_norm: float | None = None
+    exclude: list[str] = field(default_factory=list)
+    power_iters: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORM_KINDS:
+            raise ValueError(f"unknown norm kind {self.kind!r}; choose one of {NORM_KINDS}")
+
+
+def _out_dim(layer: nn.Module) -> int:
+    # ConvTranspose stores weights as (in, out, ...): the output unit is dim 1.
+    return 1 if isinstance(layer, _ConvTransposeNd) else 0
+
+
+def _as_matrix(w: Tensor, out_dim: int) -> Tensor:
+    return w.movedim(out_dim, 0).reshape(w.shape[out_dim], -1)
+
+
+class _Scale(nn.Module):
+    def __init__(self, init: Tensor, learn: bool, target: float | None):
+        super().__init__()
+        self.target = target
+        if learn:
+            self.scale = nn.Parameter(init)
+        else:
+            self.register_buffer("scale", init)
+
+    def value(self) -> Tensor:
+        return self.scale if self.target is None else self.scale.clamp(max=self.target)
+
+
+class WeightNorm(_Scale):
+    """W = s * V / ||V||, per output unit."""
+
+    def __init__(self, weight: Tensor, out_dim: int, learn_scale: bool, target_norm: float | None):
+        self.out_dim = out_dim
+        norm = self._norm(weight.detach())
+        super().__init__(norm.clone(), learn_scale, target_norm)
+
+    def _norm(self, v: Tensor) -> Tensor:
+        dims = [d for d in range(v.dim()) if d != self.out_dim]
+        return torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+
+    def forward(self, v: Tensor) -> Tensor:
+        return v * (self.value() / self._norm(v))
+
+
+class SpectralNorm(_Scale):
+    """W = s * V / sigma(V), sigma estimated by power iteration on V as a matrix."""
+
+    def __init__(
+        self,
+        weight: Tensor,
+        out_dim: int,
+        learn_scale: bool,
+        target_norm: float | None,
+        power_iters: int = 1,
+    ):
+        super().__init__(weight.new_ones(()), learn_scale, target_norm)
+        self.out_dim, self.power_iters = out_dim, power_iters
+        mat = _as_matrix(weight.detach(), out_dim)
+        self.register_buffer("u", F.normalize(torch.randn(mat.shape[0], dtype=mat.dtype), dim=0))
+        self.register_buffer("v", F.normalize(torch.randn(mat.shape[1], dtype=mat.dtype), dim=0))
+        self._power(mat, 15)  # a good starting estimate
+
+    @torch.no_grad()
+    def _power(self, mat: Tensor, iters: int) -> None:
+        for _ in range(iters):
+            self.v.copy_(F.normalize(mat.t() @ self.u, dim=0, eps=1e-12))
+            self.u.copy_(F.normalize(mat @ self.v, dim=0, eps=1e-12))
+
+    def forward(self, w: Tensor) -> Tensor:
+        mat = _as_matrix(w, self.out_dim)
+        if self.training:
+            self._power(mat, self.power_iters)
+        # Clones: the next solve updates u and v in place while this graph may still need them.
+        sigma = torch.dot(self.u.clone(), mat @ self.v.clone())
+        return w * (self.value() / sigma)
+
+
+def _normalizable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, _ConvNd))
+
+
+def apply_norm(
+    module: nn.Module,
+    kind: str = "weight_norm",
+    *,
+    exclude: Iterable[str] = (),
+    learn_scale: bool = True,
+    target_norm: float | None = None,
+    power_iters: int = 1,
+) -> nn.Module:
+    """Normalize the weight of every Linear/Conv layer (subclasses included) in ``module``.
+
+    ``exclude`` lists submodule names (qualified, as in ``named_modules``) whose layers,
+    and their children, are left alone. ``kind="none"`` does nothing. Returns ``module``.
+    """
+    NormConfig(kind=kind)  # validates kind
+    if kind == "none":
+        return module
+    excluded = tuple(exclude)
+    found = 0
+    for name, layer in module.named_modules():
+        if not _normalizable(layer) or any(name == e or name.startswith(e + ".") for e in excluded):
+            continue
+        if parametrize.is_parametrized(layer, "weight"):
+            raise ValueError(f"layer {name!r} already has a weight parametrization")
+        out_dim = _out_dim(layer)
+        if kind == "weight_norm":
+            p: nn.Module = WeightNorm(layer.weight, out_dim, learn_scale, target_norm)
+        else:
+            p = SpectralNorm(layer.weight, out_dim, learn_scale, target_norm, power_iters)
+        parametrize.register_parametrization(layer, "weight", p)
+        found += 1
+    if found == 0:
+        raise ValueError(
+            f"apply_norm({kind!r}) found no Linear/Conv layer to normalize in "
+            f"{type(module).__name__} (after exclude={list(excluded)})"
+        )
+    return module
+
+
+def remove_norm(module: nn.Module) -> nn.Module:
+    """Bake normalized weights back into plain parameters. Returns ``module``."""
+    for layer in module.modules():
+        if parametrize.is_parametrized(layer, "weight") and any(
+            isinstance(p, (WeightNorm, SpectralNorm)) for p in layer.parametrizations["weight"]
+        ):
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    return module

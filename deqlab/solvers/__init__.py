@@ -1,0 +1,75 @@
+"""Root solvers for z = f(z), and their registry.
+
+Every solver is called as ``solver(f, z0, *, max_iter, tol, stop_mode="rel", save_at=(),
+**options) -> SolverResult``; see :mod:`deqlab.solvers.base` for what the result holds.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from .anderson import anderson
+from .base import STOP_MODES, FlatState, SolverResult, State
+from .broyden import broyden
+from .fixed_point import fixed_point
+
+Solver = Callable[..., SolverResult]
+
+# Arguments every solver takes; everything else keyword-only is a solver option.
+COMMON_ARGS = ("max_iter", "tol", "stop_mode", "save_at")
+
+_REGISTRY: dict[str, Solver] = {}
+
+
+def register_solver(name: str, fn: Solver) -> Solver:
+    """Make ``fn`` available as ``get_solver(name)`` (and as ``solver.name`` in configs)."""
+    params = inspect.signature(fn).parameters
+    missing = [a for a in COMMON_ARGS if a not in params]
+    if missing:
+        raise TypeError(f"solver {name!r} must accept the keyword arguments {missing}")
+    _REGISTRY[name] = fn
+    return fn
+
+
+def get_solver(name: str) -> Solver:
+    """The solver registered as ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown solver {name!r}; known solvers: {', '.join(sorted(_REGISTRY))} "
+            "(add your own with deqlab.register_solver)"
+        ) from None
+
+
+def solver_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def solver_options(name: str) -> dict[str, object]:
+    """The options (keyword-only arguments beyond the common ones) of a solver, with defaults."""
+    params = inspect.signature(get_solver(name)).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in COMMON_ARGS
+    }
+
+
+for _name, _fn in (("fixed_point", fixed_point), ("anderson", anderson), ("broyden", broyden)):
+    register_solver(_name, _fn)
+
+__all__ = [
+    "STOP_MODES",
+    "FlatState",
+    "SolverResult",
+    "State",
+    "anderson",
+    "broyden",
+    "fixed_point",
+    "get_solver",
+    "register_solver",
+    "solver_names",
+    "solver_options",
+]

@@ -1,0 +1,212 @@
+"""What every solver shares: the result type, the flat (batch, dim) view of a state, and
+the per-sample bookkeeping of residuals, best iterates and convergence.
+
+A state is a tensor or a tuple/list of tensors that share the batch dimension (multi-scale
+models). Solvers iterate on one flat ``(B, D)`` buffer in a working dtype of at least float32,
+and call ``f`` on the original structure and dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor
+
+State = Union[Tensor, tuple[Tensor, ...], list[Tensor]]
+
+STOP_MODES = ("abs", "rel")
+
+# Added to ||f(z)|| in the relative residual so that z* = 0 does not divide by zero.
+REL_EPS = 1e-9
+
+
+@dataclass
+class SolverResult:
+    """Outcome of one batched solve.
+
+    Every per-sample field is measured at the returned ``z``: ``abs_residual = ||f(z) - z||``,
+    ``rel_residual = ||f(z) - z|| / ||f(z)||``.
+    """
+
+    z: State
+    abs_residual: Tensor  # (B,)
+    rel_residual: Tensor  # (B,)
+    nfe: int  # f evaluations spent
+    best_step: Tensor  # (B,) step whose iterate is returned (0 = z0)
+    converged: Tensor  # (B,) bool
+    trace: Tensor  # (steps, B) relative residual of the iterate at each step
+    nonfinite: bool = False  # the solve stopped because some iterate went non-finite
+    saved: list[State] = field(default_factory=list)  # iterates at the requested `save_at` steps
+
+
+class FlatState:
+    """Maps a state (tensor or tuple of tensors) to a flat ``(B, D)`` view and back."""
+
+    def __init__(self, z0: State):
+        self.is_tensor = isinstance(z0, Tensor)
+        parts = (z0,) if self.is_tensor else tuple(z0)
+        if not parts or not all(isinstance(p, Tensor) for p in parts):
+            raise TypeError(
+                f"a DEQ state must be a tensor or a non-empty tuple/list of tensors, got {type(z0)}"
+            )
+        self.batch = parts[0].shape[0]
+        for p in parts:
+            if p.dim() == 0 or p.shape[0] != self.batch:
+                raise ValueError(
+                    f"every state tensor needs the batch dimension first; got shapes "
+                    f"{[tuple(q.shape) for q in parts]}"
+                )
+        self.shapes = [tuple(p.shape) for p in parts]
+        self.sizes = [p[0].numel() for p in parts]
+        self.dtype = parts[0].dtype
+        self.device = parts[0].device
+        # Solver arithmetic (mixing, Gram matrices, quasi-Newton updates) never runs below fp32.
+        self.work_dtype = torch.promote_types(self.dtype, torch.float32)
+
+    @property
+    def dim(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, z: State) -> Tensor:
+        parts = (z,) if isinstance(z, Tensor) else tuple(z)
+        flat = [p.reshape(self.batch, -1) for p in parts]
+        out = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+        return out.to(self.work_dtype)
+
+    def unflatten(self, flat: Tensor) -> State:
+        flat = flat.to(self.dtype)
+        if self.is_tensor:
+            return flat.view(self.shapes[0])
+        chunks = flat.split(self.sizes, dim=1)
+        return tuple(c.reshape(s) for c, s in zip(chunks, self.shapes))
+
+    def check_output(self, fz: State) -> None:
+        """Raise if f(z) does not have the structure and shapes of z."""
+        got_tensor = isinstance(fz, Tensor)
+        parts = (fz,) if got_tensor else tuple(fz) if isinstance(fz, (tuple, list)) else None
+        shapes = None if parts is None else [tuple(getattr(p, "shape", ())) for p in parts]
+        if got_tensor != self.is_tensor or shapes != self.shapes:
+            want = self.shapes[0] if self.is_tensor else self.shapes
+            have = shapes[0] if got_tensor else shapes if parts is not None else type(fz)
+            raise ValueError(
+                f"f(z) must return the same structure and shapes as z: z has {want}, f(z) has "
+                f"{have}. A DEQ cell maps the state to a state of the same shape."
+            )
+
+    def flat_fn(self, f: Callable[[State], State]) -> Callable[[Tensor], Tensor]:
+        """f on the flat view; checks the output structure on the first call."""
+        checked = False
+
+        def g(flat: Tensor) -> Tensor:
+            nonlocal checked
+            fz = f(self.unflatten(flat))
+            if not checked:
+                self.check_output(fz)
+                checked = True
+            return self.flatten(fz)
+
+        return g
+
+
+def check_common(max_iter: int, tol: float | None, stop_mode: str) -> None:
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be >= 0 (or None for a fixed iteration count), got {tol!r}")
+
+
+class Tracker:
+    """Per-sample bookkeeping shared by all solvers, with buffers allocated once.
+
+    For each step k the solver hands over the iterate z_k and f(z_k). The tracker records the
+    residuals of z_k, keeps each sample's best iterate (lowest residual in ``stop_mode``) until
+    that sample converges, after which the sample is frozen: a batch returns for each sample
+    exactly what solving that sample alone would return.
+
+    ``step`` returns True when the loop should stop. It is the only host synchronisation per
+    iteration, and it is skipped entirely when ``tol is None`` (a fixed iteration count).
+    """
+
+    def __init__(
+        self,
+        z0: Tensor,
+        max_iter: int,
+        tol: float | None,
+        stop_mode: str,
+        save_at: Sequence[int] = (),
+    ):
+        batch, dtype, device = z0.shape[0], z0.dtype, z0.device
+        self.tol, self.max_iter = tol, max_iter
+        self.use_rel = stop_mode == "rel"
+        self.best_z = z0.clone()
+        self.best_res = torch.full((batch,), float("inf"), dtype=dtype, device=device)
+        self.best_abs = torch.full_like(self.best_res, float("inf"))
+        self.best_rel = torch.full_like(self.best_res, float("inf"))
+        self.best_step = torch.zeros(batch, dtype=torch.long, device=device)
+        self.converged = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.trace = torch.empty(max_iter, batch, dtype=dtype, device=device)
+        self.save_at = set(save_at)
+        self.saved: dict[int, Tensor] = {}
+        self.steps = 0
+        self.nonfinite = False
+
+    def step(self, k: int, z: Tensor, fz: Tensor, diff: Tensor | None = None) -> bool:
+        """Record iterate z (= z_k) and its image fz. ``diff`` may pass f(z) - z if known."""
+        if diff is None:
+            diff = fz - z
+        abs_res = torch.linalg.vector_norm(diff, dim=1)
+        rel_res = abs_res / (torch.linalg.vector_norm(fz, dim=1) + REL_EPS)
+        res = rel_res if self.use_rel else abs_res
+        self.trace[k] = rel_res
+        self.steps = k + 1
+        if k in self.save_at:
+            self.saved[k] = z.clone()
+
+        # NaN compares False, so a non-finite iterate is never taken as best.
+        improve = (res < self.best_res) & ~self.converged
+        keep = improve.unsqueeze(1)
+        torch.where(keep, z, self.best_z, out=self.best_z)
+        torch.where(improve, res, self.best_res, out=self.best_res)
+        torch.where(improve, abs_res, self.best_abs, out=self.best_abs)
+        torch.where(improve, rel_res, self.best_rel, out=self.best_rel)
+        self.best_step.masked_fill_(improve, k)
+        if self.tol is None:
+            return False
+        self.converged |= res <= self.tol
+        finite = torch.isfinite(res)
+        # One device->host transfer: stop when all samples converged or any went non-finite.
+        stop, bad = torch.stack([self.converged.all(), ~finite.all()]).tolist()
+        if bad:
+            self.nonfinite = True
+        return stop or bad
+
+    def result(self, state: FlatState, nfe: int, solver: str) -> SolverResult:
+        if self.tol is None:
+            self.converged = torch.zeros_like(self.converged)
+            self.nonfinite = bool((~torch.isfinite(self.trace[: self.steps])).any())
+        if not bool(torch.isfinite(self.best_res).all()):
+            bad = (~torch.isfinite(self.best_res)).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"{solver}: f returned non-finite values for samples {bad} at every iterate, "
+                "starting from z0; check the input injection and the cell's weights (a "
+                "learning rate too high, or missing weight/spectral normalization)."
+            )
+        saved = [
+            state.unflatten(self.saved.get(k, self.best_z)) for k in sorted(self.save_at)
+        ]
+        return SolverResult(
+            z=state.unflatten(self.best_z),
+            abs_residual=self.best_abs,
+            rel_residual=self.best_rel,
+            nfe=nfe,
+            best_step=self.best_step,
+            converged=self.converged,
+            trace=self.trace[: self.steps],
+            nonfinite=self.nonfinite,
+            saved=saved,
+        )

@@ -1,0 +1,84 @@
+"""Limited-memory good Broyden on g(z) = f(z) - z, batched per sample.
+
+The inverse Jacobian of g is approximated as B = -I + sum_i u_i v_i^T (Broyden, 1965; as in
+the DEQ code of Bai et al., 2019). Each step z_{k+1} = z_k - B g_k, then the good-Broyden
+(Sherman-Morrison) update with dz = z_{k+1} - z_k and dg = g_{k+1} - g_k:
+
+    v^T = dz^T B,    u = (dz - B dg) / (dz^T B dg).
+
+The ``memory`` most recent (u, v) pairs live in a ring buffer, so storage is O(memory * D)
+whatever ``max_iter`` is. An update whose denominator is numerically zero (relative to
+||dz^T B|| ||dg||) or non-finite is skipped for that sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import FlatState, SolverResult, State, Tracker, check_common
+
+
+def _matvec(us: Tensor, vs: Tensor, x: Tensor) -> Tensor:
+    """B x = -x + sum_i u_i (v_i . x)."""
+    coeff = torch.bmm(vs, x.unsqueeze(2))  # (B, mem, 1)
+    return torch.baddbmm(x.unsqueeze(1), coeff.transpose(1, 2), us, alpha=1.0, beta=-1.0).squeeze(1)
+
+
+def _rmatvec(us: Tensor, vs: Tensor, x: Tensor) -> Tensor:
+    """x^T B = -x^T + sum_i (x . u_i) v_i^T."""
+    coeff = torch.bmm(us, x.unsqueeze(2))
+    return torch.baddbmm(x.unsqueeze(1), coeff.transpose(1, 2), vs, alpha=1.0, beta=-1.0).squeeze(1)
+
+
+@torch.no_grad()
+def broyden(
+    f: Callable[[State], State],
+    z0: State,
+    *,
+    max_iter: int,
+    tol: float | None,
+    stop_mode: str = "rel",
+    save_at: Sequence[int] = (),
+    memory: int = 30,
+) -> SolverResult:
+    """Good Broyden with the ``memory`` most recent rank-one updates."""
+    check_common(max_iter, tol, stop_mode)
+    if memory < 1:
+        raise ValueError(f"broyden: memory must be >= 1, got {memory}")
+    state = FlatState(z0)
+    g = state.flat_fn(f)
+    z = state.flatten(z0)
+    batch, dim = z.shape
+    dtype, device = z.dtype, z.device
+    track = Tracker(z, max_iter, tol, stop_mode, save_at)
+    us = torch.zeros(batch, memory, dim, dtype=dtype, device=device)
+    vs = torch.zeros_like(us)
+    eps = torch.finfo(dtype).eps
+
+    nfe = 0
+    step = g_prev = None
+    for k in range(max_iter):
+        fz = g(z)
+        nfe += 1
+        gz = fz - z
+        if track.step(k, z, fz, gz) or k == max_iter - 1:
+            break
+        if step is not None:
+            dz, dg = step, gz - g_prev
+            vt = _rmatvec(us, vs, dz)
+            den = (vt * dg).sum(1, keepdim=True)
+            scale = torch.linalg.vector_norm(vt, dim=1, keepdim=True) * torch.linalg.vector_norm(
+                dg, dim=1, keepdim=True
+            )
+            ok = (den.abs() > eps * scale) & torch.isfinite(den)
+            u = (dz - _matvec(us, vs, dg)) / torch.where(ok, den, 1.0)
+            slot = (k - 1) % memory
+            us[:, slot] = u.masked_fill_(~ok, 0.0)
+            vs[:, slot] = vt.masked_fill_(~ok, 0.0)
+        step = -_matvec(us, vs, gz)
+        z = z + step
+        g_prev = gz
+    return track.result(state, nfe, "broyden")

@@ -1,0 +1,224 @@
+"""Solvers against ground truth: closed forms, recomputed residuals, counted f calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deqlab import get_solver, register_solver
+from deqlab.solvers import SolverResult, solver_options
+
+from .problems import SOLVERS, LinearProblem, contraction
+
+
+def rel_residual(f, z):
+    fz = f(z)
+    parts = (z,) if isinstance(z, torch.Tensor) else z
+    fparts = (fz,) if isinstance(fz, torch.Tensor) else fz
+    b = parts[0].shape[0]
+    diff = torch.cat([(a - c).reshape(b, -1) for a, c in zip(fparts, parts)], 1)
+    fz_flat = torch.cat([a.reshape(b, -1) for a in fparts], 1)
+    return diff.norm(dim=1) / fz_flat.norm(dim=1), diff.norm(dim=1)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_linear_closed_form(name):
+    p = LinearProblem(batch=4, d=12)
+    with torch.no_grad():
+        res = get_solver(name)(p.f, torch.zeros_like(p.x), max_iter=500, tol=1e-12)
+        torch.testing.assert_close(res.z, p.z_star(), rtol=1e-9, atol=1e-9)
+    assert res.converged.all()
+    assert res.rel_residual.max() <= 1e-12
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_reported_residuals_and_nfe_are_true(name, stop_mode):
+    w = contraction(16, 1.5)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    calls = 0
+
+    def f(z):
+        nonlocal calls
+        calls += 1
+        return torch.tanh(z @ w.T + x)
+
+    res = get_solver(name)(f, torch.zeros_like(x), max_iter=40, tol=1e-6, stop_mode=stop_mode)
+    assert res.nfe == calls
+    rel, abs_ = rel_residual(f, res.z)
+    torch.testing.assert_close(res.rel_residual, rel, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(res.abs_residual, abs_, rtol=1e-6, atol=1e-12)
+    stopped = res.abs_residual if stop_mode == "abs" else res.rel_residual
+    assert torch.equal(res.converged, stopped <= 1e-6)
+    # The trace has one real row per f evaluation, and holds each returned iterate's residual.
+    assert res.trace.shape == (res.nfe, 5)
+    assert torch.isfinite(res.trace).all()
+    picked = res.trace.gather(0, res.best_step.view(1, -1)).squeeze(0)
+    torch.testing.assert_close(picked, res.rel_residual)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_stops_at_budget_and_reports_unconverged(name):
+    w = contraction(16, 0.99)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    res = get_solver(name)(lambda z: z @ w.T + x, torch.zeros_like(x), max_iter=3, tol=1e-12)
+    assert res.nfe == 3 and res.trace.shape[0] == 3
+    assert not res.converged.any()
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_fixed_iteration_mode_runs_exactly_max_iter(name):
+    w = contraction(8, 0.5)
+    x = torch.randn(2, 8)
+    res = get_solver(name)(lambda z: torch.tanh(z @ w.T.float() + x), torch.zeros_like(x), max_iter=7, tol=None)
+    assert res.nfe == 7 and res.trace.shape == (7, 2)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_per_sample_independence(name):
+    w = contraction(10, 1.2)
+    x = torch.randn(6, 10, dtype=torch.float64) * torch.linspace(0.1, 3, 6, dtype=torch.float64)[:, None]
+    f = lambda xx: (lambda z: torch.tanh(z @ w.T + xx))  # noqa: E731
+    batch = get_solver(name)(f(x), torch.zeros_like(x), max_iter=100, tol=1e-8)
+    for i in range(6):
+        alone = get_solver(name)(f(x[i : i + 1]), torch.zeros_like(x[i : i + 1]), max_iter=100, tol=1e-8)
+        torch.testing.assert_close(batch.z[i : i + 1], alone.z, rtol=0, atol=1e-12)
+        assert batch.best_step[i] == alone.best_step[0]
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_tuple_state(name):
+    """Two-scale state: z = (a, b) with a (B, 2, 3) and b (B, 5) coupled linearly."""
+    b, dims = 3, (6, 5)
+    w = contraction(sum(dims), 0.7)
+    x = torch.randn(b, sum(dims), dtype=torch.float64)
+
+    def f(z):
+        flat = torch.cat([z[0].reshape(b, -1), z[1]], 1)
+        out = flat @ w.T + x
+        return out[:, :6].reshape(b, 2, 3), out[:, 6:]
+
+    z0 = (torch.zeros(b, 2, 3, dtype=torch.float64), torch.zeros(b, 5, dtype=torch.float64))
+    res = get_solver(name)(f, z0, max_iter=300, tol=1e-12)
+    assert isinstance(res.z, tuple) and res.z[0].shape == (b, 2, 3) and res.z[1].shape == (b, 5)
+    exact = torch.linalg.solve(torch.eye(11, dtype=torch.float64) - w, x.T).T
+    torch.testing.assert_close(torch.cat([res.z[0].reshape(b, -1), res.z[1]], 1), exact)
+    rel, _ = rel_residual(f, res.z)
+    torch.testing.assert_close(res.rel_residual, rel, rtol=1e-6, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes(name, dtype):
+    w = contraction(32, 0.6, torch.float32).to(dtype)
+    x = torch.randn(4, 32).to(dtype)
+    f = lambda z: torch.tanh(z @ w.T + x)  # noqa: E731
+    res = get_solver(name)(f, torch.zeros_like(x), max_iter=60, tol=1e-2 if dtype != torch.float64 else 1e-10)
+    assert res.z.dtype == dtype
+    # Solver arithmetic runs in float32 (or float64) whatever the state dtype.
+    assert res.rel_residual.dtype == torch.promote_types(dtype, torch.float32)
+    assert res.converged.all() and torch.isfinite(res.z).all()
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_nonfinite_keeps_best_finite_iterate(name):
+    w = contraction(8, 0.95)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    calls = 0
+
+    def f(z):
+        nonlocal calls
+        calls += 1
+        out = torch.tanh(z @ w.T + x)
+        if calls >= 4:  # blows up for sample 1 from the 4th evaluation on
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    res = get_solver(name)(f, torch.zeros_like(x), max_iter=50, tol=1e-14)
+    assert res.nonfinite
+    assert torch.isfinite(res.z).all()
+    assert not res.converged[1]
+    assert res.nfe == 4  # stopped at the first non-finite residual
+    assert torch.isfinite(res.rel_residual).all()
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_nonfinite_from_the_start_raises(name):
+    x = torch.randn(2, 4)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        get_solver(name)(lambda z: z + x * float("inf"), torch.zeros_like(x), max_iter=5, tol=1e-3)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_shape_mismatch_names_both_shapes(name):
+    with pytest.raises(ValueError, match=r"\(2, 4\).*\(2, 5\)"):
+        get_solver(name)(lambda z: torch.zeros(2, 5), torch.zeros(2, 4), max_iter=5, tol=1e-3)
+    with pytest.raises(ValueError, match="same structure"):
+        get_solver(name)(lambda z: z[0], (torch.zeros(2, 4), torch.zeros(2, 3)), max_iter=5, tol=1e-3)
+
+
+def test_unknown_solver_lists_known_ones():
+    with pytest.raises(ValueError, match="anderson, broyden, fixed_point"):
+        get_solver("newton")
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_unknown_option_is_rejected(name):
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        get_solver(name)(lambda z: z, torch.zeros(1, 2), max_iter=2, tol=1e-3, beta=2.0)
+
+
+def test_bad_stop_mode_and_budget():
+    f = get_solver("anderson")
+    with pytest.raises(ValueError, match="stop_mode"):
+        f(lambda z: z, torch.zeros(1, 2), max_iter=2, tol=1e-3, stop_mode="max")
+    with pytest.raises(ValueError, match="max_iter"):
+        f(lambda z: z, torch.zeros(1, 2), max_iter=0, tol=1e-3)
+
+
+def test_register_custom_solver():
+    def halves(f, z0, *, max_iter, tol, stop_mode="rel", save_at=(), scale=0.5):
+        return get_solver("fixed_point")(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=scale)
+
+    register_solver("halves", halves)
+    assert solver_options("halves") == {"scale": 0.5}
+    res = get_solver("halves")(lambda z: 0.5 * z + 1, torch.zeros(2, 3), max_iter=100, tol=1e-6)
+    assert isinstance(res, SolverResult)
+    torch.testing.assert_close(res.z, torch.full((2, 3), 2.0), atol=1e-4, rtol=0)
+    with pytest.raises(TypeError, match="save_at"):
+        register_solver("bad", lambda f, z0, *, max_iter, tol, stop_mode="rel": None)
+
+
+def test_accelerated_solvers_beat_plain_iteration():
+    w = contraction(64, 0.95)
+    x = torch.randn(8, 64, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ w.T + x)  # noqa: E731
+    nfe = {n: get_solver(n)(f, torch.zeros_like(x), max_iter=500, tol=1e-8).nfe for n in SOLVERS}
+    assert nfe["anderson"] < nfe["fixed_point"] and nfe["broyden"] < nfe["fixed_point"]
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_saved_iterates(name):
+    w = contraction(8, 0.9)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    f = lambda z: z @ w.T + x  # noqa: E731
+    res = get_solver(name)(f, torch.zeros_like(x), max_iter=20, tol=None, save_at=[0, 4])
+    assert len(res.saved) == 2
+    torch.testing.assert_close(res.saved[0], torch.zeros_like(x))
+    if name == "fixed_point":  # z_4 = f^4(0)
+        z = torch.zeros_like(x)
+        for _ in range(4):
+            z = f(z)
+        torch.testing.assert_close(res.saved[1], z)
+
+
+@pytest.mark.parametrize("name", ["anderson", "broyden"])
+def test_memory_is_bounded(name):
+    """Buffers scale with m / memory, not with max_iter: a long solve with small memory works
+    and still converges."""
+    w = contraction(32, 0.9)
+    x = torch.randn(4, 32, dtype=torch.float64)
+    opts = {"m": 2} if name == "anderson" else {"memory": 3}
+    res = get_solver(name)(lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x), max_iter=400, tol=1e-10, **opts)
+    assert res.converged.all()
