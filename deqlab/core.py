@@ -1,8 +1,8 @@
 """The DEQ layer: solve z* = f(z*) without a tape, then attach a gradient mode.
 
-    deq = DEQ(solver={"name": "anderson", "max_iter": 30, "tol": 1e-3},
-              grad={"name": "ift", "max_iter": 30})
-    z_star, info = deq(lambda z: cell(z, x), torch.zeros_like(x))
+deq = DEQ(solver={"name": "anderson", "max_iter": 30, "tol": 1e-3},
+          grad={"name": "ift", "max_iter": 30})
+z_star, info = deq(lambda z: cell(z, x), torch.zeros_like(x))
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ class SolverConfig:
     def __post_init__(self) -> None:
         accepted = solver_options(self.name)  # raises for an unknown solver name
         if self.stop_mode not in STOP_MODES:
-            raise ValueError(f"solver.stop_mode must be one of {STOP_MODES}, got {self.stop_mode!r}")
+            raise ValueError(
+                f"solver.stop_mode must be one of {STOP_MODES}, got {self.stop_mode!r}"
+            )
         if self.max_iter < 1 or (self.eval_max_iter is not None and self.eval_max_iter < 1):
             raise ValueError("solver.max_iter and solver.eval_max_iter must be >= 1")
         unknown = sorted(set(self.options) - set(accepted))
@@ -185,4 +187,3 @@ class DEQ(nn.Module):
                 out = fz
             info.states = [f(leaf(s_k, False)) for s_k in res.saved] + [out]
         return out, info
-

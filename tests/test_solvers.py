@@ -8,7 +8,7 @@ import torch
 from deqlab import get_solver, register_solver
 from deqlab.solvers import SolverResult, solver_options
 
-from .problems import SOLVERS, LinearProblem, contraction
+from .problems import SOLVERS, ConvCell, LinearProblem, contraction
 
 
 def rel_residual(f, z):
@@ -70,18 +70,25 @@ def test_stops_at_budget_and_reports_unconverged(name):
 def test_fixed_iteration_mode_runs_exactly_max_iter(name):
     w = contraction(8, 0.5)
     x = torch.randn(2, 8)
-    res = get_solver(name)(lambda z: torch.tanh(z @ w.T.float() + x), torch.zeros_like(x), max_iter=7, tol=None)
+    res = get_solver(name)(
+        lambda z: torch.tanh(z @ w.T.float() + x), torch.zeros_like(x), max_iter=7, tol=None
+    )
     assert res.nfe == 7 and res.trace.shape == (7, 2)
 
 
 @pytest.mark.parametrize("name", SOLVERS)
 def test_per_sample_independence(name):
     w = contraction(10, 1.2)
-    x = torch.randn(6, 10, dtype=torch.float64) * torch.linspace(0.1, 3, 6, dtype=torch.float64)[:, None]
-    f = lambda xx: (lambda z: torch.tanh(z @ w.T + xx))  # noqa: E731
+    x = (
+        torch.randn(6, 10, dtype=torch.float64)
+        * torch.linspace(0.1, 3, 6, dtype=torch.float64)[:, None]
+    )
+    f = lambda xx: lambda z: torch.tanh(z @ w.T + xx)
     batch = get_solver(name)(f(x), torch.zeros_like(x), max_iter=100, tol=1e-8)
     for i in range(6):
-        alone = get_solver(name)(f(x[i : i + 1]), torch.zeros_like(x[i : i + 1]), max_iter=100, tol=1e-8)
+        alone = get_solver(name)(
+            f(x[i : i + 1]), torch.zeros_like(x[i : i + 1]), max_iter=100, tol=1e-8
+        )
         torch.testing.assert_close(batch.z[i : i + 1], alone.z, rtol=0, atol=1e-12)
         assert batch.best_step[i] == alone.best_step[0]
 
@@ -112,8 +119,10 @@ def test_tuple_state(name):
 def test_dtypes(name, dtype):
     w = contraction(32, 0.6, torch.float32).to(dtype)
     x = torch.randn(4, 32).to(dtype)
-    f = lambda z: torch.tanh(z @ w.T + x)  # noqa: E731
-    res = get_solver(name)(f, torch.zeros_like(x), max_iter=60, tol=1e-2 if dtype != torch.float64 else 1e-10)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    res = get_solver(name)(
+        f, torch.zeros_like(x), max_iter=60, tol=1e-2 if dtype != torch.float64 else 1e-10
+    )
     assert res.z.dtype == dtype
     # Solver arithmetic runs in float32 (or float64) whatever the state dtype.
     assert res.rel_residual.dtype == torch.promote_types(dtype, torch.float32)
@@ -155,7 +164,9 @@ def test_shape_mismatch_names_both_shapes(name):
     with pytest.raises(ValueError, match=r"\(2, 4\).*\(2, 5\)"):
         get_solver(name)(lambda z: torch.zeros(2, 5), torch.zeros(2, 4), max_iter=5, tol=1e-3)
     with pytest.raises(ValueError, match="same structure"):
-        get_solver(name)(lambda z: z[0], (torch.zeros(2, 4), torch.zeros(2, 3)), max_iter=5, tol=1e-3)
+        get_solver(name)(
+            lambda z: z[0], (torch.zeros(2, 4), torch.zeros(2, 3)), max_iter=5, tol=1e-3
+        )
 
 
 def test_unknown_solver_lists_known_ones():
@@ -179,7 +190,9 @@ def test_bad_stop_mode_and_budget():
 
 def test_register_custom_solver():
     def halves(f, z0, *, max_iter, tol, stop_mode="rel", save_at=(), scale=0.5):
-        return get_solver("fixed_point")(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=scale)
+        return get_solver("fixed_point")(
+            f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=scale
+        )
 
     register_solver("halves", halves)
     assert solver_options("halves") == {"scale": 0.5}
@@ -193,7 +206,7 @@ def test_register_custom_solver():
 def test_accelerated_solvers_beat_plain_iteration():
     w = contraction(64, 0.95)
     x = torch.randn(8, 64, dtype=torch.float64)
-    f = lambda z: torch.tanh(z @ w.T + x)  # noqa: E731
+    f = lambda z: torch.tanh(z @ w.T + x)
     nfe = {n: get_solver(n)(f, torch.zeros_like(x), max_iter=500, tol=1e-8).nfe for n in SOLVERS}
     assert nfe["anderson"] < nfe["fixed_point"] and nfe["broyden"] < nfe["fixed_point"]
 
@@ -202,7 +215,7 @@ def test_accelerated_solvers_beat_plain_iteration():
 def test_saved_iterates(name):
     w = contraction(8, 0.9)
     x = torch.randn(2, 8, dtype=torch.float64)
-    f = lambda z: z @ w.T + x  # noqa: E731
+    f = lambda z: z @ w.T + x
     res = get_solver(name)(f, torch.zeros_like(x), max_iter=20, tol=None, save_at=[0, 4])
     assert len(res.saved) == 2
     torch.testing.assert_close(res.saved[0], torch.zeros_like(x))
@@ -220,5 +233,20 @@ def test_memory_is_bounded(name):
     w = contraction(32, 0.9)
     x = torch.randn(4, 32, dtype=torch.float64)
     opts = {"m": 2} if name == "anderson" else {"memory": 3}
-    res = get_solver(name)(lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x), max_iter=400, tol=1e-10, **opts)
+    res = get_solver(name)(
+        lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x), max_iter=400, tol=1e-10, **opts
+    )
     assert res.converged.all()
+
+
+@pytest.mark.parametrize("memory", [5, 10, 30])
+def test_long_solve_with_small_memory(memory):
+    """Broyden with fewer slots than steps stays stable on a non-smooth conv cell (dropping
+    only the oldest update, as the reference code does, diverges here at memory 10 and 30)."""
+    cell = ConvCell().double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        res = get_solver("broyden")(
+            lambda z: cell(z, x), torch.zeros_like(x), max_iter=400, tol=1e-13, memory=memory
+        )
+    assert not res.nonfinite and res.converged.all()

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import Tensor
 
-State = Union[Tensor, tuple[Tensor, ...], list[Tensor]]
+State = Tensor | tuple[Tensor, ...] | list[Tensor]
 
 STOP_MODES = ("abs", "rel")
 
@@ -196,9 +195,7 @@ class Tracker:
                 "starting from z0; check the input injection and the cell's weights (a "
                 "learning rate too high, or missing weight/spectral normalization)."
             )
-        saved = [
-            state.unflatten(self.saved.get(k, self.best_z)) for k in sorted(self.save_at)
-        ]
+        saved = [state.unflatten(self.saved.get(k, self.best_z)) for k in sorted(self.save_at)]
         return SolverResult(
             z=state.unflatten(self.best_z),
             abs_residual=self.best_abs,

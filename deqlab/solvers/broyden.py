@@ -6,9 +6,12 @@ the DEQ code of Bai et al., 2019). Each step z_{k+1} = z_k - B g_k, then the goo
 
     v^T = dz^T B,    u = (dz - B dg) / (dz^T B dg).
 
-The ``memory`` most recent (u, v) pairs live in a ring buffer, so storage is O(memory * D)
-whatever ``max_iter`` is. An update whose denominator is numerically zero (relative to
-||dz^T B|| ||dg||) or non-finite is skipped for that sample.
+Storage is ``memory`` (u, v) slots, O(memory * D) whatever ``max_iter`` is. When every slot is
+used the estimate restarts from B = -I with the newest update. (Overwriting only the oldest
+slot, as the reference implementations do, leaves the remaining u_i inconsistent: each was
+derived from a B that contained the dropped term. On long solves that diverges; see
+``tests/test_solvers.py::test_long_solve_with_small_memory``.) An update whose denominator is
+numerically zero (relative to ||dz^T B|| ||dg||) or non-finite is skipped for that sample.
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ def broyden(
             ok = (den.abs() > eps * scale) & torch.isfinite(den)
             u = (dz - _matvec(us, vs, dg)) / torch.where(ok, den, 1.0)
             slot = (k - 1) % memory
+            if slot == 0 and k > 1:  # all slots used: restart from B = -I
+                us.zero_()
+                vs.zero_()
             us[:, slot] = u.masked_fill_(~ok, 0.0)
             vs[:, slot] = vt.masked_fill_(~ok, 0.0)
         step = -_matvec(us, vs, gz)

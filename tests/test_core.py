@@ -1,0 +1,114 @@
+"""The DEQ module: configuration, budgets, sampled states, statistics and warnings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deqlab import DEQ, DivergenceWarning, GradConfig, SolverConfig
+
+from .problems import LinearProblem, contraction
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ValueError, match=r"unknown solver key 'max_itr'.*max_iter"):
+        DEQ(solver={"max_itr": 5})
+    with pytest.raises(ValueError, match=r"unknown grad key 'step'.*steps"):
+        DEQ(grad={"name": "phantom", "step": 5})
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ValueError, match="unknown solver 'newton'"):
+        DEQ(solver={"name": "newton"})
+    with pytest.raises(ValueError, match="unknown gradient mode 'exact'"):
+        DEQ(grad={"name": "exact"})
+    with pytest.raises(ValueError, match="stop_mode"):
+        DEQ(solver={"stop_mode": "max"})
+    with pytest.raises(ValueError, match=r"takes no option\(s\) \['beta'\]"):
+        DEQ(solver={"name": "broyden", "options": {"beta": 1.0}})
+
+
+def test_only_the_solvers_own_options_are_passed():
+    assert SolverConfig(name="anderson", m=3).solver_kwargs() == {"m": 3, "lam": 1e-4, "tau": 1.0}
+    assert SolverConfig(name="broyden", memory=7).solver_kwargs() == {"memory": 7}
+    assert SolverConfig(name="fixed_point", tau=0.5).solver_kwargs() == {"tau": 0.5}
+
+
+def test_dataclass_and_mapping_configs_agree():
+    p = LinearProblem()
+    a, _ = DEQ(SolverConfig(name="broyden", max_iter=9), GradConfig(name="onestep"))(
+        p.f, torch.zeros_like(p.x)
+    )
+    b, _ = DEQ({"name": "broyden", "max_iter": 9}, {"name": "onestep"})(p.f, torch.zeros_like(p.x))
+    torch.testing.assert_close(a, b)
+
+
+def test_eval_budget_and_call_override():
+    p = LinearProblem(norm=0.99)
+    deq = DEQ(solver={"max_iter": 4, "eval_max_iter": 9, "tol": 1e-30})
+    _, info = deq(p.f, torch.zeros_like(p.x))
+    assert info.nfe == 4
+    deq.eval()
+    with torch.no_grad():
+        _, info = deq(p.f, torch.zeros_like(p.x))
+    assert info.nfe == 9
+    _, info = deq(p.f, torch.zeros_like(p.x), max_iter=2)
+    assert info.nfe == 2
+
+
+def test_sampled_states_carry_gradients():
+    w = contraction(6, 0.9).requires_grad_()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    deq = DEQ(solver={"name": "fixed_point", "max_iter": 12, "tol": None})
+    z, info = deq(f, torch.zeros_like(x), n_states=3)
+    assert len(info.states) == 3 and info.states[-1] is z
+    # State 0 is f(z_3), the iterate after 4 steps of plain iteration, with a one-step gradient.
+    z3 = torch.zeros_like(x)
+    for _ in range(3):
+        z3 = f(z3).detach()
+    torch.testing.assert_close(info.states[0], f(z3))
+    for s in info.states:
+        assert s.requires_grad
+    g = torch.autograd.grad(info.states[0].sum(), w)[0]
+    torch.testing.assert_close(g, torch.autograd.grad(f(z3).sum(), w)[0])
+
+
+def test_jacobian_loss_on_request():
+    p = LinearProblem(d=6)
+    _z, info = DEQ()(p.f, torch.zeros_like(p.x), jac_vecs=2000)
+    exact = (p.W.detach() ** 2).sum() / 6  # J = W: ||J||_F^2 / dim
+    assert info.jac_loss.requires_grad
+    assert abs(info.jac_loss.item() - exact.item()) / exact.item() < 0.1
+    (gw,) = torch.autograd.grad(info.jac_loss, p.W)
+    torch.testing.assert_close(gw, 2 * p.W.detach() / 6, rtol=0.15, atol=0.02)
+    _, info = DEQ()(p.f, torch.zeros_like(p.x))
+    assert info.jac_loss is None
+
+
+def test_divergence_is_reported_not_hidden():
+    x = torch.randn(2, 4)
+    calls = 0
+
+    def f(z):
+        nonlocal calls
+        calls += 1
+        return z * 3 + x if calls < 6 else z * float("nan")
+
+    with pytest.warns(DivergenceWarning, match="non-finite"):
+        _z, info = DEQ(solver={"name": "fixed_point", "max_iter": 20})(f, torch.zeros_like(x))
+    assert info.nonfinite and not info.converged.any()
+    assert torch.isfinite(info.z).all()
+
+
+def test_half_precision_layer():
+    w = contraction(16, 0.5, torch.float32)
+    lin = torch.nn.Linear(16, 16).to(torch.bfloat16)
+    lin.weight.data = w.to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    z, info = DEQ(solver={"max_iter": 20, "tol": 1e-2})(
+        lambda z: torch.tanh(lin(z) + x), torch.zeros_like(x)
+    )
+    z.float().sum().backward()
+    assert z.dtype == torch.bfloat16 and info.converged.all()
+    assert torch.isfinite(lin.weight.grad).all()

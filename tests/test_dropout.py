@@ -1,0 +1,74 @@
+"""Variational dropout: one mask per batch, held through the solve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deqlab import (
+    DEQ,
+    VariationalDropout,
+    VariationalDropout2d,
+    VariationalTokenDropout,
+    reset_dropout,
+)
+
+
+def test_mask_is_held_until_reset():
+    d = VariationalDropout(0.5)
+    x = torch.ones(4, 10)
+    a, b = d(x), d(x)
+    assert torch.equal(a, b)
+    assert set(a.unique().tolist()) <= {0.0, 2.0}
+    reset_dropout(nn.Sequential(d))
+    assert not torch.equal(d(x), a)
+
+
+def test_mask_held_through_a_deq_solve():
+    drop = VariationalDropout(0.3)
+    lin = nn.Linear(8, 8)
+    lin.weight.data *= 0.1
+    x = torch.randn(3, 8)
+    masks = []
+
+    def f(z):
+        out = drop(torch.tanh(lin(z) + x))
+        masks.append(drop.mask)
+        return out
+
+    _z, info = DEQ(grad={"name": "phantom", "steps": 2})(f, torch.zeros_like(x))
+    assert info.nfe > 2 and all(m is masks[0] for m in masks)
+
+
+def test_shared_dims_and_eval():
+    d2 = VariationalDropout2d(0.5)
+    y = d2(torch.ones(2, 6, 4, 4))
+    assert d2.mask.shape == (2, 6, 1, 1)
+    assert torch.equal(y, y[:, :, :1, :1].expand_as(y))
+    tok = VariationalTokenDropout(0.5)
+    tok(torch.ones(2, 7, 3))
+    assert tok.mask.shape == (2, 7, 1)
+    d2.eval()
+    x = torch.randn(2, 6, 4, 4)
+    assert d2(x) is x
+    with pytest.raises(ValueError, match="shares its mask over dim 3"):
+        VariationalDropout2d(0.5)(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match="probability"):
+        VariationalDropout(1.0)
+
+
+def test_mask_follows_input_dtype_and_shape():
+    d = VariationalDropout(0.5)
+    d(torch.ones(2, 3))
+    d(torch.ones(2, 3, dtype=torch.float64))
+    assert d.mask.dtype == torch.float64
+    d(torch.ones(5, 3, dtype=torch.float64))  # a smaller/larger batch draws a new mask
+    assert d.mask.shape == (5, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mask_on_the_inputs_device():
+    d = VariationalDropout(0.5).cuda()
+    d(torch.ones(2, 3, device="cuda"))
+    assert d.mask.device.type == "cuda"

@@ -1,0 +1,197 @@
+"""Gradient modes against ground truth: closed forms, long unrolled autograd, gradcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deqlab import DEQ
+
+from .problems import GRADS, SOLVERS, ConvCell, LinearProblem, contraction
+
+TIGHT = {"max_iter": 400, "tol": 1e-13}
+
+
+def tight_deq(solver="anderson", grad="ift", **grad_opts):
+    return DEQ(solver={"name": solver, **TIGHT}, grad={"name": grad, **TIGHT, **grad_opts})
+
+
+@pytest.mark.parametrize("fwd", SOLVERS)
+@pytest.mark.parametrize("bwd", SOLVERS)
+def test_ift_linear_closed_form(fwd, bwd):
+    """dL/dW, dL/dU, dL/dx for L = <c, z*> with z* = x U^T (I - W)^-T."""
+    p = LinearProblem(batch=3, d=8)
+    deq = DEQ(solver={"name": fwd, **TIGHT}, grad={"name": "ift", "solver": bwd, **TIGHT})
+    z, info = deq(p.f, torch.zeros_like(p.x))
+    c = torch.randn_like(z)
+    (z * c).sum().backward()
+
+    W, U, x = p.W.detach(), p.U.detach(), p.x.detach()
+    g = c @ torch.linalg.inv(torch.eye(8, dtype=torch.float64) - W)  # (I - W)^-T applied per row
+    z_star = p.z_star().detach()
+    for got, want in ((p.x.grad, g @ U), (p.U.grad, g.T @ x), (p.W.grad, g.T @ z_star)):
+        err = (got - want).norm() / want.norm()
+        assert err < 1e-8, err
+    assert info.backward is not None and info.backward.converged.all()
+
+
+def unrolled(f, z0, steps):
+    z = z0
+    for _ in range(steps):
+        z = f(z)
+    return z
+
+
+def grads_of(loss, params):
+    return torch.autograd.grad(loss, params)
+
+
+def test_ift_tanh_matches_long_unrolled_autograd():
+    w = contraction(10, 0.9).requires_grad_()
+    x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    c = torch.randn(4, 10, dtype=torch.float64)
+    z, _ = tight_deq()(f, torch.zeros_like(x))
+    got = grads_of((z * c).sum(), [w, x])
+    want = grads_of((unrolled(f, torch.zeros_like(x), 600) * c).sum(), [w, x])
+    for a, b in zip(got, want):
+        assert (a - b).norm() / b.norm() < 1e-6
+
+
+def test_ift_conv_cell_matches_long_unrolled_autograd():
+    cell = ConvCell().double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    f = lambda z: cell(z, x)
+    c = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    params = [x, *cell.parameters()]
+    z, info = tight_deq("broyden")(f, torch.zeros_like(x))
+    assert info.converged.all()
+    got = grads_of((z * c).sum(), params)
+    want = grads_of((unrolled(f, torch.zeros_like(x), 300) * c).sum(), params)
+    for a, b in zip(got, want):
+        assert (a - b).norm() / b.norm().clamp_min(1e-12) < 1e-6
+
+
+def test_ift_gradcheck_wrt_input_and_weights():
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    w = contraction(5, 0.7).requires_grad_()
+    u = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    deq = tight_deq()
+
+    def layer(x, w, u):
+        z, _ = deq(lambda z: torch.tanh(z @ w.T + x @ u.T), torch.zeros_like(x))
+        return z
+
+    assert torch.autograd.gradcheck(layer, (x, w, u), eps=1e-6, atol=1e-6)
+
+
+def test_ift_gradcheck_tuple_state():
+    """Two coupled blocks, as in a multi-scale model."""
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    w = contraction(7, 0.6).requires_grad_()
+    deq = tight_deq("broyden")
+
+    def f(z):
+        out = torch.tanh(
+            torch.cat([z[0], z[1]], 1) @ w.T + torch.cat([x, x[:, :1].expand(2, 4)], 1)
+        )
+        return out[:, :3], out[:, 3:]
+
+    def layer(x, w):
+        z, _ = deq(
+            f, (torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64))
+        )
+        return z[0].sum(1) + 2 * z[1].sum(1)
+
+    assert torch.autograd.gradcheck(layer, (x, w), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps,tau", [(1, 1.0), (3, 0.5), (5, 0.8)])
+def test_phantom_equals_autograd_through_its_steps(steps, tau):
+    w = contraction(10, 0.9).requires_grad_()
+    x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    c = torch.randn(4, 10, dtype=torch.float64)
+    deq = DEQ(
+        solver={"max_iter": 40, "tol": 1e-3}, grad={"name": "phantom", "steps": steps, "tau": tau}
+    )
+    z_out, info = deq(f, torch.zeros_like(x))
+    got = grads_of((z_out * c).sum(), [w, x])
+
+    z = info.z.detach()  # the solver's z*, then exactly k damped steps with autograd
+    for _ in range(steps):
+        z = tau * f(z) + (1 - tau) * z
+    torch.testing.assert_close(z_out, z, rtol=1e-12, atol=1e-12)
+    want = grads_of((z * c).sum(), [w, x])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_onestep_equals_one_step_of_autograd():
+    w = contraction(10, 0.9).requires_grad_()
+    x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    z_out, info = DEQ(solver={"max_iter": 40}, grad={"name": "onestep"})(f, torch.zeros_like(x))
+    got = grads_of(z_out.sum(), [w, x])
+    want = grads_of(f(info.z.detach()).sum(), [w, x])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_ift_returns_exactly_the_solvers_iterate():
+    p = LinearProblem()
+    z, info = DEQ(solver={"max_iter": 5, "tol": 1e-3})(p.f, torch.zeros_like(p.x))
+    assert torch.equal(z.detach(), info.z)  # the residuals in info are measured at this z
+    assert z.requires_grad
+
+
+def test_ift_same_deq_twice_in_one_graph():
+    """Two calls share f's weights; gradients add up, each backward solve is separate."""
+    w = contraction(6, 0.8).requires_grad_()
+    x1 = torch.randn(2, 6, dtype=torch.float64)
+    x2 = torch.randn(2, 6, dtype=torch.float64)  # a different starting point
+    deq = tight_deq()
+    z1, i1 = deq(lambda z: torch.tanh(z @ w.T + x1), torch.zeros_like(x1))
+    z2, i2 = deq(lambda z: torch.tanh(z @ w.T + x1 + z1), x2)
+    got = grads_of((z2**2).sum(), [w])[0]
+    u1 = unrolled(lambda z: torch.tanh(z @ w.T + x1), torch.zeros_like(x1), 400)
+    u2 = unrolled(lambda z: torch.tanh(z @ w.T + x1 + u1), torch.zeros_like(x1), 400)
+    want = grads_of((u2**2).sum(), [w])[0]
+    assert (got - want).norm() / want.norm() < 1e-6
+    assert i1.backward is not None and i2.backward is not None
+
+
+@pytest.mark.parametrize("grad", GRADS)
+def test_forward_solve_records_no_graph(grad):
+    """Only the gradient mode's own f evaluations run with autograd on: the forward solver's
+    iterates are never kept for backward."""
+    w = contraction(6, 0.8).requires_grad_()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    taped = []
+
+    def f(z):
+        taped.append(torch.is_grad_enabled())
+        return torch.tanh(z @ w.T + x)
+
+    deq = DEQ(solver={"max_iter": 30, "tol": 1e-8}, grad={"name": grad, "steps": 3})
+    _z, info = deq(f, torch.zeros_like(x))
+    expected = 3 if grad == "phantom" else 1
+    assert sum(taped) == expected and len(taped) == info.nfe + expected
+
+
+def test_backward_statistics_are_recorded():
+    p = LinearProblem()
+    z, info = DEQ(solver={"max_iter": 50}, grad={"name": "ift", "max_iter": 7, "tol": 1e-30})(
+        p.f, torch.zeros_like(p.x)
+    )
+    assert info.backward is None
+    z.sum().backward()
+    assert info.backward.nfe == 7 and info.backward.rel_residual.shape == (3,)
+    assert not info.backward.converged.any()
+
+
+def test_no_grad_only_solves():
+    p = LinearProblem()
+    with torch.no_grad():
+        z, info = DEQ()(p.f, torch.zeros_like(p.x))
+    assert not z.requires_grad and info.states == [z]

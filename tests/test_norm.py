@@ -1,0 +1,101 @@
+"""Weight / spectral normalization through torch.nn.utils.parametrize."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from deqlab import DEQ, apply_norm, remove_norm
+from deqlab.norm import WeightNorm
+
+from .problems import ConvCell
+
+
+class MyConv(nn.Conv2d):
+    pass
+
+
+def test_weight_norm_keeps_function_and_reaches_every_layer():
+    model = nn.Sequential(nn.Linear(4, 5), MyConv(2, 3, 3), nn.ConvTranspose2d(3, 2, 3), nn.ReLU())
+    before = [m.weight.detach().clone() for m in model if hasattr(m, "weight")]
+    apply_norm(model, "weight_norm")
+    for m, w in zip([m for m in model if hasattr(m, "weight")], before):
+        assert parametrize.is_parametrized(m, "weight")
+        torch.testing.assert_close(m.weight, w)
+
+
+def test_weight_norm_scale_is_learnable_and_clipped():
+    lin = apply_norm(nn.Linear(6, 3), "weight_norm", target_norm=0.5)
+    rows = lin.weight.norm(dim=1)
+    assert torch.all(rows <= 0.5 + 1e-6)
+    p = lin.parametrizations.weight[0]
+    assert isinstance(p.scale, nn.Parameter)
+    lin.weight.sum().backward()
+    fixed = apply_norm(nn.Linear(6, 3), "weight_norm", learn_scale=False)
+    assert not any("scale" in n for n, _ in fixed.named_parameters())
+
+
+def test_spectral_norm_bounds_the_operator_norm():
+    lin = nn.Linear(20, 30)
+    lin.weight.data *= 10
+    apply_norm(lin, "spectral_norm", power_iters=5)
+    for _ in range(40):  # each training-mode access runs power_iters more steps
+        _ = lin.weight
+    sigma = torch.linalg.matrix_norm(lin.weight.detach(), 2)
+    assert abs(sigma.item() - 1.0) < 1e-3
+
+
+def test_exclude_and_nothing_to_normalize():
+    model = nn.Sequential()
+    model.add_module("cell", nn.Linear(3, 3))
+    model.add_module("head", nn.Linear(3, 2))
+    apply_norm(model, "weight_norm", exclude=["head"])
+    assert parametrize.is_parametrized(model.cell) and not parametrize.is_parametrized(model.head)
+    with pytest.raises(ValueError, match="no Linear/Conv"):
+        apply_norm(nn.ReLU(), "weight_norm")
+    with pytest.raises(ValueError, match="unknown norm kind"):
+        apply_norm(nn.Linear(2, 2), "batch_norm")
+    with pytest.raises(ValueError, match="already has"):
+        apply_norm(model, "weight_norm")
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_normalized_weight_computed_once_per_solve(kind, monkeypatch):
+    cell = apply_norm(ConvCell(), kind)
+    calls = 0
+    original = type(cell.conv1.parametrizations.weight[0]).forward
+
+    def counting(self, w):
+        nonlocal calls
+        calls += 1
+        return original(self, w)
+
+    monkeypatch.setattr(type(cell.conv1.parametrizations.weight[0]), "forward", counting)
+    x = torch.randn(2, 4, 5, 5)
+    deq = DEQ(solver={"max_iter": 15, "tol": 1e-6}, grad={"name": "phantom", "steps": 3})
+    z, info = deq(lambda z: cell(z, x), torch.zeros_like(x))
+    z.sum().backward()
+    # two layers x (one cache for the tape-free solve + one for the recorded steps)
+    assert info.nfe > 5 and calls == 4
+    assert cell.conv1.parametrizations.weight.original.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_remove_norm_bakes_weights(kind):
+    cell = apply_norm(ConvCell(), kind)
+    cell.eval()
+    x = torch.randn(1, 4, 5, 5)
+    before = cell(x, x)
+    remove_norm(cell)
+    assert not parametrize.is_parametrized(cell.conv1)
+    torch.testing.assert_close(cell(x, x), before)
+
+
+def test_weight_norm_gradient_matches_manual_formula():
+    v = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    p = WeightNorm(v.detach(), 0, True, None).double()
+    w = p(v)
+    manual = p.scale * v / v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(w, manual)

@@ -1,0 +1,64 @@
+"""Jacobian penalty, spectral radius and fixed-point correction against exact values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deqlab import fp_correction, jacobian_loss, spectral_radius
+
+from .problems import contraction
+
+
+def test_jacobian_loss_matches_frobenius_norm_of_a_linear_map():
+    w = torch.randn(8, 8, dtype=torch.float64)
+    z = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    est = jacobian_loss(z @ w.T, z, vecs=4000)
+    exact = (w**2).sum() / 8
+    assert abs(est.item() - exact.item()) / exact.item() < 0.05
+
+
+def test_jacobian_loss_needs_a_recorded_pair():
+    z = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="require grad"):
+        jacobian_loss(z * 2, z)
+
+
+def test_spectral_radius_of_a_symmetric_map_per_sample():
+    a = torch.randn(6, 6, dtype=torch.float64)
+    w = (a + a.T) / 2
+    scales = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    z = torch.randn(2, 6, dtype=torch.float64)
+    rho = spectral_radius(lambda z: (z @ w.T) * scales[:, None], z, iters=300)
+    expected = torch.linalg.eigvalsh(w).abs().max() * scales
+    torch.testing.assert_close(rho, expected, rtol=1e-6, atol=0)
+
+
+def test_spectral_radius_tuple_state():
+    w = contraction(4, 0.7)
+    z = (torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64))
+
+    def f(z):
+        out = torch.cat(z, 1) @ w.T
+        return out[:, :2], out[:, 2:]
+
+    rho = spectral_radius(f, z, iters=500)
+    exact = torch.linalg.eigvals(w).abs().max().item()
+    assert torch.allclose(rho, torch.full((3,), exact, dtype=torch.float64), rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "weight,expected",
+    [
+        ("const", [1 / 3] * 3),
+        ("linear", [1 / 6, 2 / 6, 3 / 6]),
+        ("exp", [0.25 / 1.75, 0.5 / 1.75, 1 / 1.75]),
+    ],
+)
+def test_fp_correction_weights(weight, expected):
+    states = [torch.tensor(float(i)) for i in (1, 10, 100)]
+    loss = fp_correction(lambda s, t: s - t, states, torch.tensor(0.0), weight=weight, gamma=0.5)
+    want = sum(e * s for e, s in zip(expected, (1, 10, 100)))
+    assert abs(loss.item() - want) < 1e-5
+    with pytest.raises(ValueError, match="weight"):
+        fp_correction(lambda s, t: s, states, torch.tensor(0.0), weight="square")
