@@ -1,0 +1,1 @@
+"""deqlab tasks: one package per task, each with its data and model."""

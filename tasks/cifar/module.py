@@ -1,0 +1,28 @@
+"""CIFAR-10 LightningModule: a classifier loss and accuracy on top of DEQLitModule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from deqlab.lit import DEQLitModule
+
+
+class CifarModule(DEQLitModule):
+    """Cross-entropy and top-1 accuracy (``train/acc``, ``val/acc``, ``test/acc``)."""
+
+    def __init__(self, net: nn.Module, num_classes: int = 10, **deq: Any):
+        super().__init__(net, **deq)
+        # ModuleDict keys may not shadow nn.Module attributes such as `train`.
+        self.acc = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")})
+
+    def criterion(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(output, target)
+
+    def update_metrics(self, split: str, output: Tensor, target: Tensor) -> None:
+        metric = self.acc[f"{split}_acc"]
+        metric(output, target)
+        self.log(f"{split}/acc", metric, on_step=split == "train", on_epoch=True, prog_bar=split != "train")
