@@ -1,9 +1,9 @@
 """``python -m deqlab [overrides]``: compose the config, train, test, report.
 
-    python -m deqlab task=cifar solver=broyden grad=phantom norm=weight_norm
-    python -m deqlab experiment=cifar_tutorial logger=wandb
-    python -m deqlab -m solver=anderson,broyden grad=ift,phantom      # a local sweep
-    python -m deqlab mode=test ckpt_path=outputs/runs/<run>/checkpoints/best.ckpt
+python -m deqlab task=cifar solver=broyden grad=phantom norm=weight_norm
+python -m deqlab experiment=cifar_tutorial logger=wandb
+python -m deqlab -m solver=anderson,broyden grad=ift,phantom      # a local sweep
+python -m deqlab mode=test ckpt_path=outputs/runs/<run>/checkpoints/best.ckpt
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from deqlab.config import register_configs
+from deqlab.config import check_schemas, register_configs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -25,6 +25,7 @@ register_configs()
 
 def run(cfg: DictConfig) -> float | None:
     """Fit and test (or only test) as ``cfg`` says; returns the best monitored metric."""
+    check_schemas(cfg)
     if cfg.mode not in ("train", "test"):
         raise ValueError(f"mode must be 'train' or 'test', got {cfg.mode!r}")
     if cfg.mode == "test" and not cfg.ckpt_path:
@@ -35,6 +36,9 @@ def run(cfg: DictConfig) -> float | None:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
     for logger in loggers:
         logger.log_hyperparams(resolved)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
@@ -47,13 +51,19 @@ def run(cfg: DictConfig) -> float | None:
         ckpt = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
         trainer.test(module, datamodule, ckpt_path=best or None)
-        score = ckpt.best_model_score if ckpt is not None else trainer.callback_metrics.get(cfg.task.monitor)
+        score = (
+            ckpt.best_model_score
+            if ckpt is not None
+            else trainer.callback_metrics.get(cfg.task.monitor)
+        )
     score = None if score is None else float(score)
     tested = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     if trainer.is_global_zero:
         shown = "n/a" if score is None else f"{score:.4f}"
         tests = ", ".join(f"{k}={v:.4f}" for k, v in sorted(tested.items()))
-        print(f"deqlab: {cfg.mode} done; best {cfg.task.monitor}={shown}; {tests}; outputs in {cfg.output_dir}")
+        print(
+            f"deqlab: {cfg.mode} done; best {cfg.task.monitor}={shown}; {tests}; outputs in {cfg.output_dir}"
+        )
     if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
         import wandb
 

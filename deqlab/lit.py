@@ -233,8 +233,12 @@ class DEQLitModule(L.LightningModule):
         if not infos:
             return
         self.log(f"deq/{prefix}_nfe", sum(i.nfe for i in infos) / len(infos), **kw)
-        self.log(f"deq/{prefix}_rel_residual", torch.cat([i.rel_residual for i in infos]).mean(), **kw)
-        self.log(f"deq/{prefix}_abs_residual", torch.cat([i.abs_residual for i in infos]).mean(), **kw)
+        self.log(
+            f"deq/{prefix}_rel_residual", torch.cat([i.rel_residual for i in infos]).mean(), **kw
+        )
+        self.log(
+            f"deq/{prefix}_abs_residual", torch.cat([i.abs_residual for i in infos]).mean(), **kw
+        )
 
     def _eval_step(self, batch: Any, batch_idx: int, split: str) -> Tensor:
         x, y = batch
@@ -267,7 +271,9 @@ class DEQLitModule(L.LightningModule):
         o = self.optim_cfg
         params = [p for p in self.parameters() if p.requires_grad]
         if o.name == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+            opt: torch.optim.Optimizer = torch.optim.Adam(
+                params, lr=o.lr, weight_decay=o.weight_decay
+            )
         elif o.name == "adamw":
             opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
         else:
@@ -284,4 +290,7 @@ class DEQLitModule(L.LightningModule):
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"},
+        }

@@ -66,7 +66,8 @@ class EpochShuffle(Sampler[int]):
 
 
 def _decode_folder(root: Path) -> tuple[Tensor, Tensor]:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    import numpy as np
+    from PIL import Image
 
     files, labels = [], []
     for label, cls in enumerate(CLASSES):
@@ -77,7 +78,8 @@ def _decode_folder(root: Path) -> tuple[Tensor, Tensor]:
         raise FileNotFoundError(f"no images under {root}/<class>/ for classes {CLASSES}")
     images = torch.empty(len(files), 3, 32, 32, dtype=torch.uint8)
     for i, path in enumerate(files):
-        img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        with Image.open(path) as im:
+            img = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
         if img.shape != (3, 32, 32):
             raise ValueError(f"{path}: expected a 32x32 RGB image, got shape {tuple(img.shape)}")
         images[i] = img
@@ -142,7 +144,11 @@ class CifarDataModule(L.LightningDataModule):
         self.data_dir, self.download = data_dir, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.val_size, self.augment, self.seed, self.subset = val_size, augment, seed, subset
-        self.loader_kw = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
+        self.loader_kw = {
+            "num_workers": num_workers,
+            "pin_memory": pin_memory,
+            "persistent_workers": num_workers > 0,
+        }
         self.train_set = self.val_set = self.test_set = None
 
     def prepare_data(self) -> None:
@@ -158,9 +164,13 @@ class CifarDataModule(L.LightningDataModule):
         order = torch.randperm(len(labels), generator=g)
         if self.subset:
             order = order[: self.subset]
-        n_val = int(self.val_size * len(order)) if isinstance(self.val_size, float) else self.val_size
+        n_val = (
+            int(self.val_size * len(order)) if isinstance(self.val_size, float) else self.val_size
+        )
         if not 0 < n_val < len(order):
-            raise ValueError(f"val_size={self.val_size} leaves no train or no val data of {len(order)} images")
+            raise ValueError(
+                f"val_size={self.val_size} leaves no train or no val data of {len(order)} images"
+            )
         val, train = order[:n_val], order[n_val:]
         self.train_set = CifarTensors(images[train], labels[train], self.augment)
         self.val_set = CifarTensors(images[val], labels[val])
@@ -171,7 +181,9 @@ class CifarDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochShuffle(len(self.train_set), self.seed)
-        return DataLoader(self.train_set, self.batch_size, sampler=sampler, drop_last=True, **self.loader_kw)
+        return DataLoader(
+            self.train_set, self.batch_size, sampler=sampler, drop_last=True, **self.loader_kw
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, self.eval_batch_size, **self.loader_kw)

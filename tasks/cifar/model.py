@@ -17,7 +17,15 @@ from deqlab.dropout import VariationalDropout2d
 class ResNetCell(nn.Module):
     """f(z; u) with a bottleneck of ``inner`` channels, GroupNorm, small-variance init."""
 
-    def __init__(self, channels: int = 48, inner: int = 64, groups: int = 8, kernel: int = 3, dropout: float = 0.0, init_std: float = 0.01):
+    def __init__(
+        self,
+        channels: int = 48,
+        inner: int = 64,
+        groups: int = 8,
+        kernel: int = 3,
+        dropout: float = 0.0,
+        init_std: float = 0.01,
+    ):
         super().__init__()
         pad = kernel // 2
         self.conv1 = nn.Conv2d(channels, inner, kernel, padding=pad, bias=False)
@@ -38,9 +46,19 @@ class ResNetCell(nn.Module):
 class TutorialDEQ(nn.Module):
     """Conv stem + BatchNorm -> DEQ(ResNetCell) -> BatchNorm, 8x8 average pool, linear."""
 
-    def __init__(self, channels: int = 48, inner: int = 64, groups: int = 8, kernel: int = 3, dropout: float = 0.0, num_classes: int = 10):
+    def __init__(
+        self,
+        channels: int = 48,
+        inner: int = 64,
+        groups: int = 8,
+        kernel: int = 3,
+        dropout: float = 0.0,
+        num_classes: int = 10,
+    ):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=True), nn.BatchNorm2d(channels))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, channels, 3, padding=1, bias=True), nn.BatchNorm2d(channels)
+        )
         self.cell = ResNetCell(channels, inner, groups, kernel, dropout)
         self.classifier = nn.Sequential(
             nn.BatchNorm2d(channels),

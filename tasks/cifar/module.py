@@ -17,12 +17,20 @@ class CifarModule(DEQLitModule):
     def __init__(self, net: nn.Module, num_classes: int = 10, **deq: Any):
         super().__init__(net, **deq)
         # ModuleDict keys may not shadow nn.Module attributes such as `train`.
-        self.acc = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")})
+        self.acc = nn.ModuleDict(
+            {
+                f"{s}_acc": MulticlassAccuracy(num_classes, average="micro")
+                for s in ("train", "val", "test")
+            }
+        )
 
     def criterion(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target)
 
     def update_metrics(self, split: str, output: Tensor, target: Tensor) -> None:
         metric = self.acc[f"{split}_acc"]
-        metric(output, target)
-        self.log(f"{split}/acc", metric, on_step=split == "train", on_epoch=True, prog_bar=split != "train")
+        if split == "train":  # the batch's accuracy, every step
+            self.log("train/acc", metric(output, target))
+        else:  # accumulated over the whole split
+            metric.update(output, target)
+            self.log(f"{split}/acc", metric, on_epoch=True, prog_bar=True)

@@ -1,0 +1,35 @@
+# `make train` and `make test` create the virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+SHARED_DATA ?= ../shared/data/prepare.py
+ARGS ?= experiment=cifar_cpu
+
+.PHONY: train test test-fast lint data clean-env
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+# Unpack the offline data copy when this checkout sits beside ../shared; real users get
+# CIFAR-10 with `make train ARGS="... task.datamodule.download=true"` instead.
+data:
+	@if [ -f $(SHARED_DATA) ] && [ ! -d data/cifar10/test ]; then python3 $(SHARED_DATA) data; fi
+
+train: $(STAMP) data
+	$(PY) -m deqlab $(ARGS)
+
+# Everything, slow tests included (what CI runs).
+test: $(STAMP) data
+	DEQLAB_DATA=$${DEQLAB_DATA:-$(CURDIR)/data} $(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean-env:
+	rm -rf $(VENV)

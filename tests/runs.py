@@ -1,0 +1,101 @@
+"""Helpers for runner tests: a tiny CIFAR-shaped image folder and in-process composition."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, open_dict
+
+from tasks.cifar.data import CLASSES
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+
+# Small enough to train in seconds: 8-channel cell, 4 solver steps, no progress bar.
+TINY = [
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.num_sanity_val_steps=0",
+    "task.datamodule.batch_size=8",
+    "task.datamodule.eval_batch_size=16",
+    "task.datamodule.val_size=16",
+    "task.datamodule.num_workers=0",
+    "task.module.net.channels=8",
+    "task.module.net.inner=8",
+    "task.module.net.groups=2",
+    "solver.max_iter=4",
+    "~callbacks.progress",
+]
+
+
+def write_cifar_folder(root: Path, train_per_class: int = 6, test_per_class: int = 2) -> Path:
+    """An image-folder CIFAR-10 (cifar10/{train,test}/<class>/*.png) of random images whose
+    mean colour depends on the class, so that a model can learn something."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for label, cls in enumerate(CLASSES):
+            d = root / "cifar10" / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = torch.full((3, 32, 32), 20.0 * label + 30)
+                img = (
+                    (base + 25 * torch.randn(3, 32, 32, generator=g)).clamp(0, 255).to(torch.uint8)
+                )
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
+    return root
+
+
+def compose_cfg(overrides: list[str], output_dir: Path, keep_hydra: bool = False) -> DictConfig:
+    """The composed config, as ``python -m deqlab <overrides>`` would see it (a job's config
+    has no ``hydra`` node; ``keep_hydra`` keeps it for inspection)."""
+    from deqlab.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir)
+        if not keep_hydra:
+            del cfg["hydra"]
+    return cfg
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deqlab", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
+    return proc
+
+
+class StopAfterEpoch(Callback):
+    """Ends fit after ``epoch`` as if the process were killed right after that epoch's
+    checkpoint was written (the run's config, LR schedule included, is unchanged)."""
+
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch >= self.epoch and not trainer.sanity_checking:
+            trainer.should_stop = True

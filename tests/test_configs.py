@@ -1,0 +1,129 @@
+"""The config tree: every file composes and instantiates; mistakes fail at composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf.errors import ConfigAttributeError, ValidationError
+
+from .runs import CONF_DIR, compose_cfg
+
+GROUPS = [
+    "solver",
+    "grad",
+    "norm",
+    "jac_reg",
+    "task",
+    "trainer",
+    "logger",
+    "callbacks",
+    "experiment",
+]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+
+
+def test_every_group_has_files():
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_config_composes_and_instantiates(group, option, tmp_path):
+    override = f"experiment={option}" if group == "experiment" else f"{group}={option}"
+    cfg = compose_cfg([override], tmp_path)
+    module = instantiate(cfg.task.module)
+    assert sum(p.numel() for p in module.parameters()) > 0
+    instantiate(cfg.task.datamodule)  # touches no data until setup()
+    for node in cfg.callbacks.values():
+        instantiate(node)
+    for node in cfg.logger.values():
+        instantiate(node)
+    needs_gpu = cfg.trainer.get("accelerator") == "gpu"
+    if not needs_gpu or torch.cuda.is_available():
+        instantiate(cfg.trainer)
+
+
+def test_slurm_launcher_composes(tmp_path):
+    cfg = compose_cfg(["hydra/launcher=slurm"], tmp_path, keep_hydra=True)
+    assert cfg.hydra.launcher.tasks_per_node == 1
+    assert "submitit" in cfg.hydra.launcher._target_
+
+
+def test_misspelled_key_in_yaml_fails_at_composition(tmp_path):
+    bad = tmp_path / "conf"
+    import shutil
+
+    shutil.copytree(CONF_DIR, bad)
+    (bad / "solver" / "anderson.yaml").write_text(
+        "defaults:\n  - schema\n  - _self_\nname: anderson\nmax_itr: 5\n"
+    )
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with (
+        initialize_config_dir(config_dir=str(bad), version_base="1.3"),
+        pytest.raises(ConfigCompositionException) as err,
+    ):
+        compose(config_name="train")
+    assert "max_itr" in str(err.value.__cause__ or err.value)
+
+
+@pytest.mark.parametrize(
+    "override,exc,match",
+    [
+        ("solver.max_iter=abc", ConfigCompositionException, "max_iter"),
+        ("solver=newton", ConfigCompositionException, "newton"),
+        ("grad.tau=fast", ConfigCompositionException, "tau"),
+    ],
+)
+def test_command_line_mistakes_fail_with_a_clear_message(override, exc, match, tmp_path):
+    with pytest.raises(exc) as err:
+        compose_cfg([override], tmp_path)
+    text = f"{err.value} {err.value.__cause__}"
+    assert match in text
+
+
+@pytest.mark.parametrize("override", ["+solver.max_itr=5", "++grad.step=2"])
+def test_appended_unknown_key_is_rejected_before_any_work(override, tmp_path):
+    """Hydra's `+key=` appends even to structured nodes; the runner's schema check stops it."""
+    from deqlab.__main__ import run
+
+    cfg = compose_cfg([override], tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"unknown (solver|grad) key '(max_itr|step)'; valid keys: .*(max_iter|steps)",
+    ):
+        run(cfg)
+
+
+def test_schema_rejects_a_bad_value_at_assignment(tmp_path):
+    cfg = compose_cfg([], tmp_path)
+    with pytest.raises(ValidationError):
+        cfg.solver.max_iter = "many"
+    with pytest.raises(ConfigAttributeError):
+        cfg.grad.stepz = 3
+
+
+def test_module_receives_the_composed_engine_settings(tmp_path):
+    cfg = compose_cfg(
+        ["solver=broyden", "solver.max_iter=7", "grad=phantom", "norm=weight_norm"], tmp_path
+    )
+    module = instantiate(cfg.task.module)
+    assert module.deq.solver_cfg.name == "broyden" and module.deq.solver_cfg.max_iter == 7
+    assert module.deq.grad_cfg.name == "phantom"
+    from torch.nn.utils import parametrize
+
+    assert parametrize.is_parametrized(module.net.cell.conv1)
+
+
+def test_experiment_files_hold_only_differences():
+    """An experiment starts with `# @package _global_` and is short; it never redefines a
+    whole group node (it selects group options with `override` instead)."""
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        text = Path(path).read_text()
+        assert "# @package _global_" in text, path
+        assert "_target_" not in text, f"{path} redefines a node instead of overriding it"

@@ -1,0 +1,199 @@
+"""`python -m deqlab` end to end on a tiny image folder: outputs, combinations, resume,
+W&B offline, DDP on CPU and multirun."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from deqlab.__main__ import run
+
+from .problems import GRADS, SOLVERS
+from .runs import TINY, compose_cfg, run_cli, write_cifar_folder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_cifar_folder(tmp_path_factory.mktemp("data"))
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    """Rows of the run's latest CSV log (each launch in a folder writes a new version)."""
+    files = sorted(
+        (run_dir / "csv").glob("version_*/metrics.csv"),
+        key=lambda p: int(p.parent.name.split("_")[1]),
+    )
+    with open(files[-1]) as fh:
+        return list(csv.DictReader(fh))
+
+
+def last_value(rows: list[dict[str, str]], key: str) -> float:
+    return float([r[key] for r in rows if r.get(key)][-1])
+
+
+def test_cli_trains_tests_and_writes_its_outputs(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(
+        ["task=cifar", "solver=broyden", f"data_dir={data_dir}", f"hydra.run.dir={out}", *TINY],
+        tmp_path,
+    )
+    assert "deqlab: train done; best val/acc=" in proc.stdout
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (
+        out / "checkpoints" / "best.ckpt"
+    ).is_file()
+    assert (out / ".hydra" / "config.yaml").is_file() and (out / "config_resolved.yaml").is_file()
+    assert "name: broyden" in (out / "config_resolved.yaml").read_text()
+    rows = metrics(out)
+    for key in (
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "test/acc",
+        "deq/fwd_nfe",
+        "deq/fwd_rel_residual",
+        "deq/fwd_abs_residual",
+        "deq/bwd_nfe",
+        "deq/bwd_rel_residual",
+        "deq/val_fwd_nfe",
+        "train/lr",
+    ):
+        assert any(r.get(key) for r in rows), f"{key} never logged"
+    assert last_value(rows, "deq/fwd_nfe") <= 4
+    assert list((out / "csv" / "version_0" / "figures").glob("deq_residual_trace_*.png"))
+
+
+COMBOS = list(itertools.product(SOLVERS, GRADS, ["none", "weight_norm", "spectral_norm"]))
+
+
+@pytest.mark.parametrize("solver,grad,norm", COMBOS, ids=["-".join(c) for c in COMBOS])
+def test_every_solver_grad_norm_combination_runs_a_step(solver, grad, norm, data_dir, tmp_path):
+    cfg = compose_cfg(
+        [
+            f"solver={solver}",
+            f"grad={grad}",
+            f"norm={norm}",
+            f"data_dir={data_dir}",
+            *TINY,
+            "+trainer.fast_dev_run=1",
+            "logger=csv",
+        ],
+        tmp_path,
+    )
+    run(cfg)
+
+
+def _train(data_dir, out, epochs, extra=()):
+    cfg = compose_cfg(
+        [
+            f"data_dir={data_dir}",
+            *TINY,
+            f"trainer.max_epochs={epochs}",
+            "jac_reg=hutchinson",
+            "task.module.fit.jitter=1",
+            *extra,
+        ],
+        out,
+    )
+    run(cfg)
+    return metrics(out)
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    """Two epochs straight == one epoch, then resume from last.ckpt for the second."""
+    full = _train(data_dir, tmp_path / "full", 2)
+    first = _train(
+        data_dir, tmp_path / "part", 2, ["+callbacks.kill._target_=tests.runs.StopAfterEpoch"]
+    )
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["global_step"] == 5  # 60 images - 16 val = 44 train, 5 full batches of 8
+    resumed = _train(data_dir, tmp_path / "part", 2, ["ckpt_path=last"])  # found in the run folder
+    # The first launch's logs are kept beside the resumed one's.
+    assert (tmp_path / "part" / "csv" / "version_0" / "metrics.csv").is_file() and first
+    for key in ("val/loss", "val/acc", "train/loss"):
+        assert last_value(resumed, key) == pytest.approx(
+            last_value(full, key), rel=1e-5, abs=1e-6
+        ), key
+    steps_full = [int(r["step"]) for r in full if r.get("train/loss")]
+    steps_resumed = [int(r["step"]) for r in resumed if r.get("train/loss")]
+    assert steps_resumed[-1] == steps_full[-1] == 9
+
+
+def test_test_mode_evaluates_a_checkpoint(data_dir, tmp_path):
+    _train(data_dir, tmp_path / "a", 1)
+    cfg = compose_cfg(
+        [
+            f"data_dir={data_dir}",
+            *TINY,
+            "mode=test",
+            f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'best.ckpt'}",
+        ],
+        tmp_path / "b",
+    )
+    score = run(cfg)
+    assert score is not None and 0 <= score <= 1
+    with pytest.raises(ValueError, match="ckpt_path"):
+        run(compose_cfg(["mode=test"], tmp_path / "c"))
+
+
+def test_wandb_offline_writes_a_local_run(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = compose_cfg([f"data_dir={data_dir}", *TINY, "logger=many"], tmp_path)
+    run(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # The offline run file holds every record that `wandb sync` would upload: metrics, the
+    # resolved config and the tags a dashboard groups by.
+    (record,) = runs[0].glob("run-*.wandb")
+    data = record.read_bytes()
+    for needle in (
+        b"val/acc",
+        b"deq/fwd_nfe",
+        b"train/loss",
+        b'"max_iter":4',
+        b"solver=anderson",
+        b"grad=ift",
+    ):
+        assert needle in data, needle
+    assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))  # the residual trace
+    assert (tmp_path / "tensorboard").is_dir() and (
+        tmp_path / "csv" / "version_0" / "metrics.csv"
+    ).is_file()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_cli(
+        [f"data_dir={data_dir}", f"hydra.run.dir={out}", *TINY, "trainer=ddp_cpu"], tmp_path
+    )
+    assert "deqlab: train done" in proc.stdout
+    rows = metrics(out)
+    assert any(r.get("val/acc") for r in rows) and any(r.get("deq/bwd_nfe") for r in rows)
+    # 44 training images over 2 ranks of batch 8: 2 steps per epoch (the last step is 1).
+    assert max(int(r["step"]) for r in rows if r.get("train/loss")) == 1
+
+
+@pytest.mark.slow
+def test_multirun_writes_one_folder_per_job(data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        [
+            "-m",
+            "solver=anderson,broyden",
+            f"data_dir={data_dir}",
+            f"hydra.sweep.dir={sweep}",
+            *TINY,
+        ],
+        tmp_path,
+    )
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    names = [(sweep / j / "config_resolved.yaml").read_text() for j in jobs]
+    assert "name: anderson" in names[0] and "name: broyden" in names[1]
