@@ -72,7 +72,7 @@ def test_split_is_seeded_and_disjoint(tmp_path):
     b.setup()
     assert torch.equal(a.val_set.images, b.val_set.images)
     assert len(a.train_set) == 40 and len(a.val_set) == 10 and len(a.test_set) == 10
-    x, y = next(iter(a.train_dataloader()))
+    x, _y = next(iter(a.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
     aug = CifarDataModule(str(tmp_path), batch_size=4, val_size=10, augment=True)
     aug.setup()
