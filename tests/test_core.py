@@ -112,3 +112,18 @@ def test_half_precision_layer():
     z.float().sum().backward()
     assert z.dtype == torch.bfloat16 and info.converged.all()
     assert torch.isfinite(lin.weight.grad).all()
+
+
+def test_initial_states():
+    from deqlab import mixed_init, zeros_init
+
+    z = mixed_init((64, 100), dtype=torch.float64)
+    zero_share = (z == 0).double().mean().item()
+    assert 0.4 < zero_share < 0.6 and z[z != 0].std() > 0.8
+    assert torch.equal(zeros_init((2, 3)), torch.zeros(2, 3))
+    p = LinearProblem(batch=64, d=8)  # any start reaches the same fixed point
+    with torch.no_grad():
+        a, _ = DEQ(solver={"max_iter": 200, "tol": 1e-12})(
+            p.f, mixed_init(p.x.shape, dtype=torch.float64)
+        )
+        torch.testing.assert_close(a, p.z_star(), rtol=1e-8, atol=1e-8)

@@ -1,0 +1,158 @@
+"""DEQLitModule's shared training logic on a small synthetic task, under a real Trainer."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from deqlab.lit import DEQLitModule, JacRegConfig
+
+
+class TanhNet(nn.Module):
+    """u = A x, f(z; u) = tanh(W z + u), head = linear; counts taped / untaped f calls."""
+
+    def __init__(self, d: int = 8, classes: int = 3):
+        super().__init__()
+        self.inp = nn.Linear(5, d)
+        self.w = nn.Linear(d, d, bias=False)
+        self.w.weight.data *= 0.3
+        self.out = nn.Linear(d, classes)
+        self.calls = {"taped": 0, "solver": 0}
+
+    def inject(self, x):
+        u = self.inp(x)
+        return u, torch.zeros_like(u)
+
+    def cell(self, z, u):
+        self.calls["taped" if torch.is_grad_enabled() else "solver"] += 1
+        return torch.tanh(self.w(z) + u)
+
+    def head(self, z):
+        return self.out(z)
+
+
+class Synthetic(DEQLitModule):
+    def __init__(self, **kw):
+        super().__init__(TanhNet(), **kw)
+        self.criterion_calls = 0
+
+    def criterion(self, output, target):
+        self.criterion_calls += 1
+        return F.cross_entropy(output, target)
+
+    def update_metrics(self, split, output, target):
+        self.log(f"{split}/acc", (output.argmax(1) == target).float().mean())
+
+
+class Recorder(L.Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        net = module.net
+        self.rows.append(
+            {
+                "step": trainer.global_step,
+                "taped": net.calls["taped"],
+                "solver": net.calls["solver"],
+                "nfe": [i.nfe for i in module._infos],
+                "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                "jac": "deq/jac_loss" in trainer.callback_metrics and module._jac_this_step,
+            }
+        )
+        net.calls.update(taped=0, solver=0)
+
+
+def fit(module: Synthetic, steps: int = 6, val: bool = False) -> tuple[L.Trainer, Recorder]:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    rec = Recorder()
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2 if val else 0,
+        val_check_interval=1 if val else None,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        callbacks=[rec],
+    )
+    trainer.fit(module, loader, loader if val else None)
+    return trainer, rec
+
+
+def test_unrolled_pretraining_then_deq():
+    module = Synthetic(
+        fit={"pretrain_steps": 2, "pretrain_unroll": 3}, solver={"max_iter": 5, "tol": None}
+    )
+    _, rec = fit(module, steps=4)
+    assert [(r["taped"], r["solver"]) for r in rec.rows[:2]] == [
+        (3, 0),
+        (3, 0),
+    ]  # plain unrolled net
+    assert [(r["taped"], r["solver"]) for r in rec.rows[2:]] == [(1, 5), (1, 5)]  # solve + ift step
+
+
+def test_budget_jitter_is_random_and_reproducible():
+    kw = {"fit": {"jitter": 3}, "solver": {"max_iter": 6, "tol": None}}
+    _, a = fit(Synthetic(**kw), steps=6)
+    _, b = fit(Synthetic(**kw), steps=6)
+    budgets = [r["nfe"][0] for r in a.rows]
+    assert all(3 <= n <= 9 for n in budgets) and len(set(budgets)) > 1
+    assert budgets == [r["nfe"][0] for r in b.rows]
+
+
+def test_fixed_point_correction_reads_every_sampled_state():
+    module = Synthetic(fit={"fp_states": 3}, solver={"max_iter": 6, "tol": None})
+    fit(module, steps=2)
+    assert module.criterion_calls == 2 * 3
+
+
+def test_jacobian_regularization_schedule():
+    cfg = JacRegConfig(name="hutchinson", weight=0.5, incremental=10, increment=0.1, stop_epoch=3)
+    assert cfg.weight_at(0, 0) == 0.5 and cfg.weight_at(25, 1) == pytest.approx(0.7)
+    assert cfg.weight_at(25, 3) == 0.0
+    assert JacRegConfig(name="none", weight=1.0).weight_at(0, 0) == 0.0
+    with pytest.raises(ValueError, match="probability"):
+        JacRegConfig(name="hutchinson", freq=2.0)
+
+
+def test_jacobian_regularization_runs_on_a_share_of_steps():
+    module = Synthetic(jac_reg={"name": "hutchinson", "weight": 1.0, "freq": 0.5})
+    _, rec = fit(module, steps=8)
+    hits = sum(r["jac"] for r in rec.rows)
+    assert 0 < hits < 8
+
+
+def test_spectral_radius_and_validation_statistics():
+    module = Synthetic(fit={"sradius_iters": 10})
+    trainer, _ = fit(module, steps=2, val=True)
+    m = trainer.callback_metrics
+    assert 0 < float(m["deq/sradius"]) < 1  # ||W|| is small: a contraction
+    assert "deq/val_fwd_nfe" in m and "deq/fwd_nfe" in m and "deq/bwd_nfe" in m
+
+
+def test_warmup_then_cosine_to_min_lr():
+    module = Synthetic(optim={"lr": 0.1, "warmup_steps": 2, "min_lr": 0.01})
+    _, rec = fit(module, steps=6)
+    lrs = [r["lr"] for r in rec.rows]  # after each step's scheduler update
+    assert lrs[0] == pytest.approx(0.1)  # warmup 0.05 -> 0.1
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[-1] == pytest.approx(0.01)
+
+
+def test_bad_training_settings_are_named():
+    with pytest.raises(ValueError, match="pretrain_unroll"):
+        Synthetic(fit={"pretrain_steps": 5})
+    with pytest.raises(ValueError, match="unknown fit key 'jiter'"):
+        Synthetic(fit={"jiter": 2})
+    with pytest.raises(ValueError, match="optim.name"):
+        Synthetic(optim={"name": "lamb"})
