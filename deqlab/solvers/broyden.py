@@ -6,8 +6,9 @@ the DEQ code of Bai et al., 2019). Each step z_{k+1} = z_k - B g_k, then the goo
 
     v^T = dz^T B,    u = (dz - B dg) / (dz^T B dg).
 
-Storage is ``memory`` (u, v) slots, O(memory * D) whatever ``max_iter`` is. When every slot is
-used the estimate restarts from B = -I with the newest update. (Overwriting only the oldest
+Storage is ``memory`` (u, v) slots, O(memory * D) whatever ``max_iter`` is, and each step
+costs two products with B over the slots in use. When every slot is used the estimate
+restarts from B = -I. (Overwriting only the oldest
 slot, as the reference implementations do, leaves the remaining u_i inconsistent: each was
 derived from a B that contained the dropped term. On long solves that diverges; see
 ``tests/test_solvers.py::test_long_solve_with_small_memory``.) An update whose denominator is
@@ -62,6 +63,7 @@ def broyden(
     eps = torch.finfo(dtype).eps
 
     nfe = 0
+    used = 0  # slots holding updates since the last (re)start from B = -I
     step = g_prev = None
     for k in range(max_iter):
         fz = g(z)
@@ -69,22 +71,29 @@ def broyden(
         gz = fz - z
         if track.step(k, z, fz, gz) or k == max_iter - 1:
             break
+        restart = used == memory
+        if restart:  # all slots used: start again from B = -I
+            used = 0
+        u_used, v_used = us[:, :used], vs[:, :used]
+        bg = _matvec(u_used, v_used, gz)  # B g_k, B being the estimate before this update
         if step is not None:
-            dz, dg = step, gz - g_prev
-            vt = _rmatvec(us, vs, dz)
+            # Two products per step instead of three: B dg = B g_k - B g_{k-1}, and
+            # B g_{k-1} = -step when B made that step (else B = -I after a restart).
+            dg = gz - g_prev
+            vt = _rmatvec(u_used, v_used, step)  # dz^T B
+            bdg = bg + (g_prev if restart else step)
             den = (vt * dg).sum(1, keepdim=True)
             scale = torch.linalg.vector_norm(vt, dim=1, keepdim=True) * torch.linalg.vector_norm(
                 dg, dim=1, keepdim=True
             )
             ok = (den.abs() > eps * scale) & torch.isfinite(den)
-            u = (dz - _matvec(us, vs, dg)) / torch.where(ok, den, 1.0)
-            slot = (k - 1) % memory
-            if slot == 0 and k > 1:  # all slots used: restart from B = -I
-                us.zero_()
-                vs.zero_()
-            us[:, slot] = u.masked_fill_(~ok, 0.0)
-            vs[:, slot] = vt.masked_fill_(~ok, 0.0)
-        step = -_matvec(us, vs, gz)
+            u = ((step - bdg) / torch.where(ok, den, 1.0)).masked_fill_(~ok, 0.0)
+            vt.masked_fill_(~ok, 0.0)
+            us[:, used] = u
+            vs[:, used] = vt
+            used += 1
+            bg = bg + u * (vt * gz).sum(1, keepdim=True)  # B_new g_k, rank-one correction
+        step = -bg
         z = z + step
         g_prev = gz
     return track.result(state, nfe, "broyden")

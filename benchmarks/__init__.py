@@ -1,0 +1,1 @@
+"""deqlab's benchmark suite: `python -m benchmarks` (see README, "Benchmarks")."""

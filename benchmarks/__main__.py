@@ -1,0 +1,100 @@
+"""`python -m benchmarks [--repeats N] [--only NAME ...] [--device cpu|cuda]`
+
+Runs the suite on the GPU when one is present (else the CPU), prints one table per benchmark
+and writes ``benchmarks/results/<device>.json`` and ``convergence_<device>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from . import suite
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BENCHES = ("solver_overhead", "convergence", "training_step", "memory")
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(fmt(x) for x in v) + "]"
+    return "-" if v is None else str(v)
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = [k for k in rows[0] if k != "bench"]
+    for r in rows[1:]:
+        keys += [k for k in r if k not in keys and k != "bench"]
+    table = [keys] + [[fmt(r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
+    print(f"\n== {rows[0]['bench']} ==")
+    for i, row in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", nargs="*", choices=BENCHES, default=list(BENCHES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--bf16", action="store_true", help="also time the training step under bf16 autocast"
+    )
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    meta = {
+        "device": name,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "command": "python -m benchmarks "
+        + " ".join(f"--only {b}" for b in args.only)
+        + f" --repeats {args.repeats}",
+    }
+    print(
+        f"deqlab benchmarks on {device.type} ({name}), torch {torch.__version__}, {meta['threads']} threads"
+    )
+    results: dict = {"meta": meta}
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    RESULTS.mkdir(exist_ok=True)
+    if "solver_overhead" in args.only:
+        results["solver_overhead"] = suite.solver_overhead(device, args.repeats)
+        print_table(results["solver_overhead"])
+    if "convergence" in args.only:
+        rows, traces = suite.convergence(device)
+        results["convergence"] = rows
+        suite.plot_convergence(traces, str(RESULTS / f"convergence_{tag}.png"))
+        print_table(rows)
+    if "training_step" in args.only:
+        rows = suite.training_step(device, args.repeats)
+        if args.bf16:
+            rows += suite.training_step(device, args.repeats, dtype=torch.bfloat16)
+        results["training_step"] = rows
+        print_table(rows)
+    if "memory" in args.only:
+        results["memory"] = suite.memory(device)
+        print_table(results["memory"])
+    out = RESULTS / f"{tag}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

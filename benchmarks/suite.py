@@ -1,0 +1,309 @@
+"""The benchmarks. Each returns rows of measurements taken side by side in one process.
+
+Every timing is the median of ``repeats`` runs after a warm-up, with min and max kept; on a GPU
+the device is synchronised around each run. Ratios compare runs made in the same process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deqlab import DEQ, get_solver
+
+from .baseline import TutorialDEQFixedPoint
+from .cells import resnet_problem, tanh_problem, tutorial_model
+
+SOLVER_PAIRS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
+
+
+def timed(
+    fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median / min / max seconds of ``fn()`` over ``repeats`` runs."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def _torchdeq():
+    try:
+        import torchdeq
+        from torchdeq.solver import get_solver as td_get_solver
+    except ImportError:  # the dev extra is not installed
+        return None, None
+    return torchdeq, td_get_solver
+
+
+# -- 1. solver overhead ---------------------------------------------------------------------
+
+
+def solver_overhead(device: torch.device, repeats: int, iters: int = 20) -> list[dict[str, Any]]:
+    """Seconds per solver iteration over seconds per f evaluation, at a fixed iteration count."""
+    _, td_get_solver = _torchdeq()
+    rows = []
+    for cell_name, make in (("resnet", resnet_problem), ("tanh", tanh_problem)):
+        cell, x = make(device)
+        f = lambda z: cell(z, x)
+        z0 = torch.zeros_like(x)
+        with torch.no_grad():
+            t_f = timed(lambda: f(z0), device, repeats * 3)["median"]
+            for name, td_name in SOLVER_PAIRS.items():
+                solve = get_solver(name)
+                # tol far below reach: the convergence test runs (one sync per step) but never stops.
+                ours = timed(lambda: solve(f, z0, max_iter=iters, tol=1e-30), device, repeats)
+                fixed = timed(lambda: solve(f, z0, max_iter=iters, tol=None), device, repeats)
+                row = {
+                    "bench": "solver_overhead",
+                    "cell": cell_name,
+                    "solver": name,
+                    "f_eval_s": t_f,
+                    "deqlab": ours["median"] / iters / t_f,
+                    "deqlab_range": [ours["min"] / iters / t_f, ours["max"] / iters / t_f],
+                    "deqlab_fixed_iters": fixed["median"] / iters / t_f,
+                }
+                if td_get_solver is not None:
+                    td = td_get_solver(td_name)
+                    theirs = timed(
+                        lambda: td(f, z0, max_iter=iters, tol=1e-30, stop_mode="rel"),
+                        device,
+                        repeats,
+                    )
+                    row["torchdeq"] = theirs["median"] / iters / t_f
+                    row["torchdeq_range"] = [
+                        theirs["min"] / iters / t_f,
+                        theirs["max"] / iters / t_f,
+                    ]
+                rows.append(row)
+    return rows
+
+
+# -- 2. convergence -------------------------------------------------------------------------
+
+
+def _first_below(trace: list[float], level: float) -> int | None:
+    return next((i + 1 for i, r in enumerate(trace) if r <= level), None)
+
+
+def convergence(
+    device: torch.device, max_iter: int = 60
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """f evaluations to reach relative residual 1e-3 and 1e-5 (batch-mean residual)."""
+    _, td_get_solver = _torchdeq()
+    rows, traces = [], {}
+    for cell_name, make in (("resnet", resnet_problem), ("tanh", tanh_problem)):
+        cell, x = make(device)
+        f = lambda z: cell(z, x)
+        z0 = torch.zeros_like(x)
+        with torch.no_grad():
+            for name, td_name in SOLVER_PAIRS.items():
+                res = get_solver(name)(f, z0, max_iter=max_iter, tol=1e-7)
+                ours = res.trace.mean(1).tolist()
+                row = {"bench": "convergence", "cell": cell_name, "solver": name}
+                traces[f"{cell_name}/{name}/deqlab"] = ours
+                for level in (1e-3, 1e-5):
+                    row[f"deqlab_nfe@{level:g}"] = _first_below(ours, level)
+                if td_get_solver is not None:
+                    _, _, info = td_get_solver(td_name)(
+                        f, z0, max_iter=max_iter, tol=1e-7, stop_mode="rel"
+                    )
+                    theirs = [float(t.mean()) for t in info["rel_trace"]]
+                    traces[f"{cell_name}/{name}/torchdeq"] = theirs
+                    for level in (1e-3, 1e-5):
+                        row[f"torchdeq_nfe@{level:g}"] = _first_below(theirs, level)
+                rows.append(row)
+    return rows, traces
+
+
+def plot_convergence(traces: dict[str, list[float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, cell in zip(axes, ("resnet", "tanh")):
+        for key, trace in traces.items():
+            c, solver, lib = key.split("/")
+            if c == cell:
+                ax.semilogy(
+                    range(1, len(trace) + 1),
+                    trace,
+                    ls="-" if lib == "deqlab" else "--",
+                    label=f"{solver} ({lib})",
+                )
+        ax.set_title(f"{cell} cell")
+        ax.set_xlabel("f evaluations")
+        ax.set_ylabel("relative residual (batch mean)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- 3. training step -----------------------------------------------------------------------
+
+
+class _Model(nn.Module):
+    """The tutorial CIFAR model around an interchangeable DEQ layer ``layer(cell, u) -> z``."""
+
+    def __init__(self, device: torch.device, layer: Callable[[nn.Module, Tensor], Tensor]):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = tutorial_model(device)
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        u, _ = self.net.inject(x)
+        return self.net.head(self.layer(self.net.cell, u))
+
+
+def training_step(
+    device: torch.device,
+    repeats: int,
+    iters: int = 20,
+    batch: int = 64,
+    dtype: torch.dtype | None = None,
+) -> list[dict[str, Any]]:
+    """Forward + backward of the tutorial model, Anderson (m=5) forward and backward with the
+    same fixed budgets in every library (tolerance out of reach), so all do equal work."""
+    torchdeq, _ = _torchdeq()
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    budget = {"max_iter": iters, "tol": 1e-30}
+    variants: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {}
+    for grad in ("ift", "phantom", "onestep"):
+        deq = DEQ(
+            solver={"name": "anderson", "m": 5, **budget},
+            grad={"name": grad, "solver": "anderson", **budget, "steps": 5},
+        )
+        variants[f"deqlab {grad}"] = lambda cell, u, deq=deq: deq(
+            lambda z: cell(z, u), torch.zeros_like(u)
+        )[0]
+    if torchdeq is not None:
+        td = torchdeq.get_deq(
+            f_solver="anderson",
+            f_max_iter=iters,
+            f_tol=1e-30,
+            b_solver="anderson",
+            b_max_iter=iters,
+            b_tol=1e-30,
+            f_stop_mode="rel",
+            b_stop_mode="rel",
+            ift=True,
+        )
+        variants["torchdeq ift"] = lambda cell, u: td(lambda z: cell(z, u), torch.zeros_like(u))[0][
+            -1
+        ]
+
+    def tutorial(cell, u):
+        layer = TutorialDEQFixedPoint(cell, m=5, max_iter=iters, tol=1e-30)
+        return layer(u)
+
+    variants["tutorial ift"] = tutorial
+    rows = []
+    for name, layer in variants.items():
+        model = _Model(device, layer)
+
+        def step(model=model):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+
+        t = timed(step, device, repeats)
+        rows.append(
+            {
+                "bench": "training_step",
+                "variant": name,
+                "dtype": str(dtype or "float32"),
+                "seconds": t["median"],
+                "range": [t["min"], t["max"]],
+            }
+        )
+    best_ref = min(
+        (r["seconds"] for r in rows if not r["variant"].startswith("deqlab")), default=None
+    )
+    for r in rows:
+        r["vs_best_reference"] = r["seconds"] / best_ref if best_ref else None
+    return rows
+
+
+# -- 4. memory ------------------------------------------------------------------------------
+
+
+class SavedBytes:
+    """Bytes of distinct tensor storages autograd saves for backward inside the context."""
+
+    def __init__(self):
+        self.seen: dict[int, int] = {}
+
+    def __enter__(self):
+        def pack(t: Tensor) -> Tensor:
+            self.seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def memory(device: torch.device, batch: int = 32) -> list[dict[str, Any]]:
+    """Activation memory of one training step vs forward budget, and vs a 30-step unrolled
+    network. Measured as bytes autograd saves (on any device) and, on CUDA, peak allocation."""
+    rows = []
+    x = torch.randn(batch, 3, 32, 32, device=device)
+
+    def measure(name: str, layer: Callable[[nn.Module, Tensor], Tensor]) -> None:
+        model = _Model(device, layer)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        with SavedBytes() as saved:
+            loss = model(x).sum()
+        loss.backward()
+        row = {"bench": "memory", "variant": name, "saved_MB": saved.total / 2**20}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            row["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        rows.append(row)
+
+    for budget in (10, 30, 60):
+        deq = DEQ(
+            solver={"name": "anderson", "max_iter": budget, "tol": 1e-30},
+            grad={"max_iter": 20, "tol": 1e-30},
+        )
+        measure(
+            f"deqlab ift, forward budget {budget}",
+            lambda cell, u, deq=deq: deq(lambda z: cell(z, u), torch.zeros_like(u))[0],
+        )
+
+    def unrolled(cell, u):
+        z = torch.zeros_like(u)
+        for _ in range(30):
+            z = cell(z, u)
+        return z
+
+    measure("unrolled 30 steps, backprop", unrolled)
+    return rows
