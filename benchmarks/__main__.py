@@ -71,9 +71,15 @@ def main() -> None:
     print(
         f"deqlab benchmarks on {device.type} ({name}), torch {torch.__version__}, {meta['threads']} threads"
     )
-    results: dict = {"meta": meta}
     tag = "cuda" if device.type == "cuda" else "cpu"
     RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{tag}.json"
+    # Merge into earlier results for this device: a run of some benchmarks replaces only
+    # those, each keeping the meta (machine, date, command) of the run that measured it.
+    results: dict = json.loads(out.read_text()) if out.exists() else {}
+    results.setdefault("meta", {})
+    for bench in args.only:
+        results["meta"][bench] = meta
     if "solver_overhead" in args.only:
         results["solver_overhead"] = suite.solver_overhead(device, args.repeats)
         print_table(results["solver_overhead"])
@@ -91,7 +97,6 @@ def main() -> None:
     if "memory" in args.only:
         results["memory"] = suite.memory(device)
         print_table(results["memory"])
-    out = RESULTS / f"{tag}.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}")
 

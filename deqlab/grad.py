@@ -75,7 +75,8 @@ def mix(z: State, fz: State, tau: float) -> State:
     """tau fz + (1 - tau) z on states of any structure."""
     if tau == 1.0:
         return fz
-    return like(z, [torch.lerp(a, b, tau) for a, b in zip(as_tuple(z), as_tuple(fz))])
+    # Not torch.lerp: under autocast f may return another dtype than z, and this promotes.
+    return like(z, [a + (b - a) * tau for a, b in zip(as_tuple(z), as_tuple(fz))])
 
 
 class _ImplicitGrad(torch.autograd.Function):

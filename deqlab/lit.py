@@ -15,6 +15,7 @@ Jacobian regularization on its schedule, fixed-point correction, solver statisti
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -191,6 +192,12 @@ class DEQLitModule(L.LightningModule):
         raise NotImplementedError
 
     # -- steps ------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/epoch_time_s", time.perf_counter() - self._epoch_start)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Each step's randomness (dropout masks, budget jitter, whether to regularize) is a

@@ -99,3 +99,18 @@ class StopAfterEpoch(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch >= self.epoch and not trainer.sanity_checking:
             trainer.should_stop = True
+
+
+def short_real_cifar_run(experiment: str, data_dir: Path, output_dir: Path) -> float:
+    """Best validation accuracy of one epoch of ``experiment`` on 3500 real training images."""
+    from deqlab.__main__ import run
+
+    overrides = [
+        f"experiment={experiment}",
+        f"data_dir={data_dir}",
+        "task.datamodule.subset=4000",
+        "task.datamodule.val_size=500",
+        "trainer.max_epochs=1",
+        "~callbacks.progress",
+    ]
+    return run(compose_cfg(overrides, output_dir))

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deqlab.__main__ import run
 from tasks.cifar.data import CifarDataModule, load_split
 from tasks.cifar.model import TutorialDEQ
 
-from .runs import compose_cfg, write_cifar_folder
+from .runs import short_real_cifar_run, write_cifar_folder
 
 REAL_DATA = Path(os.environ.get("DEQLAB_DATA", "/nonexistent"))
 HAS_CIFAR = (REAL_DATA / "cifar10" / "test").is_dir()
@@ -93,16 +92,5 @@ def test_tutorial_model_size_and_shapes():
     not HAS_CIFAR, reason="set DEQLAB_DATA to a folder holding cifar10/ (../shared/data/prepare.py)"
 )
 def test_real_cifar_short_run_beats_chance(tmp_path):
-    cfg = compose_cfg(
-        [
-            "experiment=cifar_cpu",
-            f"data_dir={REAL_DATA}",
-            "task.datamodule.subset=4000",
-            "task.datamodule.val_size=500",
-            "trainer.max_epochs=1",
-            "~callbacks.progress",
-        ],
-        tmp_path,
-    )
-    best = run(cfg)
+    best = short_real_cifar_run("cifar_cpu", REAL_DATA, tmp_path)
     assert best > 0.25, best  # chance is 0.10

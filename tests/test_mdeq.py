@@ -7,11 +7,10 @@ import torch
 from hydra.utils import instantiate
 
 from deqlab import DEQ, get_solver
-from deqlab.__main__ import run
 from tasks.cifar.mdeq import MDEQCell, MDEQClassifier
 
 from .problems import GRADS
-from .runs import compose_cfg
+from .runs import compose_cfg, short_real_cifar_run
 from .test_cifar import HAS_CIFAR, REAL_DATA
 
 
@@ -121,15 +120,5 @@ def test_each_solver_handles_the_multiscale_state():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CIFAR, reason="set DEQLAB_DATA to a folder holding cifar10/")
 def test_real_cifar_mdeq_short_run_beats_chance(tmp_path):
-    cfg = compose_cfg(
-        [
-            "experiment=cifar_mdeq_cpu",
-            f"data_dir={REAL_DATA}",
-            "task.datamodule.subset=4000",
-            "task.datamodule.val_size=500",
-            "trainer.max_epochs=1",
-            "~callbacks.progress",
-        ],
-        tmp_path,
-    )
-    assert run(cfg) > 0.25  # chance is 0.10
+    best = short_real_cifar_run("cifar_mdeq_cpu", REAL_DATA, tmp_path)
+    assert best > 0.25, best  # chance is 0.10
