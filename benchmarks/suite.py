@@ -39,6 +39,28 @@ def timed(
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
+def timed_round_robin(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 2
+) -> dict[str, dict[str, float]]:
+    """Like ``timed`` for several functions, run in turns (A B C A B C ...) after warming all
+    of them up, so drift in the machine's speed does not favour whichever runs first."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {
+        n: {"median": statistics.median(t), "min": min(t), "max": max(t)} for n, t in times.items()
+    }
+
+
 def _torchdeq():
     try:
         import torchdeq
@@ -52,42 +74,53 @@ def _torchdeq():
 
 
 def solver_overhead(device: torch.device, repeats: int, iters: int = 20) -> list[dict[str, Any]]:
-    """Seconds per solver iteration over seconds per f evaluation, at a fixed iteration count."""
+    """Time of ``iters`` solver iterations over the time of ``iters`` plain chained f
+    evaluations (z <- f(z), the floor), all timed in turns in one process."""
     _, td_get_solver = _torchdeq()
     rows = []
     for cell_name, make in (("resnet", resnet_problem), ("tanh", tanh_problem)):
         cell, x = make(device)
         f = lambda z: cell(z, x)
         z0 = torch.zeros_like(x)
+
+        def plain(f=f, z0=z0):
+            z = z0
+            for _ in range(iters):
+                z = f(z)
+
+        fns: dict[str, Callable[[], Any]] = {"f": plain}
+        for name, td_name in SOLVER_PAIRS.items():
+            solve = get_solver(name)
+            # tol out of reach: the convergence test runs (one sync per step), never stops.
+            fns[f"deqlab/{name}"] = lambda solve=solve, f=f, z0=z0: solve(
+                f, z0, max_iter=iters, tol=1e-30
+            )
+            fns[f"fixed/{name}"] = lambda solve=solve, f=f, z0=z0: solve(
+                f, z0, max_iter=iters, tol=None
+            )
+            if td_get_solver is not None:
+                td = td_get_solver(td_name)
+                fns[f"torchdeq/{name}"] = lambda td=td, f=f, z0=z0: td(
+                    f, z0, max_iter=iters, tol=1e-30, stop_mode="rel"
+                )
         with torch.no_grad():
-            t_f = timed(lambda: f(z0), device, repeats * 3)["median"]
-            for name, td_name in SOLVER_PAIRS.items():
-                solve = get_solver(name)
-                # tol far below reach: the convergence test runs (one sync per step) but never stops.
-                ours = timed(lambda: solve(f, z0, max_iter=iters, tol=1e-30), device, repeats)
-                fixed = timed(lambda: solve(f, z0, max_iter=iters, tol=None), device, repeats)
-                row = {
-                    "bench": "solver_overhead",
-                    "cell": cell_name,
-                    "solver": name,
-                    "f_eval_s": t_f,
-                    "deqlab": ours["median"] / iters / t_f,
-                    "deqlab_range": [ours["min"] / iters / t_f, ours["max"] / iters / t_f],
-                    "deqlab_fixed_iters": fixed["median"] / iters / t_f,
-                }
-                if td_get_solver is not None:
-                    td = td_get_solver(td_name)
-                    theirs = timed(
-                        lambda: td(f, z0, max_iter=iters, tol=1e-30, stop_mode="rel"),
-                        device,
-                        repeats,
-                    )
-                    row["torchdeq"] = theirs["median"] / iters / t_f
-                    row["torchdeq_range"] = [
-                        theirs["min"] / iters / t_f,
-                        theirs["max"] / iters / t_f,
-                    ]
-                rows.append(row)
+            times = timed_round_robin(fns, device, repeats)
+        floor = times["f"]["median"]
+        for name in SOLVER_PAIRS:
+            row = {
+                "bench": "solver_overhead",
+                "cell": cell_name,
+                "solver": name,
+                "f_eval_s": floor / iters,
+            }
+            for lib in ("deqlab", "fixed", "torchdeq"):
+                t = times.get(f"{lib}/{name}")
+                if t is not None:
+                    key = "deqlab_fixed_iters" if lib == "fixed" else lib
+                    row[key] = t["median"] / floor
+                    if lib != "fixed":
+                        row[f"{key}_range"] = [t["min"] / floor, t["max"] / floor]
+            rows.append(row)
     return rows
 
 
@@ -243,7 +276,7 @@ def training_step(
         return layer(u)
 
     variants["tutorial ift"] = tutorial
-    rows = []
+    rows, steps = [], {}
     for name, layer in variants.items():
         model = _Model(device, layer)
 
@@ -254,11 +287,16 @@ def training_step(
 
         row = {"bench": "training_step", "variant": name, "dtype": str(dtype or "float32")}
         try:
-            t = timed(step, device, repeats)
-            row.update(seconds=t["median"], range=[t["min"], t["max"]])
+            step()
+            steps[name] = step
         except (RuntimeError, NotImplementedError) as err:  # e.g. a reference without bf16 support
             row.update(seconds=None, error=str(err).splitlines()[0][:80])
         rows.append(row)
+    times = timed_round_robin(steps, device, repeats)
+    for row in rows:
+        if row["variant"] in times:
+            t = times[row["variant"]]
+            row.update(seconds=t["median"], range=[t["min"], t["max"]])
     refs = [r["seconds"] for r in rows if not r["variant"].startswith("deqlab") and r["seconds"]]
     for r in rows:
         r["vs_best_reference"] = r["seconds"] / min(refs) if refs and r["seconds"] else None

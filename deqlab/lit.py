@@ -116,7 +116,7 @@ class DEQLitModule(L.LightningModule):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: nn.Module | None,
         solver: Mapping[str, Any] | SolverConfig | None = None,
         grad: Mapping[str, Any] | GradConfig | None = None,
         norm: Mapping[str, Any] | NormConfig | None = None,
@@ -127,13 +127,24 @@ class DEQLitModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
-        self.net = net
         self.deq = DEQ(solver, grad)
         self.norm_cfg = to_config(NormConfig, norm, "norm")
         self.jac_cfg = to_config(JacRegConfig, jac_reg, "jac_reg")
         self.optim_cfg = to_config(OptimConfig, optim, "optim")
         self.fit_cfg = to_config(FitConfig, fit, "fit")
         self.seed = seed
+        self.net = None
+        if net is not None:
+            self.attach_net(net)
+        self._infos: list[DEQInfo] = []
+        self._jac_this_step = False
+        self._first_val_batch = False
+        self._val_trace: Tensor | None = None
+
+    def attach_net(self, net: nn.Module) -> None:
+        """Install the network and normalize its cell. Tasks whose network depends on the data
+        (e.g. a vocabulary size) pass ``net=None`` and call this from ``setup``."""
+        self.net = net
         n = self.norm_cfg
         apply_norm(
             net.cell,
@@ -143,10 +154,6 @@ class DEQLitModule(L.LightningModule):
             target_norm=n.target_norm,
             power_iters=n.power_iters,
         )
-        self._infos: list[DEQInfo] = []
-        self._jac_this_step = False
-        self._first_val_batch = False
-        self._val_trace: Tensor | None = None
 
     # -- the solve ---------------------------------------------------------------------------
 

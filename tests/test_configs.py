@@ -35,6 +35,8 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path):
     override = f"experiment={option}" if group == "experiment" else f"{group}={option}"
     cfg = compose_cfg([override], tmp_path)
     module = instantiate(cfg.task.module)
+    if module.net is None:  # built once the data is known (e.g. a vocabulary size)
+        module.attach_net(module.net_factory(n_token=1000))
     assert sum(p.numel() for p in module.parameters()) > 0
     instantiate(cfg.task.datamodule)  # touches no data until setup()
     for node in cfg.callbacks.values():

@@ -1,0 +1,1 @@
+"""Word-level language modeling with a DEQ-Transformer (WikiText-103, WikiText-2, PTB)."""

@@ -1,0 +1,190 @@
+"""Word-level corpora: vocabulary, encoded splits cached beside the data, ordered BPTT batches.
+
+Files under ``data_dir/<folder>`` (the standard releases):
+
+    wikitext103 -> wikitext-103/wiki.{train,valid,test}.tokens
+    wikitext2   -> wikitext-2/wiki.{train,valid,test}.tokens
+    ptb         -> ptb/ptb.{train,valid,test}.txt
+
+Each line is split on whitespace and ends with ``<eos>``. The vocabulary comes from the
+training split alone, sorted by frequency (adaptive softmax cutoffs rely on that order), with
+its counts; words unseen in training map to ``<unk>``. Encoding streams the files line by line
+into int32 arrays (WikiText-103's 103M tokens stay well within a few GB), and the result is
+cached as ``deqlab_cache.pt`` (plain tensors and lists: ``torch.load(weights_only=True)``),
+rebuilt when a source file changes.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+CORPORA = {
+    "wikitext103": ("wikitext-103", "wiki.{}.tokens"),
+    "wikitext2": ("wikitext-2", "wiki.{}.tokens"),
+    "ptb": ("ptb", "ptb.{}.txt"),
+}
+SPLITS = ("train", "valid", "test")
+EOS, UNK = "<eos>", "<unk>"
+CACHE = "deqlab_cache.pt"
+
+
+def corpus_files(data_dir: str | Path, corpus: str) -> dict[str, Path]:
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
+    folder, pattern = CORPORA[corpus]
+    root = Path(data_dir) / folder
+    files = {s: root / pattern.format(s) for s in SPLITS}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{corpus}: missing {', '.join(missing)}. Expected the standard release's "
+            f"{', '.join(pattern.format(s) for s in SPLITS)} under {root.resolve()} "
+            "(WikiText: Merity et al.'s word-level release; PTB: Mikolov's ptb.*.txt; an offline "
+            "copy: `python ../shared/data/prepare.py data`)."
+        )
+    return files
+
+
+def _tokens(path: Path) -> Iterator[list[str]]:
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            yield [*line.split(), EOS]
+
+
+class Corpus:
+    """Vocabulary (``itos``, ``counts``) and the encoded splits (int64 tensors)."""
+
+    def __init__(self, itos: list[str], counts: list[int], splits: dict[str, Tensor]):
+        self.itos, self.counts, self.splits = itos, counts, splits
+        self.stoi = {w: i for i, w in enumerate(itos)}
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    @classmethod
+    def build(cls, files: dict[str, Path]) -> Corpus:
+        counts: Counter[str] = Counter()
+        for toks in _tokens(files["train"]):
+            counts.update(toks)
+        counts.setdefault(UNK, 0)
+        ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        itos = [w for w, _ in ordered]
+        stoi = {w: i for i, w in enumerate(itos)}
+        unk = stoi[UNK]
+        splits = {}
+        for split, path in files.items():
+            ids = array("i")
+            for toks in _tokens(path):
+                ids.extend(stoi.get(t, unk) for t in toks)
+            splits[split] = torch.frombuffer(ids, dtype=torch.int32).clone()
+        return cls(itos, [c for _, c in ordered], splits)
+
+    @classmethod
+    def load(cls, data_dir: str | Path, corpus: str) -> Corpus:
+        """The cached corpus, (re)built when missing or when a source file changed."""
+        files = corpus_files(data_dir, corpus)
+        key = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files.values()]
+        cache = files["train"].parent / CACHE
+        if cache.exists():
+            saved = torch.load(cache, weights_only=True)
+            if saved.get("key") == key:
+                return cls(saved["itos"], saved["counts"], saved["splits"])
+        t0 = time.perf_counter()
+        corpus_ = cls.build(files)
+        n = sum(len(t) for t in corpus_.splits.values())
+        seconds = time.perf_counter() - t0
+        print(
+            f"{corpus}: encoded {n:,} tokens in {seconds:.1f}s ({seconds / n * 1e6:.2f}s per million)"
+        )
+        torch.save(
+            {"key": key, "itos": corpus_.itos, "counts": corpus_.counts, "splits": corpus_.splits},
+            cache,
+        )
+        return corpus_
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class BPTTStream(IterableDataset):
+    """Ordered truncated-BPTT batches: the split is cut into ``batch_size * world`` equal
+    streams, this rank reads its own ``batch_size`` contiguous ones, ``tgt_len`` tokens at a
+    time, so segment k+1 of each stream continues segment k (the model carries memory).
+
+    Yields ``(x, y)`` of shape (batch, <= tgt_len): y is x shifted by one token. The last
+    segment may be shorter, so every token of the streams is read exactly once.
+    """
+
+    def __init__(self, data: Tensor, batch_size: int, tgt_len: int):
+        super().__init__()
+        self.data, self.batch_size, self.tgt_len = data, batch_size, tgt_len
+
+    def streams(self) -> Tensor:
+        rank, world = rank_and_world()
+        n = len(self.data) // (self.batch_size * world)
+        if n < 2:
+            raise ValueError(
+                f"split of {len(self.data)} tokens is too short for {self.batch_size * world} streams"
+            )
+        all_streams = self.data[: n * self.batch_size * world].view(self.batch_size * world, n)
+        return all_streams[rank * self.batch_size : (rank + 1) * self.batch_size].long()
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        s = self.streams()
+        for i in range(0, s.shape[1] - 1, self.tgt_len):
+            j = min(i + self.tgt_len, s.shape[1] - 1)
+            yield s[:, i:j], s[:, i + 1 : j + 1]
+
+    def __len__(self) -> int:
+        n = self.streams().shape[1] - 1
+        return -(-n // self.tgt_len)
+
+
+class LMDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data_dir: str = "data",
+        corpus: str = "ptb",
+        batch_size: int = 32,
+        eval_batch_size: int = 10,
+        tgt_len: int = 70,
+        eval_tgt_len: int | None = None,
+    ):
+        super().__init__()
+        self.data_dir, self.corpus_name = data_dir, corpus
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.tgt_len, self.eval_tgt_len = tgt_len, eval_tgt_len or tgt_len
+        self.corpus: Corpus | None = None
+
+    def prepare_data(self) -> None:
+        Corpus.load(self.data_dir, self.corpus_name)  # builds the cache once, on one process
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.corpus is None:
+            self.corpus = Corpus.load(self.data_dir, self.corpus_name)
+
+    def _loader(self, split: str, batch: int, tgt_len: int) -> DataLoader:
+        assert self.corpus is not None
+        return DataLoader(BPTTStream(self.corpus.splits[split], batch, tgt_len), batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, self.tgt_len)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", self.eval_batch_size, self.eval_tgt_len)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, self.eval_tgt_len)

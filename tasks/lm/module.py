@@ -1,0 +1,103 @@
+"""Language-modeling LightningModule: segment memory, token NLL, perplexity over whole splits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import SumMetric
+
+from deqlab.lit import DEQLitModule
+
+from .model import DEQTransformerLM
+
+
+class LMModule(DEQLitModule):
+    """Word-level LM on ordered BPTT segments (tasks/lm/data.py).
+
+    The network is built in ``setup`` once the vocabulary is known: ``net`` is a factory
+    (Hydra ``_partial_``) called with ``n_token``. The equilibrium states of each segment,
+    detached, are the attention memory of the next (``mem_len`` positions; ``eval_mem_len``
+    in validation and test). Perplexity is exp(summed token NLL / token count) over the whole
+    split, not an average of batch perplexities. Metrics: ``train/loss``, ``train/ppl``,
+    ``val/loss``, ``val/ppl``, ``test/ppl``.
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., DEQTransformerLM] | nn.Module,
+        mem_len: int = 70,
+        eval_mem_len: int | None = None,
+        **deq: Any,
+    ):
+        super().__init__(net if isinstance(net, nn.Module) else None, **deq)
+        self.net_factory = None if isinstance(net, nn.Module) else net
+        self.mem_len, self.eval_mem_len = (
+            mem_len,
+            eval_mem_len if eval_mem_len is not None else mem_len,
+        )
+        self._mem: dict[str, Tensor | None] = {}
+        self._split = "train"
+        self.nll_sum = nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
+        self.tokens = nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
+
+    def setup(self, stage: str) -> None:
+        if self.net is None:
+            corpus = self.trainer.datamodule.corpus
+            self.attach_net(self.net_factory(n_token=len(corpus)))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        split = "train" if self.training else self._split
+        mem = self._mem.get(split)
+        ctx, z0 = self.net.inject(x, mem)
+        states = self.equilibrium(lambda z: self.net.cell(z, ctx), z0)
+        keep = self.mem_len if split == "train" else self.eval_mem_len
+        if keep > 0:  # no gradient flows into the next segment through the memory
+            self._mem[split] = torch.cat([ctx.mem, states[-1].detach()], dim=1)[:, -keep:]
+        return [self.net.head(s) for s in states]
+
+    def criterion(self, output: Tensor, target: Tensor) -> Tensor:
+        return self.net.nll(output, target).mean()
+
+    def update_metrics(self, split: str, output: Tensor, target: Tensor) -> None:
+        if split == "train":
+            return
+        self.nll_sum[split].update(self.net.nll(output, target).sum())
+        self.tokens[split].update(torch.tensor(float(target.numel()), device=target.device))
+
+    def _reset(self, split: str) -> None:
+        self._mem[split] = None
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._reset("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset("test")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self._split = "val"
+        return super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self._split = "test"
+        return super().test_step(batch, batch_idx)
+
+    def _log_ppl(self, split: str) -> None:
+        nll = self.nll_sum[split].compute() / self.tokens[split].compute().clamp_min(1)
+        self.log(f"{split}/ppl", nll.exp())
+        self.log(f"{split}/nll", nll)
+        self.nll_sum[split].reset()
+        self.tokens[split].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._log_ppl("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_ppl("test")

@@ -1,0 +1,255 @@
+"""Language modeling: corpus and vocabulary, BPTT batching, the DEQ-Transformer's causality,
+memory and gradients, and the runner end to end."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from deqlab import DEQ
+from tasks.lm import data as lm_data
+from tasks.lm.data import EOS, UNK, BPTTStream, Corpus, corpus_files
+from tasks.lm.model import DEQTransformerCell, DEQTransformerLM, rel_shift
+
+from .runs import compose_cfg
+
+REAL_DATA = Path(os.environ.get("DEQLAB_DATA", "/nonexistent"))
+HAS_PTB = (REAL_DATA / "ptb" / "ptb.train.txt").is_file()
+
+
+def write_corpus(root: Path, corpus: str = "ptb") -> Path:
+    folder, pattern = lm_data.CORPORA[corpus]
+    d = root / folder
+    d.mkdir(parents=True, exist_ok=True)
+    (d / pattern.format("train")).write_text("the cat sat\nthe dog sat on the mat\n\nthe end the\n")
+    (d / pattern.format("valid")).write_text("the cow sat\n")
+    (d / pattern.format("test")).write_text("a dog\n")
+    return root
+
+
+def test_vocabulary_from_train_only_with_counts_eos_and_unk(tmp_path):
+    corpus = Corpus.load(write_corpus(tmp_path), "ptb")
+    # train: 3 + 6 + 0 + 3 words, one <eos> per line (4 lines)
+    assert len(corpus.splits["train"]) == 12 + 4
+    assert corpus.itos[0] == "the" and corpus.counts[0] == 5  # most frequent first
+    assert corpus.counts[corpus.stoi[EOS]] == 4 and corpus.counts[corpus.stoi[UNK]] == 0
+    assert "cow" not in corpus.stoi  # valid-only words are unknown
+    valid = [corpus.itos[i] for i in corpus.splits["valid"].tolist()]
+    assert valid == ["the", UNK, "sat", EOS]
+    assert corpus.splits["test"].tolist() == [
+        corpus.stoi[UNK],
+        corpus.stoi["dog"],
+        corpus.stoi[EOS],
+    ]
+
+
+def test_cache_is_plain_and_rebuilt_when_a_source_changes(tmp_path):
+    write_corpus(tmp_path)
+    Corpus.load(tmp_path, "ptb")
+    cache = tmp_path / "ptb" / lm_data.CACHE
+    saved = torch.load(cache, weights_only=True)
+    assert saved["itos"][0] == "the"
+    (tmp_path / "ptb" / "ptb.train.txt").write_text("new words here\n")
+    assert "new" in Corpus.load(tmp_path, "ptb").stoi
+
+
+def test_missing_split_names_the_expected_files(tmp_path):
+    write_corpus(tmp_path)
+    (tmp_path / "ptb" / "ptb.test.txt").unlink()
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"(?s)ptb\.test\.txt.*ptb\.train\.txt, ptb\.valid\.txt, ptb\.test\.txt",
+    ):
+        corpus_files(tmp_path, "ptb")
+    with pytest.raises(ValueError, match="unknown corpus"):
+        corpus_files(tmp_path, "enwik8")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_bptt_batches_cover_every_token_exactly_once(world, monkeypatch):
+    data = torch.arange(1000, dtype=torch.int32)
+    seen_x, seen_y = [], []
+    for rank in range(world):
+        monkeypatch.setattr(lm_data, "rank_and_world", lambda rank=rank: (rank, world))
+        stream = BPTTStream(data, batch_size=4, tgt_len=7)
+        batches = list(stream)
+        assert len(batches) == len(stream)
+        for x, y in batches:
+            assert x.shape == y.shape and x.shape[0] == 4 and x.shape[1] <= 7
+            assert torch.equal(y[:, :-1], x[:, 1:])  # y is x shifted by one
+            seen_x.append(x.flatten())
+            seen_y.append(y.flatten())
+        # Segments of a stream are consecutive: batch k+1 continues batch k.
+        assert torch.equal(batches[1][0][:, 0], batches[0][0][:, -1] + 1)
+    n = 1000 // (4 * world) * (4 * world)
+    streams = torch.arange(n).view(4 * world, -1)
+    assert torch.equal(torch.cat(seen_x).sort().values, streams[:, :-1].flatten().sort().values)
+    assert torch.equal(torch.cat(seen_y).sort().values, streams[:, 1:].flatten().sort().values)
+
+
+def test_rel_shift_aligns_distances():
+    q, k = 3, 5  # memory of 2
+    dist = torch.arange(k - 1, -1, -1).float()  # column j of the raw scores: distance k-1-j
+    raw = dist.expand(1, 1, q, k).clone()
+    shifted = rel_shift(raw)[0, 0]
+    for i in range(q):
+        for j in range(k - q + i + 1):  # the unmasked keys of query i
+            assert shifted[i, j] == (k - q + i) - j
+
+
+def tiny_lm(**kw) -> DEQTransformerLM:
+    torch.manual_seed(0)
+    return DEQTransformerLM(
+        n_token=50, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, emb_dropout=0.0, **kw
+    ).double()
+
+
+def run_lm(net, x, mem=None, solver="fixed_point", tol=1e-12):
+    ctx, z0 = net.inject(x, mem)
+    deq = DEQ(
+        solver={"name": solver, "max_iter": 300, "tol": tol}, grad={"max_iter": 300, "tol": tol}
+    )
+    z, info = deq(lambda z: net.cell(z, ctx), z0)
+    return z, ctx, info
+
+
+@pytest.mark.parametrize("solver,atol", [("fixed_point", 0.0), ("broyden", 1e-8)])
+def test_changing_a_future_token_never_changes_earlier_outputs(solver, atol):
+    """Exact for plain iteration (every iterate is causal); up to the solve's tolerance for
+    quasi-Newton solvers, whose updates see the whole segment."""
+    net = tiny_lm().eval()
+    x = torch.randint(0, 50, (2, 9))
+    x2 = x.clone()
+    x2[:, 6] = (x2[:, 6] + 1) % 50
+    with torch.no_grad():
+        za, _, info_a = run_lm(net, x, solver=solver)
+        zb, _, info_b = run_lm(net, x2, solver=solver)
+        a, b = net.logits(za), net.logits(zb)
+    if solver != "fixed_point":
+        assert info_a.converged.all() and info_b.converged.all()
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=atol)
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_memory_carries_context_but_no_gradient():
+    net = tiny_lm()
+    seg1 = torch.randint(0, 50, (2, 6))
+    seg1b = (seg1 + 1) % 50
+    seg2, y2 = torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (2, 6))
+    z1, _, _ = run_lm(net, seg1)
+    z1b, _, _ = run_lm(net, seg1b)
+    loss_a = net.nll(run_lm(net, seg2, mem=z1.detach())[0], y2).mean()
+    loss_b = net.nll(run_lm(net, seg2, mem=z1b.detach())[0], y2).mean()
+    assert abs(loss_a.item() - loss_b.item()) > 1e-6  # segment 2 depends on segment 1
+    z1_live, _, _ = run_lm(net, seg1)
+    mem = z1_live.detach()
+    loss = net.nll(run_lm(net, seg2, mem=mem)[0], y2).mean()
+    loss.backward()
+    assert not mem.requires_grad and mem.grad is None
+
+
+def test_cell_ift_gradients_match_unrolled_autograd():
+    net = tiny_lm()
+    x = torch.randint(0, 50, (2, 5))
+    mem = torch.randn(2, 3, 16, dtype=torch.float64)
+    ctx, z0 = net.inject(x, mem)
+    cell = net.cell
+    f = lambda z: cell(z, ctx)
+    w = torch.randn(2, 5, 16, dtype=torch.float64)
+    params = list(cell.parameters())
+    deq = DEQ(
+        solver={"name": "broyden", "max_iter": 200, "tol": 1e-12},
+        grad={"solver": "broyden", "max_iter": 200, "tol": 1e-12},
+    )
+    z, info = deq(f, z0)
+    assert info.converged.all()
+    got = torch.autograd.grad((z * w).sum(), params, retain_graph=True)
+    zu = z0
+    for _ in range(200):
+        zu = f(zu)
+    want = torch.autograd.grad((zu * w).sum(), params)
+    for a, b in zip(got, want):
+        assert (a - b).norm() / b.norm().clamp_min(1e-12) < 1e-6
+
+
+def test_adaptive_embeddings_and_softmax():
+    torch.manual_seed(0)
+    net = DEQTransformerLM(
+        n_token=100, d_model=16, n_head=2, d_head=8, d_inner=32, cutoffs=[10, 40]
+    )
+    x, y = torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (2, 7))
+    ctx, z0 = net.inject(x)
+    h = net.cell(z0, ctx)
+    nll = net.nll(h, y)
+    assert nll.shape == (2, 7) and torch.isfinite(nll).all()
+    probs = net.logits(h).exp().sum(-1)
+    torch.testing.assert_close(probs, torch.ones_like(probs), rtol=1e-4, atol=1e-4)
+
+
+def test_pre_ln_cell_runs():
+    cell = DEQTransformerCell(16, 2, 8, 32, pre_ln=True)
+    net = tiny_lm()
+    ctx, z0 = net.inject(torch.randint(0, 50, (1, 4)))
+    assert cell.double()(z0, ctx).shape == z0.shape
+
+
+def test_runner_trains_on_a_tiny_corpus(tmp_path):
+    from deqlab.__main__ import run
+
+    root = tmp_path / "data"
+    (root / "ptb").mkdir(parents=True)
+    words = [f"w{i}" for i in range(30)]
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 300), ("valid", 60), ("test", 60)):
+        lines = [
+            " ".join(words[j] for j in torch.randint(0, 30, (8,), generator=g).tolist())
+            for _ in range(n)
+        ]
+        (root / "ptb" / f"ptb.{split}.txt").write_text("\n".join(lines) + "\n")
+    cfg = compose_cfg(
+        [
+            "task=ptb",
+            f"data_dir={root}",
+            "trainer=cpu",
+            "trainer.max_epochs=1",
+            "trainer.num_sanity_val_steps=0",
+            "task.datamodule.batch_size=4",
+            "task.datamodule.tgt_len=8",
+            "task.module.mem_len=8",
+            "task.module.net.d_model=16",
+            "task.module.net.n_head=2",
+            "task.module.net.d_head=8",
+            "task.module.net.d_inner=32",
+            "solver.max_iter=6",
+            "grad.max_iter=6",
+            "~callbacks.progress",
+        ],
+        tmp_path / "out",
+    )
+    ppl = run(cfg)
+    assert ppl is not None and 1 < ppl < 100  # vocabulary of 31 (+<unk>)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_PTB, reason="set DEQLAB_DATA to a folder holding ptb/")
+def test_real_ptb_standard_counts_and_short_training(tmp_path):
+    corpus = Corpus.load(REAL_DATA, "ptb")
+    assert len(corpus.splits["train"]) == 929_589 and len(corpus) == 10_000
+    wt2_valid = sum(len(t) for t in lm_data._tokens(REAL_DATA / "wikitext-2" / "wiki.valid.tokens"))
+    assert wt2_valid == 217_646
+    from deqlab.__main__ import run
+
+    cfg = compose_cfg(
+        [
+            "experiment=ptb_deq_transformer_cpu",
+            f"data_dir={REAL_DATA}",
+            "+trainer.limit_train_batches=150",
+            "+trainer.limit_val_batches=40",
+            "~callbacks.progress",
+        ],
+        tmp_path,
+    )
+    assert run(cfg) < 687 / 2  # far below the unigram model's validation perplexity
