@@ -3,7 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SHARED_DATA ?= ../shared/data/prepare.py
-ARGS ?= experiment=cifar_cpu
+# `make train` runs EXPERIMENT with any extra overrides in ARGS (EXPERIMENT= for none).
+EXPERIMENT ?= experiment=cifar_cpu
+ARGS ?=
 
 .PHONY: train test test-fast lint data clean-env
 
@@ -19,7 +21,7 @@ data:
 	@if [ -f $(SHARED_DATA) ] && [ ! -d data/cifar10/test ]; then python3 $(SHARED_DATA) data; fi
 
 train: $(STAMP) data
-	$(PY) -m deqlab $(ARGS)
+	$(PY) -m deqlab $(EXPERIMENT) $(ARGS)
 
 # Everything, slow tests included (what CI runs).
 test: $(STAMP) data
