@@ -101,8 +101,9 @@ class StopAfterEpoch(Callback):
             trainer.should_stop = True
 
 
-def short_real_cifar_run(experiment: str, data_dir: Path, output_dir: Path) -> float:
-    """Best validation accuracy of one epoch of ``experiment`` on 3500 real training images."""
+def short_real_cifar_run(experiment: str, data_dir: Path, output_dir: Path, epochs: int = 1) -> float:
+    """Best validation accuracy of ``epochs`` epochs of ``experiment`` on 3500 real training
+    images."""
     from deqlab.__main__ import run
 
     overrides = [
@@ -110,7 +111,7 @@ def short_real_cifar_run(experiment: str, data_dir: Path, output_dir: Path) -> f
         f"data_dir={data_dir}",
         "task.datamodule.subset=4000",
         "task.datamodule.val_size=500",
-        "trainer.max_epochs=1",
+        f"trainer.max_epochs={epochs}",
         "~callbacks.progress",
     ]
     return run(compose_cfg(overrides, output_dir))
