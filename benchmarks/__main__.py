@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from . import suite
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHES = ("solver_overhead", "convergence", "training_step", "memory")
+BENCHES = ("solver_overhead", "convergence", "training_step", "memory", "end_to_end")
 
 
 def fmt(v) -> str:
@@ -50,6 +51,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
         "--bf16", action="store_true", help="also time the training step under bf16 autocast"
+    )
+    ap.add_argument(
+        "--data",
+        default=os.environ.get("DEQLAB_DATA", "data"),
+        help="data_dir for end_to_end (needs cifar10/ and ptb/)",
     )
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -97,6 +103,9 @@ def main() -> None:
     if "memory" in args.only:
         results["memory"] = suite.memory(device)
         print_table(results["memory"])
+    if "end_to_end" in args.only:
+        results["end_to_end"] = suite.end_to_end(device, args.data)
+        print_table(results["end_to_end"])
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}")
 

@@ -368,3 +368,71 @@ def memory(device: torch.device, batch: int = 32) -> list[dict[str, Any]]:
 
     measure("unrolled 30 steps, backprop", unrolled)
     return rows
+
+
+# -- 5. end to end --------------------------------------------------------------------------
+
+
+class _Throughput:
+    """Lightning callback: wall time and items (images or tokens) of training steps after
+    ``warmup`` steps."""
+
+    def __new__(cls, warmup: int, device: torch.device):
+        from lightning.pytorch.callbacks import Callback
+
+        class Throughput(Callback):
+            def __init__(self):
+                self.items, self.seconds, self.steps = 0, 0.0, 0
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.steps += 1
+                if self.steps > warmup:
+                    self.seconds += time.perf_counter() - self.t0
+                    self.items += batch[1].numel()
+
+        return Throughput()
+
+
+def end_to_end(device: torch.device, data_dir: str, steps: int = 30) -> list[dict[str, Any]]:
+    """Training throughput through the real runner (config, DataModule, LightningModule,
+    Trainer): images/s of the CPU CIFAR experiment and tokens/s of the CPU PTB experiment."""
+    import hydra.utils
+    import lightning as L
+
+    from deqlab.config import compose
+
+    trainer_kind = "gpu" if device.type == "cuda" else "cpu"
+    rows = []
+    for name, experiment, unit in (
+        ("cifar_cpu", "experiment=cifar_cpu", "images/s"),
+        ("ptb_deq_transformer_cpu", "experiment=ptb_deq_transformer_cpu", "tokens/s"),
+    ):
+        cfg = compose(
+            [experiment, f"data_dir={data_dir}", f"trainer={trainer_kind}"], "/tmp/deqlab-bench"
+        )
+        L.seed_everything(0, verbose=False)
+        datamodule = hydra.utils.instantiate(cfg.task.datamodule)
+        module = hydra.utils.instantiate(cfg.task.module)
+        meter = _Throughput(warmup=3, device=device)
+        trainer = hydra.utils.instantiate(
+            cfg.trainer, max_steps=steps + 3, limit_val_batches=0, num_sanity_val_steps=0,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[meter],
+        )  # fmt: skip
+        trainer.fit(module, datamodule)
+        rows.append(
+            {
+                "bench": "end_to_end",
+                "experiment": name,
+                "unit": unit,
+                "throughput": meter.items / meter.seconds,
+                "steps": meter.steps - 3,
+            }
+        )
+    return rows

@@ -16,9 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from deqlab.config import check_schemas, register_configs
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from deqlab.config import CONF_DIR, check_schemas, register_configs
 
 register_configs()
 

@@ -8,16 +8,12 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, open_dict
 
+from deqlab.config import compose as compose_cfg
 from tasks.cifar.data import CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
 
 # Small enough to train in seconds: 8-channel cell, 4 solver steps, no progress bar.
 TINY = [
@@ -56,23 +52,6 @@ def write_cifar_folder(root: Path, train_per_class: int = 6, test_per_class: int
     return root
 
 
-def compose_cfg(overrides: list[str], output_dir: Path, keep_hydra: bool = False) -> DictConfig:
-    """The composed config, as ``python -m deqlab <overrides>`` would see it (a job's config
-    has no ``hydra`` node; ``keep_hydra`` keeps it for inspection)."""
-    from deqlab.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.output_dir = str(output_dir)
-        if not keep_hydra:
-            del cfg["hydra"]
-    return cfg
-
-
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     proc = subprocess.run(
@@ -101,7 +80,9 @@ class StopAfterEpoch(Callback):
             trainer.should_stop = True
 
 
-def short_real_cifar_run(experiment: str, data_dir: Path, output_dir: Path, epochs: int = 1) -> float:
+def short_real_cifar_run(
+    experiment: str, data_dir: Path, output_dir: Path, epochs: int = 1
+) -> float:
     """Best validation accuracy of ``epochs`` epochs of ``experiment`` on 3500 real training
     images."""
     from deqlab.__main__ import run

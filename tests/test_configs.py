@@ -10,7 +10,9 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
-from .runs import CONF_DIR, compose_cfg
+from deqlab.config import CONF_DIR
+
+from .runs import compose_cfg
 
 GROUPS = [
     "solver",
