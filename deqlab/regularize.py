@@ -16,11 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .grad import as_tuple
 from .solvers import State
-
-
-def _parts(z: State) -> tuple[Tensor, ...]:
-    return (z,) if isinstance(z, Tensor) else tuple(z)
 
 
 def jacobian_loss(fz: State, z: State, vecs: int = 1) -> Tensor:
@@ -28,7 +25,7 @@ def jacobian_loss(fz: State, z: State, vecs: int = 1) -> Tensor:
 
     ``z`` must require grad and ``fz = f(z)`` must have been recorded from it.
     """
-    fz_parts, z_parts = _parts(fz), _parts(z)
+    fz_parts, z_parts = as_tuple(fz), as_tuple(z)
     if not all(p.requires_grad for p in z_parts):
         raise ValueError("jacobian_loss needs z to require grad and fz = f(z) recorded from it")
     total = fz_parts[0].new_zeros(())
@@ -45,11 +42,11 @@ def spectral_radius(f: Callable[[State], State], z: State, iters: int = 20) -> T
 
     Iterates v <- J^T v / ||J^T v|| (J^T has the spectrum of J) and returns ||J^T v||.
     """
-    z_parts = tuple(p.detach().requires_grad_() for p in _parts(z))
+    z_parts = tuple(p.detach().requires_grad_() for p in as_tuple(z))
     zz = z_parts[0] if isinstance(z, Tensor) else z_parts
     batch = z_parts[0].shape[0]
     with torch.enable_grad():
-        fz_parts = _parts(f(zz))
+        fz_parts = as_tuple(f(zz))
     v = [torch.randn_like(p) for p in z_parts]
     radius = z_parts[0].new_zeros(batch)
 

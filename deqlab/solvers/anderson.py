@@ -69,12 +69,11 @@ def anderson(
     for k in range(max_iter):
         fz = g(z)
         nfe += 1
-        diff = fz - z
+        j, n = k % m, min(k + 1, m)
+        diff = torch.sub(fz, z, out=g_hist[:, j])  # the residual goes straight into its slot
         if track.step(k, z, fz, diff) or k == max_iter - 1:
             break
-        j, n = k % m, min(k + 1, m)
         f_hist[:, j] = fz
-        g_hist[:, j] = diff
         row = torch.bmm(g_hist, diff.unsqueeze(2)).squeeze(2)  # (B, m): <g_i, g_new>
         gram[:, j, :] = row
         gram[:, :, j] = row

@@ -140,12 +140,11 @@ class Tracker:
         save_at: Sequence[int] = (),
     ):
         batch, dtype, device = z0.shape[0], z0.dtype, z0.device
-        self.tol, self.max_iter = tol, max_iter
+        self.tol = tol
         self.use_rel = stop_mode == "rel"
         self.best_z = z0.clone()
-        self.best_res = torch.full((batch,), float("inf"), dtype=dtype, device=device)
-        self.best_abs = torch.full_like(self.best_res, float("inf"))
-        self.best_rel = torch.full_like(self.best_res, float("inf"))
+        self.best_abs = torch.full((batch,), float("inf"), dtype=dtype, device=device)
+        self.best_rel = torch.full_like(self.best_abs, float("inf"))
         self.best_step = torch.zeros(batch, dtype=torch.long, device=device)
         self.converged = torch.zeros(batch, dtype=torch.bool, device=device)
         self.trace = torch.empty(max_iter, batch, dtype=dtype, device=device)
@@ -153,6 +152,11 @@ class Tracker:
         self.saved: dict[int, Tensor] = {}
         self.steps = 0
         self.nonfinite = False
+
+    @property
+    def best_res(self) -> Tensor:
+        """Each sample's best residual in ``stop_mode``."""
+        return self.best_rel if self.use_rel else self.best_abs
 
     def step(self, k: int, z: Tensor, fz: Tensor, diff: Tensor | None = None) -> bool:
         """Record iterate z (= z_k) and its image fz. ``diff`` may pass f(z) - z if known."""
@@ -170,7 +174,6 @@ class Tracker:
         improve = (res < self.best_res) & ~self.converged
         keep = improve.unsqueeze(1)
         torch.where(keep, z, self.best_z, out=self.best_z)
-        torch.where(improve, res, self.best_res, out=self.best_res)
         torch.where(improve, abs_res, self.best_abs, out=self.best_abs)
         torch.where(improve, rel_res, self.best_rel, out=self.best_rel)
         self.best_step.masked_fill_(improve, k)
@@ -185,8 +188,7 @@ class Tracker:
         return stop or bad
 
     def result(self, state: FlatState, nfe: int, solver: str) -> SolverResult:
-        if self.tol is None:
-            self.converged = torch.zeros_like(self.converged)
+        if self.tol is None:  # no convergence test ran: nothing is marked converged
             self.nonfinite = bool((~torch.isfinite(self.trace[: self.steps])).any())
         if not bool(torch.isfinite(self.best_res).all()):
             bad = (~torch.isfinite(self.best_res)).nonzero().flatten().tolist()
