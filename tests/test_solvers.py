@@ -250,3 +250,42 @@ def test_long_solve_with_small_memory(memory):
             lambda z: cell(z, x), torch.zeros_like(x), max_iter=400, tol=1e-13, memory=memory
         )
     assert not res.nonfinite and res.converged.all()
+
+
+@pytest.mark.parametrize("tol", [None, 1e-30])
+@pytest.mark.parametrize("host_reads", [True, False])
+def test_best_iterate_when_residuals_go_up_and_down(tol, host_reads):
+    """fixed_point on f(z) = z + r_k e has iterates z_k = (r_0 + ... + r_{k-1}) e with residual
+    r_k, so each sample's best iterate is known. Residual patterns: always improving, best in
+    the middle, best at z0, and improving again after a setback. ``host_reads=False`` is the
+    CUDA fixed-iteration path, which copies without reading a flag back."""
+    from deqlab.solvers.base import FlatState, Tracker
+
+    r = torch.tensor(
+        [[5.0, 4.0, 3.0, 2.0, 1.0], [5.0, 4.0, 1.0, 3.0, 2.0], [1.0, 4.0, 3.0, 2.0, 5.0],
+         [5.0, 2.0, 3.0, 4.0, 1.5]], dtype=torch.float64,
+    )  # fmt: skip
+    best_step = r.argmin(1)
+    e = torch.zeros(4, 3, dtype=torch.float64)
+    e[:, 0] = 1.0
+    z = torch.zeros_like(e)
+    state = FlatState(z)
+    track = Tracker(z, 5, tol, "abs")
+    track.host_reads = host_reads
+    for k in range(5):
+        fz = z + r[:, k : k + 1] * e
+        track.step(k, z, fz)
+        z = fz
+    res = track.result(state, 5, "test")
+    assert torch.equal(res.best_step, best_step)
+    expected = torch.cumsum(torch.cat([torch.zeros(4, 1, dtype=r.dtype), r], 1), 1)
+    torch.testing.assert_close(res.z[:, 0], expected.gather(1, best_step[:, None]).squeeze(1))
+    torch.testing.assert_close(res.abs_residual, r.min(1).values)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_one_step_returns_a_copy_of_z0(name):
+    z0 = torch.zeros(2, 3)
+    res = get_solver(name)(lambda z: z + 1.0, z0, max_iter=1, tol=1e-3)
+    res.z.add_(7.0)
+    assert torch.equal(z0, torch.zeros(2, 3))

@@ -74,7 +74,9 @@ def anderson(
         if track.step(k, z, fz, diff) or k == max_iter - 1:
             break
         f_hist[:, j] = fz
-        row = torch.bmm(g_hist, diff.unsqueeze(2)).squeeze(2)  # (B, m): <g_i, g_new>
+        # (B, m): <g_i, g_new>, as a row vector times G^T: a batched gemv in this orientation
+        # runs several times faster on CPU than G times a column vector.
+        row = torch.bmm(diff.unsqueeze(1), g_hist.transpose(1, 2)).squeeze(1)
         gram[:, j, :] = row
         gram[:, :, j] = row
         rhs[:, n - 1] = 1.0

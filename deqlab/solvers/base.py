@@ -127,8 +127,13 @@ class Tracker:
     that sample converges, after which the sample is frozen: a batch returns for each sample
     exactly what solving that sample alone would return.
 
-    ``step`` returns True when the loop should stop. It is the only host synchronisation per
-    iteration, and it is skipped entirely when ``tol is None`` (a fixed iteration count).
+    The best iterate is kept lazily: the tracker holds a reference to the latest iterate and
+    copies rows of it into ``best_z`` only for samples whose residual stops improving. While a
+    solve improves every step (the usual case) no iterate is ever copied. Solvers must hand
+    over a fresh tensor each step and not write into it afterwards.
+
+    ``step`` returns True when the loop should stop. It makes at most one host read per
+    iteration, and none on CUDA when ``tol is None`` (a fixed iteration count, for graph capture).
     """
 
     def __init__(
@@ -142,7 +147,11 @@ class Tracker:
         batch, dtype, device = z0.shape[0], z0.dtype, z0.device
         self.tol = tol
         self.use_rel = stop_mode == "rel"
-        self.best_z = z0.clone()
+        # Reading a flag back is free on the CPU; on CUDA only the convergence test may sync.
+        self.host_reads = tol is not None or device.type != "cuda"
+        self.best_z: Tensor | None = None  # rows copied out of iterates that stopped improving
+        self.latest_z: Tensor | None = None  # the last iterate, referenced, not copied
+        self.latest_best = torch.zeros(batch, dtype=torch.bool, device=device)
         self.best_abs = torch.full((batch,), float("inf"), dtype=dtype, device=device)
         self.best_rel = torch.full_like(self.best_abs, float("inf"))
         self.best_step = torch.zeros(batch, dtype=torch.long, device=device)
@@ -158,6 +167,13 @@ class Tracker:
         """Each sample's best residual in ``stop_mode``."""
         return self.best_rel if self.use_rel else self.best_abs
 
+    def _keep_latest(self, rows: Tensor) -> None:
+        """Copy the latest iterate into ``best_z`` for the samples in the mask ``rows``."""
+        assert self.latest_z is not None
+        if self.best_z is None:  # rows never written are never read: see ``best``
+            self.best_z = torch.empty_like(self.latest_z)
+        torch.where(rows.unsqueeze(1), self.latest_z, self.best_z, out=self.best_z)
+
     def step(self, k: int, z: Tensor, fz: Tensor, diff: Tensor | None = None) -> bool:
         """Record iterate z (= z_k) and its image fz. ``diff`` may pass f(z) - z if known."""
         if diff is None:
@@ -172,20 +188,39 @@ class Tracker:
 
         # NaN compares False, so a non-finite iterate is never taken as best.
         improve = (res < self.best_res) & ~self.converged
-        keep = improve.unsqueeze(1)
-        torch.where(keep, z, self.best_z, out=self.best_z)
+        # Samples whose best is the previous iterate and that do not improve now: copy it out
+        # before the reference moves on (skipped, after one host read, when there are none).
+        fold = self.latest_best & ~improve if self.latest_z is not None else None
+        checks = []
+        if self.tol is not None:
+            self.converged |= res <= self.tol
+            checks += [self.converged.all(), ~torch.isfinite(res).all()]
+        if fold is not None:
+            if self.host_reads:
+                checks.append(fold.any())
+            else:
+                self._keep_latest(fold)
+        flags = torch.stack(checks).tolist() if checks else []  # the one host read
+        if fold is not None and self.host_reads and flags.pop():
+            self._keep_latest(fold)
+        self.latest_z, self.latest_best = z, improve
         torch.where(improve, abs_res, self.best_abs, out=self.best_abs)
         torch.where(improve, rel_res, self.best_rel, out=self.best_rel)
         self.best_step.masked_fill_(improve, k)
         if self.tol is None:
             return False
-        self.converged |= res <= self.tol
-        finite = torch.isfinite(res)
-        # One device->host transfer: stop when all samples converged or any went non-finite.
-        stop, bad = torch.stack([self.converged.all(), ~finite.all()]).tolist()
+        stop, bad = flags
         if bad:
             self.nonfinite = True
         return stop or bad
+
+    def best(self) -> Tensor:
+        """Each sample's best iterate (valid for every sample with a finite best residual)."""
+        assert self.latest_z is not None, "best() before any step"
+        if self.best_z is None or bool(self.latest_best.all()):
+            # After one step the latest iterate is z0, the caller's tensor: hand back a copy.
+            return self.latest_z.clone() if self.steps == 1 else self.latest_z
+        return torch.where(self.latest_best.unsqueeze(1), self.latest_z, self.best_z)
 
     def result(self, state: FlatState, nfe: int, solver: str) -> SolverResult:
         if self.tol is None:  # no convergence test ran: nothing is marked converged
@@ -197,9 +232,10 @@ class Tracker:
                 "starting from z0; check the input injection and the cell's weights (a "
                 "learning rate too high, or missing weight/spectral normalization)."
             )
-        saved = [state.unflatten(self.saved.get(k, self.best_z)) for k in sorted(self.save_at)]
+        best = self.best()
+        saved = [state.unflatten(self.saved.get(k, best)) for k in sorted(self.save_at)]
         return SolverResult(
-            z=state.unflatten(self.best_z),
+            z=state.unflatten(best),
             abs_residual=self.best_abs,
             rel_residual=self.best_rel,
             nfe=nfe,

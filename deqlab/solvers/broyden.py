@@ -25,16 +25,22 @@ from torch import Tensor
 from .base import FlatState, SolverResult, State, Tracker, check_common
 
 
+def _low_rank_apply(left: Tensor, right: Tensor, x: Tensor) -> Tensor:
+    """-x + sum_i (x . left_i) right_i, batched. Both products are row vectors times a slot
+    matrix: a batched gemv in that orientation runs several times faster on CPU."""
+    row = x.unsqueeze(1)  # (B, 1, D)
+    coeff = torch.bmm(row, left.transpose(1, 2))  # (B, 1, mem)
+    return torch.baddbmm(row, coeff, right, alpha=1.0, beta=-1.0).squeeze(1)
+
+
 def _matvec(us: Tensor, vs: Tensor, x: Tensor) -> Tensor:
     """B x = -x + sum_i u_i (v_i . x)."""
-    coeff = torch.bmm(vs, x.unsqueeze(2))  # (B, mem, 1)
-    return torch.baddbmm(x.unsqueeze(1), coeff.transpose(1, 2), us, alpha=1.0, beta=-1.0).squeeze(1)
+    return _low_rank_apply(vs, us, x)
 
 
 def _rmatvec(us: Tensor, vs: Tensor, x: Tensor) -> Tensor:
     """x^T B = -x^T + sum_i (x . u_i) v_i^T."""
-    coeff = torch.bmm(us, x.unsqueeze(2))
-    return torch.baddbmm(x.unsqueeze(1), coeff.transpose(1, 2), vs, alpha=1.0, beta=-1.0).squeeze(1)
+    return _low_rank_apply(us, vs, x)
 
 
 @torch.no_grad()
