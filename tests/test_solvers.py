@@ -289,3 +289,44 @@ def test_one_step_returns_a_copy_of_z0(name):
     res = get_solver(name)(lambda z: z + 1.0, z0, max_iter=1, tol=1e-3)
     res.z.add_(7.0)
     assert torch.equal(z0, torch.zeros(2, 3))
+
+
+def test_scratch_is_recycled_on_cpu_and_never_lent_twice():
+    from deqlab.solvers.base import scratch
+
+    cpu = torch.device("cpu")
+    with scratch((2, 3), torch.float32, cpu) as a:
+        with scratch((2, 3), torch.float32, cpu) as b:  # a nested solve gets its own buffer
+            assert a.data_ptr() != b.data_ptr()
+    with scratch((2, 3), torch.float32, cpu) as c:
+        assert c.data_ptr() in (a.data_ptr(), b.data_ptr())
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_nested_solves_of_the_same_shape(name):
+    """f itself runs a solve of the same shape (a DEQ inside a DEQ cell), so both solves hold
+    scratch buffers at once: z* = (I - W)^-1 (I - A)^-1 x for f(z) = W z + solve(y = A y + x)."""
+    w, a = contraction(6, 0.5), contraction(6, 0.5)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    solve = get_solver(name)
+
+    def f(z):
+        inner = solve(lambda y: y @ a.T + x, torch.zeros_like(x), max_iter=200, tol=1e-13)
+        return z @ w.T + inner.z
+
+    res = solve(f, torch.zeros_like(x), max_iter=200, tol=1e-12)
+    eye = torch.eye(6, dtype=torch.float64)
+    exact = torch.linalg.solve(eye - w, torch.linalg.solve(eye - a, x.T)).T
+    torch.testing.assert_close(res.z, exact, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_results_do_not_depend_on_earlier_solves(name):
+    """Scratch memory is reused uninitialised; a solve must read only what it wrote."""
+    w = contraction(16, 0.9)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    first = get_solver(name)(f, torch.zeros_like(x), max_iter=12, tol=None).z
+    get_solver(name)(lambda z: 3.0 * z + 1e20, torch.zeros_like(x), max_iter=12, tol=None)
+    again = get_solver(name)(f, torch.zeros_like(x), max_iter=12, tol=None).z
+    assert torch.equal(first, again)

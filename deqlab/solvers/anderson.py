@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import FlatState, SolverResult, State, Tracker, check_common
+from .base import FlatState, SolverResult, State, Tracker, check_common, scratch
 
 
 @torch.no_grad()
@@ -50,42 +50,36 @@ def anderson(
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
     track = Tracker(z, max_iter, tol, stop_mode, save_at)
-
-    # FG[:, :m] holds the images f_i, FG[:, m:] the residuals g_i; one buffer so that the
-    # mixed step is a single batched matmul. Unused slots stay zero and drop out of H.
-    fg = torch.zeros(batch, 2 * m, dim, dtype=dtype, device=device)
-    f_hist, g_hist = fg[:, :m], fg[:, m:]
-    gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
-    h = torch.empty_like(gram)
-    # Unused slots get an identity row and a zero right-hand side, so their weight solves to
-    # exactly zero and every step has the same shapes.
-    diag = torch.ones(batch, m, dtype=dtype, device=device)
-    rhs = torch.zeros(batch, m, 1, dtype=dtype, device=device)
-    coef = torch.zeros(batch, 1, 2 * m, dtype=dtype, device=device)
-    mix, hist = (coef, fg) if tau != 1.0 else (coef[:, :, :m], f_hist)
+    gram = torch.empty(batch, m, m, dtype=dtype, device=device)
+    ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
     tiny = torch.finfo(dtype).tiny
 
     nfe = 0
-    for k in range(max_iter):
-        fz = g(z)
-        nfe += 1
-        j, n = k % m, min(k + 1, m)
-        diff = torch.sub(fz, z, out=g_hist[:, j])  # the residual goes straight into its slot
-        if track.step(k, z, fz, diff) or k == max_iter - 1:
-            break
-        f_hist[:, j] = fz
-        # (B, m): <g_i, g_new>, as a row vector times G^T: a batched gemv in this orientation
-        # runs several times faster on CPU than G times a column vector.
-        row = torch.bmm(diff.unsqueeze(1), g_hist.transpose(1, 2)).squeeze(1)
-        gram[:, j, :] = row
-        gram[:, :, j] = row
-        rhs[:, n - 1] = 1.0
-        diag[:, :n] = lam * gram.diagonal(dim1=1, dim2=2).sum(1, keepdim=True) / n + tiny
-        h.copy_(gram).diagonal(dim1=1, dim2=2).add_(diag)
-        x = torch.linalg.solve(h, rhs).squeeze(2)
-        alpha = x / x.sum(1, keepdim=True)
-        coef[:, 0, :m] = alpha
-        if tau != 1.0:
-            coef[:, 0, m:] = alpha * (tau - 1.0)
-        z = torch.bmm(mix, hist).squeeze(1)
+    # Slot j of the history holds f_i (first m rows) and g_i (last m rows). The first m steps
+    # use the n < m filled slots only: shapes depend on k alone, never on data, so a CUDA
+    # graph of a fixed-iteration solve replays them, and unused slots need no zeroing.
+    with scratch((batch, 2 * m, dim), dtype, device) as fg:
+        f_hist, g_hist = fg[:, :m], fg[:, m:]
+        for k in range(max_iter):
+            fz = g(z)
+            nfe += 1
+            j, n = k % m, min(k + 1, m)
+            diff = torch.sub(fz, z, out=g_hist[:, j])  # the residual goes straight into its slot
+            if track.step(k, z, fz, diff) or k == max_iter - 1:
+                break
+            f_hist[:, j] = fz
+            # <g_i, g_new> as a row vector times G^T: a batched gemv in this orientation runs
+            # several times faster on CPU than G times a column vector.
+            row = torch.bmm(diff.unsqueeze(1), g_hist[:, :n].transpose(1, 2)).squeeze(1)
+            gram[:, j, :n] = row
+            gram[:, :n, j] = row
+            h = gram[:, :n, :n].clone()
+            h_diag = h.diagonal(dim1=1, dim2=2)
+            h_diag.add_(lam * h_diag.sum(1, keepdim=True) / n + tiny)
+            x = torch.linalg.solve(h, ones[:, :n])
+            alpha = (x / x.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, n)
+            z = torch.bmm(alpha, f_hist[:, :n])
+            if tau != 1.0:  # tau sum a_i f_i + (1 - tau) sum a_i x_i, with x_i = f_i - g_i
+                z = torch.baddbmm(z, alpha, g_hist[:, :n], alpha=tau - 1.0)
+            z = z.squeeze(1)
     return track.result(state, nfe, "anderson")

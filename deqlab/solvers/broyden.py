@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import FlatState, SolverResult, State, Tracker, check_common
+from .base import FlatState, SolverResult, State, Tracker, check_common, scratch
 
 
 def _low_rank_apply(left: Tensor, right: Tensor, x: Tensor) -> Tensor:
@@ -64,42 +64,45 @@ def broyden(
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
     track = Tracker(z, max_iter, tol, stop_mode, save_at)
-    us = torch.zeros(batch, memory, dim, dtype=dtype, device=device)
-    vs = torch.zeros_like(us)
     eps = torch.finfo(dtype).eps
+    # At most max_iter - 2 updates happen (none after the first and the last evaluation).
+    slots = max(1, min(memory, max_iter - 2))
 
     nfe = 0
     used = 0  # slots holding updates since the last (re)start from B = -I
     step = g_prev = None
-    for k in range(max_iter):
-        fz = g(z)
-        nfe += 1
-        gz = fz - z
-        if track.step(k, z, fz, gz) or k == max_iter - 1:
-            break
-        restart = used == memory
-        if restart:  # all slots used: start again from B = -I
-            used = 0
-        u_used, v_used = us[:, :used], vs[:, :used]
-        bg = _matvec(u_used, v_used, gz)  # B g_k, B being the estimate before this update
-        if step is not None:
-            # Two products per step instead of three: B dg = B g_k - B g_{k-1}, and
-            # B g_{k-1} = -step when B made that step (else B = -I after a restart).
-            dg = gz - g_prev
-            vt = _rmatvec(u_used, v_used, step)  # dz^T B
-            bdg = bg + (g_prev if restart else step)
-            den = (vt * dg).sum(1, keepdim=True)
-            scale = torch.linalg.vector_norm(vt, dim=1, keepdim=True) * torch.linalg.vector_norm(
-                dg, dim=1, keepdim=True
-            )
-            ok = (den.abs() > eps * scale) & torch.isfinite(den)
-            u = ((step - bdg) / torch.where(ok, den, 1.0)).masked_fill_(~ok, 0.0)
-            vt.masked_fill_(~ok, 0.0)
-            us[:, used] = u
-            vs[:, used] = vt
-            used += 1
-            bg = bg + u * (vt * gz).sum(1, keepdim=True)  # B_new g_k, rank-one correction
-        step = -bg
-        z = z + step
-        g_prev = gz
+    # Only the first ``used`` slots are ever read, so the buffer needs no zeroing.
+    with scratch((batch, 2 * slots, dim), dtype, device) as uv:
+        us, vs = uv[:, :slots], uv[:, slots:]
+        for k in range(max_iter):
+            fz = g(z)
+            nfe += 1
+            gz = fz - z
+            if track.step(k, z, fz, gz) or k == max_iter - 1:
+                break
+            if used == memory:  # all slots used: start again from B = -I
+                used = 0
+            restart = used == 0
+            u_used, v_used = us[:, :used], vs[:, :used]
+            bg = _matvec(u_used, v_used, gz)  # B g_k, B being the estimate before this update
+            if step is not None:
+                # Two products per step instead of three: B dg = B g_k - B g_{k-1}, and
+                # B g_{k-1} = -step when B made that step (else B = -I after a restart).
+                dg = gz - g_prev
+                vt = _rmatvec(u_used, v_used, step)  # dz^T B
+                bdg = bg + (g_prev if restart else step)
+                den = (vt * dg).sum(1, keepdim=True)
+                scale = torch.linalg.vector_norm(
+                    vt, dim=1, keepdim=True
+                ) * torch.linalg.vector_norm(dg, dim=1, keepdim=True)
+                ok = (den.abs() > eps * scale) & torch.isfinite(den)
+                u = ((step - bdg) / torch.where(ok, den, 1.0)).masked_fill_(~ok, 0.0)
+                vt.masked_fill_(~ok, 0.0)
+                us[:, used] = u
+                vs[:, used] = vt
+                used += 1
+                bg = bg + u * (vt * gz).sum(1, keepdim=True)  # B_new g_k, rank-one correction
+            step = -bg
+            z = z + step
+            g_prev = gz
     return track.result(state, nfe, "broyden")
