@@ -8,6 +8,7 @@ and call ``f`` on the original structure and dtype.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -167,6 +168,10 @@ class Tracker:
     that sample converges, after which the sample is frozen: a batch returns for each sample
     exactly what solving that sample alone would return.
 
+    It is written for few operations per step, since on cheap cells they cost more than the
+    arithmetic: residuals go straight into the traces (the best ones are gathered at the end),
+    and a converged sample's comparison value becomes -inf, so nothing improves on it.
+
     The best iterate is kept lazily: the tracker holds a reference to the latest iterate and
     copies rows of it into ``best_z`` only for samples whose residual stops improving. While a
     solve improves every step (the usual case) no iterate is ever copied. Solvers must hand
@@ -189,23 +194,20 @@ class Tracker:
         self.use_rel = stop_mode == "rel"
         # Reading a flag back is free on the CPU; on CUDA only the convergence test may sync.
         self.host_reads = tol is not None or device.type != "cuda"
+        self.trace = torch.empty(max_iter, batch, dtype=dtype, device=device)  # relative
+        self.abs_trace = torch.empty_like(self.trace)
+        self.improved = torch.empty(max_iter, batch, dtype=torch.bool, device=device)
+        # Row views made once: indexing a tensor is itself an operation.
+        self._rows = list(zip(self.trace.unbind(), self.abs_trace.unbind(), self.improved.unbind()))
+        # Best residual so far in stop_mode, or -inf once converged (nothing improves on it).
+        self.bar = torch.full((batch,), float("inf"), dtype=dtype, device=device)
         self.best_z: Tensor | None = None  # rows copied out of iterates that stopped improving
         self.latest_z: Tensor | None = None  # the last iterate, referenced, not copied
         self.latest_best = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.best_abs = torch.full((batch,), float("inf"), dtype=dtype, device=device)
-        self.best_rel = torch.full_like(self.best_abs, float("inf"))
-        self.best_step = torch.zeros(batch, dtype=torch.long, device=device)
-        self.converged = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.trace = torch.empty(max_iter, batch, dtype=dtype, device=device)
         self.save_at = set(save_at)
         self.saved: dict[int, Tensor] = {}
         self.steps = 0
         self.nonfinite = False
-
-    @property
-    def best_res(self) -> Tensor:
-        """Each sample's best residual in ``stop_mode``."""
-        return self.best_rel if self.use_rel else self.best_abs
 
     def _keep_latest(self, rows: Tensor) -> None:
         """Copy the latest iterate into ``best_z`` for the samples in the mask ``rows``."""
@@ -218,23 +220,26 @@ class Tracker:
         """Record iterate z (= z_k) and its image fz. ``diff`` may pass f(z) - z if known."""
         if diff is None:
             diff = fz - z
-        abs_res = torch.linalg.vector_norm(diff, dim=1)
-        rel_res = abs_res / (torch.linalg.vector_norm(fz, dim=1) + REL_EPS)
+        rel_row, abs_row, improved_row = self._rows[k]
+        abs_res = torch.linalg.vector_norm(diff, dim=1, out=abs_row)
+        denom = torch.linalg.vector_norm(fz, dim=1).add_(REL_EPS)
+        rel_res = torch.div(abs_res, denom, out=rel_row)
         res = rel_res if self.use_rel else abs_res
-        self.trace[k] = rel_res
         self.steps = k + 1
         if k in self.save_at:
             self.saved[k] = z.clone()
 
         # NaN compares False, so a non-finite iterate is never taken as best.
-        improve = (res < self.best_res) & ~self.converged
-        # Samples whose best is the previous iterate and that do not improve now: copy it out
-        # before the reference moves on (skipped, after one host read, when there are none).
-        fold = self.latest_best & ~improve if self.latest_z is not None else None
+        improve = torch.lt(res, self.bar, out=improved_row)
+        torch.fmin(self.bar, res, out=self.bar)  # fmin ignores NaN
         checks = []
         if self.tol is not None:
-            self.converged |= res <= self.tol
-            checks += [self.converged.all(), ~torch.isfinite(res).all()]
+            self.bar.masked_fill_(res <= self.tol, float("-inf"))
+            # all converged (every bar -inf); some residual non-finite (amax propagates NaN)
+            checks += [self.bar.amax(), res.amax()]
+        # Samples whose best is the previous iterate and that do not improve now: copy it out
+        # before the reference moves on (skipped, after the host read, when there are none).
+        fold = self.latest_best > improve if self.latest_z is not None else None
         if fold is not None:
             if self.host_reads:
                 checks.append(fold.any())
@@ -244,15 +249,13 @@ class Tracker:
         if fold is not None and self.host_reads and flags.pop():
             self._keep_latest(fold)
         self.latest_z, self.latest_best = z, improve
-        torch.where(improve, abs_res, self.best_abs, out=self.best_abs)
-        torch.where(improve, rel_res, self.best_rel, out=self.best_rel)
-        self.best_step.masked_fill_(improve, k)
         if self.tol is None:
             return False
-        stop, bad = flags
-        if bad:
+        bar_max, res_max = flags
+        if not math.isfinite(res_max):
             self.nonfinite = True
-        return stop or bad
+            return True
+        return bar_max == float("-inf")
 
     def best(self) -> Tensor:
         """Each sample's best iterate (valid for every sample with a finite best residual)."""
@@ -263,10 +266,18 @@ class Tracker:
         return torch.where(self.latest_best.unsqueeze(1), self.latest_z, self.best_z)
 
     def result(self, state: FlatState, nfe: int, solver: str) -> SolverResult:
+        trace = self.trace[: self.steps]
         if self.tol is None:  # no convergence test ran: nothing is marked converged
-            self.nonfinite = bool((~torch.isfinite(self.trace[: self.steps])).any())
-        if not bool(torch.isfinite(self.best_res).all()):
-            bad = (~torch.isfinite(self.best_res)).nonzero().flatten().tolist()
+            self.nonfinite = bool((~torch.isfinite(trace)).any())
+        # The step each sample last improved at (step 0 always improves unless non-finite).
+        steps = torch.arange(self.steps, device=trace.device).unsqueeze(1)
+        best_step = (self.improved[: self.steps] * steps).amax(0)
+        at_best = best_step.unsqueeze(0)
+        best_rel = trace.gather(0, at_best).squeeze(0)
+        best_abs = self.abs_trace[: self.steps].gather(0, at_best).squeeze(0)
+        best_res = best_rel if self.use_rel else best_abs
+        if not bool(torch.isfinite(best_res).all()):
+            bad = (~torch.isfinite(best_res)).nonzero().flatten().tolist()
             raise FloatingPointError(
                 f"{solver}: f returned non-finite values for samples {bad} at every iterate, "
                 "starting from z0; check the input injection and the cell's weights (a "
@@ -276,12 +287,12 @@ class Tracker:
         saved = [state.unflatten(self.saved.get(k, best)) for k in sorted(self.save_at)]
         return SolverResult(
             z=state.unflatten(best),
-            abs_residual=self.best_abs,
-            rel_residual=self.best_rel,
+            abs_residual=best_abs,
+            rel_residual=best_rel,
             nfe=nfe,
-            best_step=self.best_step,
-            converged=self.converged,
-            trace=self.trace[: self.steps],
+            best_step=best_step,
+            converged=self.bar == float("-inf"),
+            trace=trace,
             nonfinite=self.nonfinite,
             saved=saved,
         )
