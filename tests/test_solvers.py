@@ -253,12 +253,13 @@ def test_long_solve_with_small_memory(memory):
 
 
 @pytest.mark.parametrize("tol", [None, 1e-30])
-@pytest.mark.parametrize("host_reads", [True, False])
-def test_best_iterate_when_residuals_go_up_and_down(tol, host_reads):
+@pytest.mark.parametrize("cuda_paths", [False, True])
+def test_best_iterate_when_residuals_go_up_and_down(tol, cuda_paths):
     """fixed_point on f(z) = z + r_k e has iterates z_k = (r_0 + ... + r_{k-1}) e with residual
     r_k, so each sample's best iterate is known. Residual patterns: always improving, best in
-    the middle, best at z0, and improving again after a setback. ``host_reads=False`` is the
-    CUDA fixed-iteration path, which copies without reading a flag back."""
+    the middle, best at z0, and improving again after a setback. ``cuda_paths`` takes the CUDA
+    code paths on the CPU (copies by ``where``; none of the host reads of a fixed-iteration
+    solve)."""
     from deqlab.solvers.base import FlatState, Tracker
 
     r = torch.tensor(
@@ -271,7 +272,9 @@ def test_best_iterate_when_residuals_go_up_and_down(tol, host_reads):
     z = torch.zeros_like(e)
     state = FlatState(z)
     track = Tracker(z, 5, tol, "abs")
-    track.host_reads = host_reads
+    if cuda_paths:
+        track.on_cpu = False
+        track.host_reads = tol is not None
     for k in range(5):
         fz = z + r[:, k : k + 1] * e
         track.step(k, z, fz)

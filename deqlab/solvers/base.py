@@ -194,6 +194,7 @@ class Tracker:
         self.use_rel = stop_mode == "rel"
         # Reading a flag back is free on the CPU; on CUDA only the convergence test may sync.
         self.host_reads = tol is not None or device.type != "cuda"
+        self.on_cpu = device.type == "cpu"
         self.trace = torch.empty(max_iter, batch, dtype=dtype, device=device)  # relative
         self.abs_trace = torch.empty_like(self.trace)
         self.improved = torch.empty(max_iter, batch, dtype=torch.bool, device=device)
@@ -214,7 +215,11 @@ class Tracker:
         assert self.latest_z is not None
         if self.best_z is None:  # rows never written are never read: see ``best``
             self.best_z = torch.empty_like(self.latest_z)
-        torch.where(rows.unsqueeze(1), self.latest_z, self.best_z, out=self.best_z)
+        if self.on_cpu:  # a broadcast where is slow there; indexing is not
+            index = rows.nonzero().squeeze(1)
+            self.best_z[index] = self.latest_z[index]
+        else:
+            torch.where(rows.unsqueeze(1), self.latest_z, self.best_z, out=self.best_z)
 
     def step(self, k: int, z: Tensor, fz: Tensor, diff: Tensor | None = None) -> bool:
         """Record iterate z (= z_k) and its image fz. ``diff`` may pass f(z) - z if known."""

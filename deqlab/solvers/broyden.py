@@ -43,6 +43,20 @@ def _rmatvec(us: Tensor, vs: Tensor, x: Tensor) -> Tensor:
     return _low_rank_apply(us, vs, x)
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample a . b as (B, 1), by the fast batched-gemv orientation, without a temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(1).transpose(1, 2)).squeeze(2)
+
+
+def _zero_rows_(slot: Tensor, keep: Tensor) -> None:
+    """Zero the rows of ``slot`` where ``keep`` (B, 1) is False. A broadcast masked_fill is
+    slow on the CPU, where reading the mask back is free; on CUDA it is neither."""
+    if slot.device.type != "cpu":
+        slot.masked_fill_(~keep, 0.0)
+    elif not bool(keep.all()):
+        slot[~keep.squeeze(1)] = 0.0
+
+
 @torch.no_grad()
 def broyden(
     f: Callable[[State], State],
@@ -80,29 +94,34 @@ def broyden(
             gz = fz - z
             if track.step(k, z, fz, gz) or k == max_iter - 1:
                 break
-            if used == memory:  # all slots used: start again from B = -I
+            restarted = used == memory
+            if restarted:  # all slots used: start again from B = -I
                 used = 0
-            restart = used == 0
             u_used, v_used = us[:, :used], vs[:, :used]
             bg = _matvec(u_used, v_used, gz)  # B g_k, B being the estimate before this update
             if step is not None:
-                # Two products per step instead of three: B dg = B g_k - B g_{k-1}, and
-                # B g_{k-1} = -step when B made that step (else B = -I after a restart).
+                u, v = us[:, used], vs[:, used]
                 dg = gz - g_prev
-                vt = _rmatvec(u_used, v_used, step)  # dz^T B
-                bdg = bg + (g_prev if restart else step)
-                den = (vt * dg).sum(1, keepdim=True)
-                scale = torch.linalg.vector_norm(
-                    vt, dim=1, keepdim=True
-                ) * torch.linalg.vector_norm(dg, dim=1, keepdim=True)
+                v.copy_(_rmatvec(u_used, v_used, step))  # v^T = dz^T B
+                den = _dot(v, dg)
+                scale = torch.linalg.vector_norm(v, dim=1, keepdim=True) * torch.linalg.vector_norm(
+                    dg, dim=1, keepdim=True
+                )
                 ok = (den.abs() > eps * scale) & torch.isfinite(den)
-                u = ((step - bdg) / torch.where(ok, den, 1.0)).masked_fill_(~ok, 0.0)
-                vt.masked_fill_(~ok, 0.0)
-                us[:, used] = u
-                vs[:, used] = vt
+                inv_den = torch.where(ok, den, 1.0).reciprocal_().masked_fill_(~ok, 0.0)
+                # u = (dz - B dg) / den with B dg = B g_k - B g_{k-1}. When B made the last
+                # step, B g_{k-1} = -dz and u = -B g_k / den: no new vector to form. After a
+                # restart B = -I, so B g_{k-1} = -g_{k-1}.
+                if restarted:
+                    torch.mul(step - bg - g_prev, inv_den, out=u)
+                else:
+                    torch.mul(bg, -inv_den, out=u)
+                _zero_rows_(v, ok)  # a skipped update leaves u = v = 0 for that sample
                 used += 1
-                bg = bg + u * (vt * gz).sum(1, keepdim=True)  # B_new g_k, rank-one correction
-            step = -bg
+                # B_new g_k = B g_k + u (v . g_k); without a restart u is parallel to B g_k.
+                vg = _dot(v, gz)
+                bg = torch.addcmul(bg, u, vg) if restarted else bg * (1.0 - vg * inv_den)
+            step = bg.neg_()
             z = z + step
             g_prev = gz
     return track.result(state, nfe, "broyden")
