@@ -102,14 +102,17 @@ class FlatState:
     def flat_fn(self, f: Callable[[State], State]) -> Callable[[Tensor], Tensor]:
         """f on the flat view; checks the output structure on the first call."""
         checked = False
+        # A (B, D) state in the working dtype is its own flat view: call f directly, since on
+        # cheap cells every avoided operation (even a no-op view or cast) is measurable.
+        plain = self.is_tensor and len(self.shapes[0]) == 2 and self.dtype == self.work_dtype
 
         def g(flat: Tensor) -> Tensor:
             nonlocal checked
-            fz = f(self.unflatten(flat))
+            fz = f(flat if plain else self.unflatten(flat))
             if not checked:
                 self.check_output(fz)
                 checked = True
-            return self.flatten(fz)
+            return fz if plain and fz.dtype == self.work_dtype else self.flatten(fz)
 
         return g
 
@@ -250,7 +253,11 @@ class Tracker:
                 checks.append(fold.any())
             else:
                 self._keep_latest(fold)
-        flags = torch.stack(checks).tolist() if checks else []  # the one host read
+        # The one host read: on CUDA one transfer, on the CPU items (cheaper than a stack).
+        if self.on_cpu:
+            flags = [c.item() for c in checks]
+        else:
+            flags = torch.stack(checks).tolist() if checks else []
         if fold is not None and self.host_reads and flags.pop():
             self._keep_latest(fold)
         self.latest_z, self.latest_best = z, improve
