@@ -333,3 +333,29 @@ def test_results_do_not_depend_on_earlier_solves(name):
     get_solver(name)(lambda z: 3.0 * z + 1e20, torch.zeros_like(x), max_iter=12, tol=None)
     again = get_solver(name)(f, torch.zeros_like(x), max_iter=12, tol=None).z
     assert torch.equal(first, again)
+
+
+@pytest.mark.slow
+def test_fixed_iteration_solve_under_torch_compile():
+    """Under torch.compile the tracker takes the paths without host reads (CUDA's), so the
+    iterations of a fixed-iteration solve trace into one graph: the number of graphs does not
+    grow with max_iter, and the answer is the eager one."""
+    from torch._dynamo.utils import counters
+
+    w = contraction(16, 0.9, torch.float32)
+    x = torch.randn(4, 16)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    graphs = {}
+    for max_iter in (6, 12):
+        solve = lambda: get_solver("fixed_point")(
+            f, torch.zeros_like(x), max_iter=max_iter, tol=None
+        )
+        torch._dynamo.reset()
+        counters.clear()
+        with torch.no_grad():
+            eager, traced = solve(), torch.compile(solve)()
+        graphs[max_iter] = counters["stats"]["unique_graphs"]
+        torch.testing.assert_close(traced.z, eager.z)
+        torch.testing.assert_close(traced.trace, eager.trace)
+        assert torch.equal(traced.best_step, eager.best_step)
+    assert graphs[12] == graphs[6], graphs

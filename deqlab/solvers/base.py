@@ -196,8 +196,10 @@ class Tracker:
         self.tol = tol
         self.use_rel = stop_mode == "rel"
         # Reading a flag back is free on the CPU; on CUDA only the convergence test may sync.
-        self.host_reads = tol is not None or device.type != "cuda"
-        self.on_cpu = device.type == "cpu"
+        # Under torch.compile a host read would break the graph: take the CUDA paths.
+        compiling = torch.compiler.is_compiling()
+        self.host_reads = tol is not None or (device.type != "cuda" and not compiling)
+        self.on_cpu = device.type == "cpu" and not compiling
         self.trace = torch.empty(max_iter, batch, dtype=dtype, device=device)  # relative
         self.abs_trace = torch.empty_like(self.trace)
         self.improved = torch.empty(max_iter, batch, dtype=torch.bool, device=device)
