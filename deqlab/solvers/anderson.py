@@ -60,26 +60,35 @@ def anderson(
     # graph of a fixed-iteration solve replays them, and unused slots need no zeroing.
     with scratch((batch, 2 * m, dim), dtype, device) as fg:
         f_hist, g_hist = fg[:, :m], fg[:, m:]
+        # Every view the loop needs, made once: on cheap cells each indexing operation costs
+        # about as much as the arithmetic. Index n - 1 holds the view for n filled slots.
+        f_slot, g_slot = f_hist.unbind(1), g_hist.unbind(1)
+        gram_row, gram_col = gram.unbind(1), gram.unbind(2)
+        filled = [
+            (f_hist[:, :n], g_hist[:, :n].transpose(1, 2), gram[:, :n, :n], ones[:, :n])
+            for n in range(1, m + 1)
+        ]
         for k in range(max_iter):
             fz = g(z)
             nfe += 1
             j, n = k % m, min(k + 1, m)
-            diff = torch.sub(fz, z, out=g_hist[:, j])  # the residual goes straight into its slot
+            diff = torch.sub(fz, z, out=g_slot[j])  # the residual goes straight into its slot
             if track.step(k, z, fz, diff) or k == max_iter - 1:
                 break
-            f_hist[:, j] = fz
+            f_slot[j].copy_(fz)
+            f_n, g_n_t, gram_n, ones_n = filled[n - 1]
             # <g_i, g_new> as a row vector times G^T: a batched gemv in this orientation runs
             # several times faster on CPU than G times a column vector.
-            row = torch.bmm(diff.unsqueeze(1), g_hist[:, :n].transpose(1, 2)).squeeze(1)
-            gram[:, j, :n] = row
-            gram[:, :n, j] = row
-            h = gram[:, :n, :n].clone()
+            row = torch.bmm(diff.unsqueeze(1), g_n_t).squeeze(1)
+            gram_row[j][:, :n] = row
+            gram_col[j][:, :n] = row
+            h = gram_n.clone()
             h_diag = h.diagonal(dim1=1, dim2=2)
-            h_diag.add_(lam * h_diag.sum(1, keepdim=True) / n + tiny)
-            x = torch.linalg.solve_ex(h, ones[:, :n])[0]  # H is SPD: no error check (a sync)
+            h_diag.add_(h_diag.sum(1, keepdim=True), alpha=lam / n).add_(tiny)
+            x = torch.linalg.solve_ex(h, ones_n)[0]  # H is SPD: no error check (a sync)
             alpha = (x / x.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, n)
-            z = torch.bmm(alpha, f_hist[:, :n])
+            z = torch.bmm(alpha, f_n)
             if tau != 1.0:  # tau sum a_i f_i + (1 - tau) sum a_i x_i, with x_i = f_i - g_i
-                z = torch.baddbmm(z, alpha, g_hist[:, :n], alpha=tau - 1.0)
+                z = torch.baddbmm(z, alpha, g_n_t.transpose(1, 2), alpha=tau - 1.0)
             z = z.squeeze(1)
     return track.result(state, nfe, "anderson")
