@@ -25,22 +25,15 @@ from torch import Tensor
 from .base import FlatState, SolverResult, State, Tracker, check_common, scratch
 
 
-def _low_rank_apply(left: Tensor, right: Tensor, x: Tensor) -> Tensor:
-    """-x + sum_i (x . left_i) right_i, batched. Both products are row vectors times a slot
-    matrix: a batched gemv in that orientation runs several times faster on CPU."""
+def _low_rank_apply(left_t: Tensor, right: Tensor, x: Tensor) -> Tensor:
+    """-x + sum_i (x . left_i) right_i, batched, with ``left_t`` the (B, D, n) transposed slots.
+    Both products are row vectors times a slot matrix: a batched gemv in that orientation runs
+    several times faster on CPU."""
+    if right.shape[1] == 0:
+        return -x
     row = x.unsqueeze(1)  # (B, 1, D)
-    coeff = torch.bmm(row, left.transpose(1, 2))  # (B, 1, mem)
+    coeff = torch.bmm(row, left_t)  # (B, 1, n)
     return torch.baddbmm(row, coeff, right, alpha=1.0, beta=-1.0).squeeze(1)
-
-
-def _matvec(us: Tensor, vs: Tensor, x: Tensor) -> Tensor:
-    """B x = -x + sum_i u_i (v_i . x)."""
-    return _low_rank_apply(vs, us, x)
-
-
-def _rmatvec(us: Tensor, vs: Tensor, x: Tensor) -> Tensor:
-    """x^T B = -x^T + sum_i (x . u_i) v_i^T."""
-    return _low_rank_apply(us, vs, x)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -88,6 +81,13 @@ def broyden(
     # Only the first ``used`` slots are ever read, so the buffer needs no zeroing.
     with scratch((batch, 2 * slots, dim), dtype, device) as uv:
         us, vs = uv[:, :slots], uv[:, slots:]
+        # Views made once (indexing is itself an operation, as costly as arithmetic on cheap
+        # cells): per slot, and per number n of slots in use (u, v, u^T, v^T).
+        u_slot, v_slot = us.unbind(1), vs.unbind(1)
+        in_use = [
+            (us[:, :n], vs[:, :n], us[:, :n].transpose(1, 2), vs[:, :n].transpose(1, 2))
+            for n in range(slots + 1)
+        ]
         for k in range(max_iter):
             fz = g(z)
             nfe += 1
@@ -97,12 +97,12 @@ def broyden(
             restarted = used == memory
             if restarted:  # all slots used: start again from B = -I
                 used = 0
-            u_used, v_used = us[:, :used], vs[:, :used]
-            bg = _matvec(u_used, v_used, gz)  # B g_k, B being the estimate before this update
+            u_used, v_used, u_used_t, v_used_t = in_use[used]
+            bg = _low_rank_apply(v_used_t, u_used, gz)  # B g_k = -g_k + sum_i u_i (v_i . g_k)
             if step is not None:
-                u, v = us[:, used], vs[:, used]
+                u, v = u_slot[used], v_slot[used]
                 dg = gz - g_prev
-                v.copy_(_rmatvec(u_used, v_used, step))  # v^T = dz^T B
+                v.copy_(_low_rank_apply(u_used_t, v_used, step))  # v^T = dz^T B
                 den = _dot(v, dg)
                 scale = torch.linalg.vector_norm(v, dim=1, keepdim=True) * torch.linalg.vector_norm(
                     dg, dim=1, keepdim=True
