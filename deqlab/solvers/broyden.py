@@ -6,8 +6,10 @@ the DEQ code of Bai et al., 2019). Each step z_{k+1} = z_k - B g_k, then the goo
 
     v^T = dz^T B,    u = (dz - B dg) / (dz^T B dg).
 
-Storage is ``memory`` (u, v) slots, O(memory * D) whatever ``max_iter`` is, and each step
-costs two products with B over the slots in use. When every slot is used the estimate
+Since B itself made the step dz = -B g_k, B dg = B g_{k+1} + dz and the update needs no new
+vector: u = -B g_{k+1} / (dz^T B dg) (except right after a restart). Storage is ``memory``
+(u, v) slots, O(memory * D) whatever ``max_iter`` is, and each step costs two products with B
+over the slots in use. When every slot is used the estimate
 restarts from B = -I. (Overwriting only the oldest
 slot, as the reference implementations do, leaves the remaining u_i inconsistent: each was
 derived from a B that contained the dropped term. On long solves that diverges; see
