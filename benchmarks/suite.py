@@ -73,6 +73,42 @@ def _torchdeq():
 # -- 1. solver overhead ---------------------------------------------------------------------
 
 
+def history_products(name: str, z0: Tensor, iters: int) -> Callable[[], None] | None:
+    """The products with stored history that ``name`` makes in ``iters`` iterations at its
+    default settings, alone, with the same kernels: Anderson's Gram row and mixing over its
+    n <= m = 5 slots, Broyden's two low-rank applies over the slots in use. No implementation
+    of the algorithm goes below f plus these; ``None`` for solvers without history."""
+    from deqlab.solvers.broyden import _low_rank_apply
+
+    x = z0.reshape(z0.shape[0], -1)
+    b, d = x.shape
+    make = lambda rows: torch.randn(b, rows, d, dtype=x.dtype, device=x.device)
+    if name == "anderson":
+        m = 5
+        f_hist, g_hist = make(m), make(m)
+        alpha = torch.full((b, 1, m), 1.0 / m, dtype=x.dtype, device=x.device)
+
+        def anderson_products() -> None:
+            for k in range(iters - 1):  # no update after the last evaluation
+                n = min(k + 1, m)
+                torch.bmm(x.unsqueeze(1), g_hist[:, :n].transpose(1, 2))
+                torch.bmm(alpha[:, :, :n], f_hist[:, :n])
+
+        return anderson_products
+    if name == "broyden":
+        slots = max(1, min(30, iters - 2))
+        us, vs = make(slots), make(slots)
+
+        def broyden_products() -> None:
+            for used in range(1, iters - 2):  # step k uses k - 1 slots; none at k = 0, 1
+                u, v = us[:, :used], vs[:, :used]
+                _low_rank_apply(v.transpose(1, 2), u, x)  # B g
+                _low_rank_apply(u.transpose(1, 2), v, x)  # dz^T B
+
+        return broyden_products
+    return None
+
+
 def solver_overhead(device: torch.device, repeats: int, iters: int = 20) -> list[dict[str, Any]]:
     """Time of ``iters`` solver iterations over the time of ``iters`` plain chained f
     evaluations (z <- f(z), the floor), all timed in turns in one process."""
@@ -98,6 +134,9 @@ def solver_overhead(device: torch.device, repeats: int, iters: int = 20) -> list
             fns[f"fixed/{name}"] = lambda solve=solve, f=f, z0=z0: solve(
                 f, z0, max_iter=iters, tol=None
             )
+            products = history_products(name, z0, iters)
+            if products is not None:
+                fns[f"history/{name}"] = products
             if td_get_solver is not None:
                 td = td_get_solver(td_name)
                 fns[f"torchdeq/{name}"] = lambda td=td, f=f, z0=z0: td(
@@ -113,6 +152,9 @@ def solver_overhead(device: torch.device, repeats: int, iters: int = 20) -> list
                 "solver": name,
                 "f_eval_s": floor / iters,
             }
+            # f plus the history products alone: what the algorithm itself costs.
+            products = times.get(f"history/{name}")
+            row["history_floor"] = 1.0 + (products["median"] / floor if products else 0.0)
             for lib in ("deqlab", "fixed", "torchdeq"):
                 t = times.get(f"{lib}/{name}")
                 if t is not None:

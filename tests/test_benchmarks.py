@@ -46,3 +46,12 @@ def test_deq_training_memory_is_flat_in_the_budget_and_far_below_unrolled():
     budgets = [v for k, v in rows.items() if k.startswith("deqlab")]
     assert max(budgets) <= 1.05 * min(budgets)
     assert max(budgets) <= 0.25 * rows["unrolled 30 steps, backprop"]
+
+
+def test_history_products_run_the_solvers_kernels():
+    from benchmarks.suite import history_products
+
+    z0 = torch.zeros(2, 3, 4)
+    assert history_products("fixed_point", z0, 20) is None
+    for name in ("anderson", "broyden"):
+        history_products(name, z0, 20)()  # shapes line up for every step of a 20-step solve

@@ -298,9 +298,9 @@ def test_scratch_is_recycled_on_cpu_and_never_lent_twice():
     from deqlab.solvers.base import scratch
 
     cpu = torch.device("cpu")
-    with scratch((2, 3), torch.float32, cpu) as a:
-        with scratch((2, 3), torch.float32, cpu) as b:  # a nested solve gets its own buffer
-            assert a.data_ptr() != b.data_ptr()
+    # A nested solve gets its own buffer.
+    with scratch((2, 3), torch.float32, cpu) as a, scratch((2, 3), torch.float32, cpu) as b:
+        assert a.data_ptr() != b.data_ptr()
     with scratch((2, 3), torch.float32, cpu) as c:
         assert c.data_ptr() in (a.data_ptr(), b.data_ptr())
 
@@ -347,7 +347,7 @@ def test_fixed_iteration_solve_under_torch_compile():
     f = lambda z: torch.tanh(z @ w.T + x)
     graphs = {}
     for max_iter in (6, 12):
-        solve = lambda: get_solver("fixed_point")(
+        solve = lambda max_iter=max_iter: get_solver("fixed_point")(
             f, torch.zeros_like(x), max_iter=max_iter, tol=None
         )
         torch._dynamo.reset()
