@@ -101,7 +101,9 @@ def broyden(
                 used = 0
             u_used, v_used, u_used_t, v_used_t = in_use[used]
             bg = _low_rank_apply(v_used_t, u_used, gz)  # B g_k = -g_k + sum_i u_i (v_i . g_k)
-            if step is not None:
+            if step is None:  # the first step, with B = -I
+                step = bg.neg_()
+            else:
                 u, v = u_slot[used], v_slot[used]
                 dg = gz - g_prev
                 v.copy_(_low_rank_apply(u_used_t, v_used, step))  # v^T = dz^T B
@@ -120,10 +122,10 @@ def broyden(
                     torch.mul(bg, -inv_den, out=u)
                 _zero_rows_(v, ok)  # a skipped update leaves u = v = 0 for that sample
                 used += 1
-                # B_new g_k = B g_k + u (v . g_k); without a restart u is parallel to B g_k.
+                # The step -B_new g_k with B_new g_k = B g_k + u (v . g_k); without a restart
+                # u is parallel to B g_k and that is a rescale.
                 vg = _dot(v, gz)
-                bg = torch.addcmul(bg, u, vg) if restarted else bg * (1.0 - vg * inv_den)
-            step = bg.neg_()
+                step = torch.addcmul(bg, u, vg).neg_() if restarted else bg * (vg * inv_den - 1.0)
             z = z + step
             g_prev = gz
     return track.result(state, nfe, "broyden")
