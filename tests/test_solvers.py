@@ -336,8 +336,9 @@ def test_results_do_not_depend_on_earlier_solves(name):
 
 
 @pytest.mark.slow
-def test_fixed_iteration_solve_under_torch_compile():
-    """Under torch.compile the tracker takes the paths without host reads (CUDA's), so the
+@pytest.mark.parametrize("name", SOLVERS)
+def test_fixed_iteration_solve_under_torch_compile(name):
+    """Under torch.compile the solvers take the paths without host reads (CUDA's), so the
     iterations of a fixed-iteration solve trace into one graph: the number of graphs does not
     grow with max_iter, and the answer is the eager one."""
     from torch._dynamo.utils import counters
@@ -347,7 +348,7 @@ def test_fixed_iteration_solve_under_torch_compile():
     f = lambda z: torch.tanh(z @ w.T + x)
     graphs = {}
     for max_iter in (6, 12):
-        solve = lambda max_iter=max_iter: get_solver("fixed_point")(
+        solve = lambda max_iter=max_iter: get_solver(name)(
             f, torch.zeros_like(x), max_iter=max_iter, tol=None
         )
         torch._dynamo.reset()

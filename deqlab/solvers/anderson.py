@@ -53,6 +53,7 @@ def anderson(
     gram = torch.empty(batch, m, m, dtype=dtype, device=device)
     ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
     tiny = torch.finfo(dtype).tiny
+    compiling = torch.compiler.is_compiling()
 
     nfe = 0
     # Slot j of the history holds f_i (first m rows) and g_i (last m rows). The first m steps
@@ -72,7 +73,8 @@ def anderson(
             fz = g(z)
             nfe += 1
             j, n = k % m, min(k + 1, m)
-            diff = torch.sub(fz, z, out=g_slot[j])  # the residual goes straight into its slot
+            # The residual goes straight into its slot (Dynamo cannot trace out= into a view).
+            diff = g_slot[j].copy_(fz - z) if compiling else torch.sub(fz, z, out=g_slot[j])
             if track.step(k, z, fz, diff) or k == max_iter - 1:
                 break
             f_slot[j].copy_(fz)

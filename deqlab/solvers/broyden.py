@@ -43,10 +43,11 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(1).transpose(1, 2)).squeeze(2)
 
 
-def _zero_rows_(slot: Tensor, keep: Tensor) -> None:
+def _zero_rows_(slot: Tensor, keep: Tensor, host_reads: bool) -> None:
     """Zero the rows of ``slot`` where ``keep`` (B, 1) is False. A broadcast masked_fill is
-    slow on the CPU, where reading the mask back is free; on CUDA it is neither."""
-    if slot.device.type != "cpu":
+    slow on the CPU, where reading the mask back is free; on CUDA (or under torch.compile,
+    which fuses it) the masked_fill is the better choice."""
+    if not host_reads:
         slot.masked_fill_(~keep, 0.0)
     elif not bool(keep.all()):
         slot[~keep.squeeze(1)] = 0.0
@@ -74,6 +75,10 @@ def broyden(
     dtype, device = z.dtype, z.device
     track = Tracker(z, max_iter, tol, stop_mode, save_at)
     eps = torch.finfo(dtype).eps
+    # Reading a mask back is free on the CPU, a sync on CUDA and a graph break when compiling;
+    # Dynamo cannot trace out= into a view either.
+    compiling = torch.compiler.is_compiling()
+    host_reads = device.type == "cpu" and not compiling
     # At most max_iter - 2 updates happen (none after the first and the last evaluation).
     slots = max(1, min(memory, max_iter - 2))
 
@@ -116,11 +121,12 @@ def broyden(
                 # u = (dz - B dg) / den with B dg = B g_k - B g_{k-1}. When B made the last
                 # step, B g_{k-1} = -dz and u = -B g_k / den: no new vector to form. After a
                 # restart B = -I, so B g_{k-1} = -g_{k-1}.
-                if restarted:
-                    torch.mul(step - bg - g_prev, inv_den, out=u)
+                numerator, factor = (step - bg - g_prev, inv_den) if restarted else (bg, -inv_den)
+                if compiling:
+                    u.copy_(numerator * factor)
                 else:
-                    torch.mul(bg, -inv_den, out=u)
-                _zero_rows_(v, ok)  # a skipped update leaves u = v = 0 for that sample
+                    torch.mul(numerator, factor, out=u)
+                _zero_rows_(v, ok, host_reads)  # a skipped update leaves u = v = 0 for it
                 used += 1
                 # The step -B_new g_k with B_new g_k = B g_k + u (v . g_k); without a restart
                 # u is parallel to B g_k and that is a rescale.
