@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--repeats N] [--only NAME ...] [--device cpu|cuda]`
+"""`python -m benchmarks [--repeats N] [--only NAME ...] [--device cpu|cuda] [--bf16] [--compile]`
 
 Runs the suite on the GPU when one is present (else the CPU), prints one table per benchmark
 and writes ``benchmarks/results/<device>.json`` and ``convergence_<device>.png``.
@@ -53,6 +53,11 @@ def main() -> None:
         "--bf16", action="store_true", help="also time the training step under bf16 autocast"
     )
     ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time fixed-iteration solves under torch.compile (about a minute each to compile)",
+    )
+    ap.add_argument(
         "--data",
         default=os.environ.get("DEQLAB_DATA", "data"),
         help="data_dir for end_to_end (needs cifar10/ and ptb/)",
@@ -72,7 +77,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "command": "python -m benchmarks "
         + " ".join(f"--only {b}" for b in args.only)
-        + f" --repeats {args.repeats}",
+        + f" --repeats {args.repeats}"
+        + (" --compile" if args.compile else ""),
     }
     print(
         f"deqlab benchmarks on {device.type} ({name}), torch {torch.__version__}, {meta['threads']} threads"
@@ -87,7 +93,9 @@ def main() -> None:
     for bench in args.only:
         results["meta"][bench] = meta
     if "solver_overhead" in args.only:
-        results["solver_overhead"] = suite.solver_overhead(device, args.repeats)
+        results["solver_overhead"] = suite.solver_overhead(
+            device, args.repeats, compile=args.compile
+        )
         print_table(results["solver_overhead"])
     if "convergence" in args.only:
         rows, traces = suite.convergence(device)

@@ -109,9 +109,12 @@ def history_products(name: str, z0: Tensor, iters: int) -> Callable[[], None] | 
     return None
 
 
-def solver_overhead(device: torch.device, repeats: int, iters: int = 20) -> list[dict[str, Any]]:
+def solver_overhead(
+    device: torch.device, repeats: int, iters: int = 20, compile: bool = False
+) -> list[dict[str, Any]]:
     """Time of ``iters`` solver iterations over the time of ``iters`` plain chained f
-    evaluations (z <- f(z), the floor), all timed in turns in one process."""
+    evaluations (z <- f(z), the floor), all timed in turns in one process. ``compile`` adds
+    fixed-iteration solves under ``torch.compile`` (compiled during the warm-up)."""
     _, td_get_solver = _torchdeq()
     rows = []
     for cell_name, make in (("resnet", resnet_problem), ("tanh", tanh_problem)):
@@ -134,6 +137,10 @@ def solver_overhead(device: torch.device, repeats: int, iters: int = 20) -> list
             fns[f"fixed/{name}"] = lambda solve=solve, f=f, z0=z0: solve(
                 f, z0, max_iter=iters, tol=None
             )
+            if compile:
+                fns[f"compiled/{name}"] = torch.compile(
+                    lambda solve=solve, f=f, z0=z0: solve(f, z0, max_iter=iters, tol=None).z
+                )
             products = history_products(name, z0, iters)
             if products is not None:
                 fns[f"history/{name}"] = products
@@ -155,12 +162,14 @@ def solver_overhead(device: torch.device, repeats: int, iters: int = 20) -> list
             # f plus the history products alone: what the algorithm itself costs.
             products = times.get(f"history/{name}")
             row["history_floor"] = 1.0 + (products["median"] / floor if products else 0.0)
-            for lib in ("deqlab", "fixed", "torchdeq"):
+            for lib in ("deqlab", "fixed", "compiled", "torchdeq"):
                 t = times.get(f"{lib}/{name}")
                 if t is not None:
-                    key = "deqlab_fixed_iters" if lib == "fixed" else lib
+                    key = {"fixed": "deqlab_fixed_iters", "compiled": "deqlab_compiled"}.get(
+                        lib, lib
+                    )
                     row[key] = t["median"] / floor
-                    if lib != "fixed":
+                    if lib in ("deqlab", "torchdeq"):
                         row[f"{key}_range"] = [t["min"] / floor, t["max"] / floor]
             rows.append(row)
     return rows
