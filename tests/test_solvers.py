@@ -360,3 +360,65 @@ def test_fixed_iteration_solve_under_torch_compile(name):
         torch.testing.assert_close(traced.trace, eager.trace)
         assert torch.equal(traced.best_step, eager.best_step)
     assert graphs[12] == graphs[6], graphs
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_anderson_iterates_match_the_formula(tau):
+    """Each iterate equals a direct transcription of the module docstring, one sample at a
+    time: alpha minimises ||sum a_i g_i||^2 + lam_rel ||a||^2 with sum a_i = 1 over the last
+    m points, and z+ = tau sum a_i f_i + (1 - tau) sum a_i x_i."""
+    w = contraction(10, 0.9)
+    x = torch.randn(3, 10, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    m, lam, steps = 3, 1e-4, 7
+    res = get_solver("anderson")(
+        f, torch.zeros_like(x), max_iter=steps + 1, tol=None, m=m, lam=lam, tau=tau,
+        save_at=range(steps + 1),
+    )  # fmt: skip
+    for b in range(3):
+        xs, fs = [torch.zeros(10, dtype=torch.float64)], []
+        for _ in range(steps):
+            fs.append(torch.tanh(w @ xs[-1] + x[b]))
+            xk, fk = torch.stack(xs[-m:]), torch.stack(fs[-m:])
+            gk = fk - xk
+            gram = gk @ gk.T
+            n = gram.shape[0]
+            h = gram + (lam * gram.trace() / n + torch.finfo(gram.dtype).tiny) * torch.eye(n)
+            a = torch.linalg.solve(h, torch.ones(n, dtype=torch.float64))
+            a = a / a.sum()
+            xs.append(tau * a @ fk + (1 - tau) * a @ xk)
+        for k in range(steps + 1):
+            torch.testing.assert_close(res.saved[k][b], xs[k], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("memory", [30, 2])
+def test_broyden_iterates_match_the_dense_update(memory):
+    """Each iterate equals good Broyden with a dense inverse-Jacobian estimate, one sample at
+    a time: z+ = z - B g, then B += (dz - B dg) dz^T B / (dz^T B dg), with B reset to -I when
+    ``memory`` updates are in use (memory 2 exercises the restarts)."""
+    w = contraction(10, 0.9)
+    x = torch.randn(3, 10, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    steps = 9
+    res = get_solver("broyden")(
+        f, torch.zeros_like(x), max_iter=steps + 1, tol=None, memory=memory,
+        save_at=range(steps + 1),
+    )  # fmt: skip
+    eye = torch.eye(10, dtype=torch.float64)
+    for b in range(3):
+        z, big_b, used = torch.zeros(10, dtype=torch.float64), -eye, 0
+        zs, dz, g_prev = [z], None, None
+        for _ in range(steps):
+            g = torch.tanh(w @ z + x[b]) - z
+            if used == memory:
+                big_b, used = -eye, 0
+            if dz is not None:
+                dg = g - g_prev
+                vt = dz @ big_b
+                big_b = big_b + torch.outer(dz - big_b @ dg, vt) / (vt @ dg)
+                used += 1
+            dz = -big_b @ g
+            z, g_prev = z + dz, g
+            zs.append(z)
+        for k in range(steps + 1):
+            torch.testing.assert_close(res.saved[k][b], zs[k], rtol=1e-9, atol=1e-10)
