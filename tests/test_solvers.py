@@ -422,3 +422,24 @@ def test_broyden_iterates_match_the_dense_update(memory):
             zs.append(z)
         for k in range(steps + 1):
             torch.testing.assert_close(res.saved[k][b], zs[k], rtol=1e-9, atol=1e-10)
+
+
+def test_broyden_skips_an_update_with_zero_denominator():
+    """f(z) = z + c for sample 1 (no fixed point): its residual never changes, so dg = 0 and
+    every update has den = 0. Broyden skips them (B stays -I, z_k = k c, nothing
+    non-finite), and sample 0 solves exactly as it does alone."""
+    w = contraction(6, 0.8)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    c = torch.randn(6, dtype=torch.float64)
+
+    def f(z):
+        return torch.stack([torch.tanh(w @ z[0] + x[0]), z[1] + c])
+
+    res = get_solver("broyden")(f, torch.zeros_like(x), max_iter=8, tol=None, save_at=range(8))
+    assert not res.nonfinite and torch.isfinite(res.z).all()
+    for k in range(8):
+        torch.testing.assert_close(res.saved[k][1], k * c)
+    alone = get_solver("broyden")(
+        lambda z: torch.tanh(z @ w.T + x[:1]), torch.zeros_like(x[:1]), max_iter=8, tol=None
+    )
+    torch.testing.assert_close(res.saved[7][0], alone.z[0], rtol=1e-12, atol=1e-12)

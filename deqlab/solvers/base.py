@@ -210,6 +210,7 @@ class Tracker:
         self.best_z: Tensor | None = None  # rows copied out of iterates that stopped improving
         self.latest_z: Tensor | None = None  # the last iterate, referenced, not copied
         self.latest_best = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.fz_norm = torch.ones(batch, dtype=dtype, device=device)  # of the latest f(z)
         self.save_at = set(save_at)
         self.saved: dict[int, Tensor] = {}
         self.steps = 0
@@ -234,6 +235,7 @@ class Tracker:
         abs_res = torch.linalg.vector_norm(diff, dim=1, out=abs_row)
         denom = torch.linalg.vector_norm(fz, dim=1).add_(REL_EPS)
         rel_res = torch.div(abs_res, denom, out=rel_row)
+        self.fz_norm = denom  # ||f(z_k)||: the scale of rounding error in f(z_k) - z_k
         res = rel_res if self.use_rel else abs_res
         self.steps = k + 1
         if k in self.save_at:

@@ -14,7 +14,9 @@ restarts from B = -I. (Overwriting only the oldest
 slot, as the reference implementations do, leaves the remaining u_i inconsistent: each was
 derived from a B that contained the dropped term. On long solves that diverges; see
 ``tests/test_solvers.py::test_long_solve_with_small_memory``.) An update whose denominator is
-numerically zero (relative to ||dz^T B|| ||dg||) or non-finite is skipped for that sample.
+numerically zero (relative to ||dz^T B|| ||dg||) or non-finite, or whose dg is at the rounding
+level of the residuals (16 eps ||f(z)||, where the references' updates blow up), is skipped for
+that sample.
 """
 
 from __future__ import annotations
@@ -113,11 +115,15 @@ def broyden(
                 dg = gz - g_prev
                 v.copy_(_low_rank_apply(u_used_t, v_used, step))  # v^T = dz^T B
                 den = _dot(v, dg)
-                scale = torch.linalg.vector_norm(v, dim=1, keepdim=True) * torch.linalg.vector_norm(
-                    dg, dim=1, keepdim=True
-                )
-                ok = (den.abs() > eps * scale) & torch.isfinite(den)
-                inv_den = torch.where(ok, den, 1.0).reciprocal_().masked_fill_(~ok, 0.0)
+                dg_norm = torch.linalg.vector_norm(dg, dim=1, keepdim=True)
+                scale = torch.linalg.vector_norm(v, dim=1, keepdim=True) * dg_norm
+                # Usable: |den| above rounding level and finite (NaN fails both comparisons),
+                # and dg resolved above the rounding error of the residuals themselves
+                # (~eps ||f||): a residual that merely stagnates carries no secant information.
+                den_abs = den.abs()
+                ok = (den_abs > scale.mul_(eps)).logical_and_(den_abs < float("inf"))
+                ok.logical_and_(dg_norm > track.fz_norm.unsqueeze(1) * (16 * eps))
+                inv_den = torch.where(ok, den.reciprocal(), 0.0)
                 # u = (dz - B dg) / den with B dg = B g_k - B g_{k-1}. When B made the last
                 # step, B g_{k-1} = -dz and u = -B g_k / den: no new vector to form. After a
                 # restart B = -I, so B g_{k-1} = -g_{k-1}.
