@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from deqlab import DEQ, get_solver
+from deqlab.solvers import solver_options
 
 from .baseline import TutorialDEQFixedPoint
 from .cells import resnet_problem, tanh_problem, tutorial_model
@@ -76,15 +77,16 @@ def _torchdeq():
 def history_products(name: str, z0: Tensor, iters: int) -> Callable[[], None] | None:
     """The products with stored history that ``name`` makes in ``iters`` iterations at its
     default settings, alone, with the same kernels: Anderson's Gram row and mixing over its
-    n <= m = 5 slots, Broyden's two low-rank applies over the slots in use. No implementation
+    n <= m slots, Broyden's two low-rank applies over the slots in use. No implementation
     of the algorithm goes below f plus these; ``None`` for solvers without history."""
     from deqlab.solvers.broyden import _low_rank_apply
 
     x = z0.reshape(z0.shape[0], -1)
     b, d = x.shape
     make = lambda rows: torch.randn(b, rows, d, dtype=x.dtype, device=x.device)
+    defaults = solver_options(name)
     if name == "anderson":
-        m = 5
+        m = defaults["m"]
         f_hist, g_hist = make(m), make(m)
         alpha = torch.full((b, 1, m), 1.0 / m, dtype=x.dtype, device=x.device)
 
@@ -96,7 +98,7 @@ def history_products(name: str, z0: Tensor, iters: int) -> Callable[[], None] | 
 
         return anderson_products
     if name == "broyden":
-        slots = max(1, min(30, iters - 2))
+        slots = max(1, min(defaults["memory"], iters - 2))
         us, vs = make(slots), make(slots)
 
         def broyden_products() -> None:

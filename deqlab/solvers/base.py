@@ -154,6 +154,22 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
         _pool.free.setdefault(key, []).append(buf)
 
 
+def set_rows_(dst: Tensor, rows: Tensor, src: Tensor | float, on_cpu: bool) -> None:
+    """dst[i] = src[i] (or the scalar src) for the samples i in the (B,) mask ``rows``.
+
+    On the CPU a broadcast ``where``/``masked_fill`` over (B, D) is slow and reading the mask
+    back is free, so rows are written by index; elsewhere (CUDA, or under torch.compile, which
+    fuses it) the masked write avoids a host read.
+    """
+    if on_cpu:
+        index = rows.nonzero().squeeze(1)
+        dst[index] = src[index] if isinstance(src, Tensor) else src
+    elif isinstance(src, Tensor):
+        torch.where(rows.unsqueeze(1), src, dst, out=dst)
+    else:
+        dst.masked_fill_(rows.unsqueeze(1), src)
+
+
 def check_common(max_iter: int, tol: float | None, stop_mode: str) -> None:
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
@@ -221,11 +237,7 @@ class Tracker:
         assert self.latest_z is not None
         if self.best_z is None:  # rows never written are never read: see ``best``
             self.best_z = torch.empty_like(self.latest_z)
-        if self.on_cpu:  # a broadcast where is slow there; indexing is not
-            index = rows.nonzero().squeeze(1)
-            self.best_z[index] = self.latest_z[index]
-        else:
-            torch.where(rows.unsqueeze(1), self.latest_z, self.best_z, out=self.best_z)
+        set_rows_(self.best_z, rows, self.latest_z, self.on_cpu)
 
     def step(self, k: int, z: Tensor, fz: Tensor, diff: Tensor | None = None) -> bool:
         """Record iterate z (= z_k) and its image fz. ``diff`` may pass f(z) - z if known."""

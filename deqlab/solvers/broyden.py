@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import FlatState, SolverResult, State, Tracker, check_common, scratch
+from .base import FlatState, SolverResult, State, Tracker, check_common, scratch, set_rows_
 
 
 def _low_rank_apply(left_t: Tensor, right: Tensor, x: Tensor) -> Tensor:
@@ -43,16 +43,6 @@ def _low_rank_apply(left_t: Tensor, right: Tensor, x: Tensor) -> Tensor:
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample a . b as (B, 1), by the fast batched-gemv orientation, without a temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(1).transpose(1, 2)).squeeze(2)
-
-
-def _zero_rows_(slot: Tensor, keep: Tensor, host_reads: bool) -> None:
-    """Zero the rows of ``slot`` where ``keep`` (B, 1) is False. A broadcast masked_fill is
-    slow on the CPU, where reading the mask back is free; on CUDA (or under torch.compile,
-    which fuses it) the masked_fill is the better choice."""
-    if not host_reads:
-        slot.masked_fill_(~keep, 0.0)
-    elif not bool(keep.all()):
-        slot[~keep.squeeze(1)] = 0.0
 
 
 @torch.no_grad()
@@ -77,10 +67,7 @@ def broyden(
     dtype, device = z.dtype, z.device
     track = Tracker(z, max_iter, tol, stop_mode, save_at)
     eps = torch.finfo(dtype).eps
-    # Reading a mask back is free on the CPU, a sync on CUDA and a graph break when compiling;
-    # Dynamo cannot trace out= into a view either.
-    compiling = torch.compiler.is_compiling()
-    host_reads = device.type == "cpu" and not compiling
+    compiling = torch.compiler.is_compiling()  # Dynamo cannot trace out= into a view
     # At most max_iter - 2 updates happen (none after the first and the last evaluation).
     slots = max(1, min(memory, max_iter - 2))
 
@@ -132,7 +119,7 @@ def broyden(
                     u.copy_(numerator * factor)
                 else:
                     torch.mul(numerator, factor, out=u)
-                _zero_rows_(v, ok, host_reads)  # a skipped update leaves u = v = 0 for it
+                set_rows_(v, ~ok.squeeze(1), 0.0, track.on_cpu)  # skipped: u = v = 0
                 used += 1
                 # The step -B_new g_k with B_new g_k = B g_k + u (v . g_k); without a restart
                 # u is parallel to B g_k and that is a rescale.
