@@ -8,6 +8,7 @@ The schemas are the very dataclasses the engine takes, so config and code cannot
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import fields
 from pathlib import Path
 
@@ -16,11 +17,11 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .core import SolverConfig
+from .core import SolverConfig, to_config
 from .grad import GradConfig
-from .lit import JacRegConfig
+from .lit import FitConfig, JacRegConfig, OptimConfig
 from .norm import NormConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -28,10 +29,40 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SCHEMAS = {"solver": SolverConfig, "grad": GradConfig, "norm": NormConfig, "jac_reg": JacRegConfig}
 
 
+# Config nodes that become engine dataclasses; building them runs every value check.
+VALIDATED = {**SCHEMAS, "task.module.optim": OptimConfig, "task.module.fit": FitConfig}
+MODES = ("train", "test")
+
+# Distinguishes runs started in the same second: part of every run and sweep folder's name.
+RUN_ID = secrets.token_hex(3)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; raised before any data, model or logger is built."""
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
         cs.store(group=group, name="schema", node=schema)
+    OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value the engine and the runner will read, raising :class:`ConfigError`
+    with the key and the rule; nothing is built and no data is read."""
+    try:
+        check_schemas(cfg)
+        for key, schema in VALIDATED.items():
+            node = OmegaConf.select(cfg, key)
+            if node is not None:
+                to_config(schema, OmegaConf.to_container(node, resolve=True), key)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.mode == "test" and not cfg.ckpt_path:
+        raise ConfigError("mode=test evaluates a checkpoint: pass ckpt_path=<file.ckpt>")
 
 
 def check_schemas(cfg: DictConfig) -> None:

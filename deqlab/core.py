@@ -50,6 +50,10 @@ class SolverConfig:
             )
         if self.max_iter < 1 or (self.eval_max_iter is not None and self.eval_max_iter < 1):
             raise ValueError("solver.max_iter and solver.eval_max_iter must be >= 1")
+        if self.tol is not None and not self.tol > 0:
+            raise ValueError(
+                f"solver.tol must be > 0 (or null: exactly max_iter steps), got {self.tol}"
+            )
         unknown = sorted(set(self.options) - set(accepted))
         if unknown:
             raise ValueError(

@@ -54,6 +54,8 @@ class GradConfig:
             raise ValueError(f"grad.stop_mode must be one of {STOP_MODES}, got {self.stop_mode!r}")
         if self.max_iter < 1 or self.steps < 1:
             raise ValueError("grad.max_iter and grad.steps must be >= 1")
+        if not self.tol > 0:
+            raise ValueError(f"grad.tol must be > 0, got {self.tol}")
         if not 0 < self.tau <= 1:
             raise ValueError(f"grad.tau must lie in (0, 1], got {self.tau}")
 

@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import check_compatible
 from .core import DEQ, DEQInfo, GradConfig, SolverConfig, to_config
 from .dropout import reset_dropout
 from .loggers import log_figure, residual_trace_figure
@@ -140,6 +141,7 @@ class DEQLitModule(L.LightningModule):
         self._jac_this_step = False
         self._first_val_batch = False
         self._val_trace: Tensor | None = None
+        self._epoch_t0: float | None = None  # perf_counter() at the epoch's start
 
     def attach_net(self, net: nn.Module) -> None:
         """Install the network and normalize its cell. Tasks whose network depends on the data
@@ -201,10 +203,29 @@ class DEQLitModule(L.LightningModule):
     # -- steps ------------------------------------------------------------------------------
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_start = time.perf_counter()
+        self._epoch_t0 = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/epoch_time_s", time.perf_counter() - self._epoch_start)
+        if self._epoch_t0 is not None:
+            self.log("train/epoch_time_s", time.perf_counter() - self._epoch_t0)
+
+    # A run resumed mid-epoch does not call on_train_epoch_start again: whatever an epoch
+    # accumulates travels in the checkpoint (here its elapsed time; tasks add their own).
+    # The writer's class is stored so that a checkpoint of another task is refused by name.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        elapsed = 0.0 if self._epoch_t0 is None else time.perf_counter() - self._epoch_t0
+        checkpoint["deqlab_epoch_elapsed_s"] = elapsed
+        checkpoint["deqlab_module"] = self.qualified_name()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        reader = self.qualified_name()
+        check_compatible(checkpoint, self, checkpoint.get("deqlab_module", reader), reader)
+        elapsed = checkpoint.get("deqlab_epoch_elapsed_s", 0.0)
+        self._epoch_t0 = time.perf_counter() - elapsed
+
+    @classmethod
+    def qualified_name(cls) -> str:
+        return f"{cls.__module__}.{cls.__qualname__}"
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Each step's randomness (dropout masks, budget jitter, whether to regularize) is a
@@ -274,7 +295,12 @@ class DEQLitModule(L.LightningModule):
         return self._eval_step(batch, batch_idx, "test")
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_trace is not None and not self.trainer.sanity_checking:
+        # figures come from rank 0 alone: another rank would open a logger folder of its own
+        if (
+            self._val_trace is not None
+            and not self.trainer.sanity_checking
+            and self.trainer.is_global_zero
+        ):
             fig = residual_trace_figure(self._val_trace, self.current_epoch)
             log_figure(self.loggers, "deq/residual_trace", fig, self.global_step)
         self._val_trace = None

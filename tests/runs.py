@@ -33,6 +33,40 @@ TINY = [
 ]
 
 
+# A DEQ-Transformer small enough to train on a tiny corpus in seconds.
+TINY_LM = [
+    "task=ptb",
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.num_sanity_val_steps=0",
+    "task.datamodule.batch_size=4",
+    "task.datamodule.tgt_len=8",
+    "task.module.mem_len=8",
+    "task.module.net.d_model=16",
+    "task.module.net.n_head=2",
+    "task.module.net.d_head=8",
+    "task.module.net.d_inner=32",
+    "solver.max_iter=6",
+    "grad.max_iter=6",
+    "~callbacks.progress",
+]
+
+
+def write_ptb_folder(root: Path, lines: int = 300) -> Path:
+    """A Penn-Treebank-shaped corpus (ptb/ptb.{train,valid,test}.txt) of random sentences
+    over 30 words."""
+    (root / "ptb").mkdir(parents=True, exist_ok=True)
+    words = [f"w{i}" for i in range(30)]
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", lines), ("valid", 60), ("test", 60)):
+        sentences = [
+            " ".join(words[j] for j in torch.randint(0, 30, (8,), generator=g).tolist())
+            for _ in range(n)
+        ]
+        (root / "ptb" / f"ptb.{split}.txt").write_text("\n".join(sentences) + "\n")
+    return root
+
+
 def write_cifar_folder(root: Path, train_per_class: int = 6, test_per_class: int = 2) -> Path:
     """An image-folder CIFAR-10 (cifar10/{train,test}/<class>/*.png) of random images whose
     mean colour depends on the class, so that a model can learn something."""

@@ -14,7 +14,7 @@ from tasks.lm import data as lm_data
 from tasks.lm.data import EOS, UNK, BPTTStream, Corpus, corpus_files
 from tasks.lm.model import DEQTransformerCell, DEQTransformerLM, rel_shift
 
-from .runs import compose_cfg
+from .runs import TINY_LM, compose_cfg, write_ptb_folder
 
 REAL_DATA = Path(os.environ.get("DEQLAB_DATA", "/nonexistent"))
 HAS_PTB = (REAL_DATA / "ptb" / "ptb.train.txt").is_file()
@@ -199,37 +199,8 @@ def test_pre_ln_cell_runs():
 def test_runner_trains_on_a_tiny_corpus(tmp_path):
     from deqlab.__main__ import run
 
-    root = tmp_path / "data"
-    (root / "ptb").mkdir(parents=True)
-    words = [f"w{i}" for i in range(30)]
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 300), ("valid", 60), ("test", 60)):
-        lines = [
-            " ".join(words[j] for j in torch.randint(0, 30, (8,), generator=g).tolist())
-            for _ in range(n)
-        ]
-        (root / "ptb" / f"ptb.{split}.txt").write_text("\n".join(lines) + "\n")
-    cfg = compose_cfg(
-        [
-            "task=ptb",
-            f"data_dir={root}",
-            "trainer=cpu",
-            "trainer.max_epochs=1",
-            "trainer.num_sanity_val_steps=0",
-            "task.datamodule.batch_size=4",
-            "task.datamodule.tgt_len=8",
-            "task.module.mem_len=8",
-            "task.module.net.d_model=16",
-            "task.module.net.n_head=2",
-            "task.module.net.d_head=8",
-            "task.module.net.d_inner=32",
-            "solver.max_iter=6",
-            "grad.max_iter=6",
-            "~callbacks.progress",
-        ],
-        tmp_path / "out",
-    )
-    ppl = run(cfg)
+    root = write_ptb_folder(tmp_path / "data")
+    ppl = run(compose_cfg([*TINY_LM, f"data_dir={root}"], tmp_path / "out"))
     assert ppl is not None and 1 < ppl < 100  # vocabulary of 31 (+<unk>)
 
 

@@ -14,11 +14,20 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+
+from deqlab.data import (
+    EpochShuffle,
+    ResumableDataModule,
+    ResumableLoader,
+    load_cache,
+    rank_and_world,
+    save_atomic,
+)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -27,10 +36,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class CifarTensors(Dataset):
-    """uint8 images (N, 3, 32, 32) and labels; normalizes, and augments if asked."""
+    """uint8 images (N, 3, 32, 32) and labels, served normalized (augmentation is batched: see
+    :func:`random_crop_flip`)."""
 
-    def __init__(self, images: Tensor, labels: Tensor, augment: bool = False):
-        self.images, self.labels, self.augment = images, labels, augment
+    def __init__(self, images: Tensor, labels: Tensor):
+        self.images, self.labels = images, labels
         self.mean = torch.tensor(MEAN).view(3, 1, 1)
         self.std = torch.tensor(STD).view(3, 1, 1)
 
@@ -38,31 +48,44 @@ class CifarTensors(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        x = self.images[i].float().div_(255)
-        if self.augment:  # random crop with 4-pixel zero padding, horizontal flip
-            dx, dy = torch.randint(0, 9, (2,)).tolist()
-            x = torch.nn.functional.pad(x, (4, 4, 4, 4))[:, dy : dy + 32, dx : dx + 32]
-            if torch.rand(()) < 0.5:
-                x = x.flip(2)
-        return (x - self.mean) / self.std, self.labels[i]
+        return (self.images[i].float().div_(255) - self.mean) / self.std, self.labels[i]
 
 
-class EpochShuffle(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order.
-    Lightning calls ``set_epoch`` on it each epoch."""
+def random_crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """The standard CIFAR augmentation on a normalized batch (B, C, H, W): a random crop of the
+    image padded with ``pad`` black pixels, then a horizontal flip with probability 1/2, drawn
+    per sample from ``generator``. Black is 0 before normalization, -mean/std after it."""
+    b, c, h, w = x.shape
+    black = (-torch.tensor(MEAN, device=x.device) / torch.tensor(STD, device=x.device)).to(x.dtype)
+    padded = black.view(1, c, 1, 1).expand(b, c, h + 2 * pad, w + 2 * pad).clone()
+    padded[:, :, pad : pad + h, pad : pad + w] = x
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), generator=generator, device=x.device)
+    flip = torch.rand(b, 1, generator=generator, device=x.device) < 0.5
+    cols = torch.arange(w, device=x.device)
+    rows = dy + torch.arange(h, device=x.device)
+    cols = dx + torch.where(flip, w - 1 - cols, cols)
+    batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch, channel, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
+def stratified(labels: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """Indices of a random sample of ``n`` items with every class in proportion to its share
+    of ``labels`` (largest remainders round), ordered so that the classes are interleaved:
+    any prefix of the result (a ``limit_*_batches``) is close to balanced too."""
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * n / len(labels)
+    quota = exact.floor().long()
+    short = n - int(quota.sum())
+    if short > 0:
+        quota[torch.argsort(exact - quota, descending=True, stable=True)[:short]] += 1
+    picks, keys = [], []
+    for cls, q in zip(classes.tolist(), quota.tolist(), strict=True):
+        members = (labels == cls).nonzero().flatten()
+        picks.append(members[torch.randperm(len(members), generator=generator)[:q]])
+        # the k-th pick of a class sits at (k + u) / q: spread evenly over the whole order
+        keys.append((torch.arange(q) + torch.rand(q, generator=generator)) / max(q, 1))
+    return torch.cat(picks)[torch.argsort(torch.cat(keys))]
 
 
 def _decode_folder(root: Path) -> tuple[Tensor, Tensor]:
@@ -78,8 +101,14 @@ def _decode_folder(root: Path) -> tuple[Tensor, Tensor]:
         raise FileNotFoundError(f"no images under {root}/<class>/ for classes {CLASSES}")
     images = torch.empty(len(files), 3, 32, 32, dtype=torch.uint8)
     for i, path in enumerate(files):
-        with Image.open(path) as im:
-            img = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+        try:
+            with Image.open(path) as im:
+                img = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "damaged"
+            raise ValueError(
+                f"{path}: cannot decode this image ({e}); the copy is damaged: unpack or "
+                "download the dataset again, or delete the file"
+            ) from e
         if img.shape != (3, 32, 32):
             raise ValueError(f"{path}: expected a 32x32 RGB image, got shape {tuple(img.shape)}")
         images[i] = img
@@ -104,12 +133,11 @@ def load_split(data_dir: str | Path, train: bool, download: bool = False) -> tup
     if folder.is_dir():
         cache = data_dir / "cifar10" / f"{split}.decoded.pt"
         key = _folder_key(folder)
-        if cache.exists():
-            saved = torch.load(cache, weights_only=True)
-            if saved.get("key") == key:
-                return saved["images"], saved["labels"]
+        saved = load_cache(cache)
+        if saved is not None and saved.get("key") == key:
+            return saved["images"], saved["labels"]
         images, labels = _decode_folder(folder)
-        torch.save({"key": key, "images": images, "labels": labels}, cache)
+        save_atomic({"key": key, "images": images, "labels": labels}, cache)
         return images, labels
     if (data_dir / "cifar-10-batches-py").is_dir() or download:
         from torchvision.datasets import CIFAR10
@@ -124,8 +152,14 @@ def load_split(data_dir: str | Path, train: bool, download: bool = False) -> tup
     )
 
 
-class CifarDataModule(L.LightningDataModule):
-    """Train/val split of the training set (seeded), test = the test set."""
+class CifarDataModule(ResumableDataModule):
+    """Train/val split of the training set, test = the test set.
+
+    The validation split, ``subset`` (a smaller training pool, and as many test images) and
+    the test order are seeded, class-stratified samples, so a subset or a ``limit_*_batches``
+    still sees every class. The training order is a function of (seed, epoch) and the
+    augmentation of (seed, rank, step), so a run resumed mid-epoch repeats the original.
+    """
 
     def __init__(
         self,
@@ -141,6 +175,10 @@ class CifarDataModule(L.LightningDataModule):
         subset: int | None = None,
     ):
         super().__init__()
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError("task.datamodule.batch_size and eval_batch_size must be >= 1")
+        if subset is not None and subset < 2:
+            raise ValueError(f"task.datamodule.subset must be >= 2 images or null, got {subset}")
         self.data_dir, self.download = data_dir, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.val_size, self.augment, self.seed, self.subset = val_size, augment, seed, subset
@@ -161,28 +199,42 @@ class CifarDataModule(L.LightningDataModule):
             return
         images, labels = load_split(self.data_dir, True)
         g = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(labels), generator=g)
+        pool = torch.randperm(len(labels), generator=g)
         if self.subset:
-            order = order[: self.subset]
+            pool = stratified(labels, min(self.subset, len(labels)), g)
         n_val = (
-            int(self.val_size * len(order)) if isinstance(self.val_size, float) else self.val_size
+            int(self.val_size * len(pool)) if isinstance(self.val_size, float) else self.val_size
         )
-        if not 0 < n_val < len(order):
+        if not 0 < n_val < len(pool):
             raise ValueError(
-                f"val_size={self.val_size} leaves no train or no val data of {len(order)} images"
+                f"val_size={self.val_size} leaves no train or no val data of {len(pool)} images"
             )
-        val, train = order[:n_val], order[n_val:]
-        self.train_set = CifarTensors(images[train], labels[train], self.augment)
+        in_val = torch.zeros(len(labels), dtype=torch.bool)
+        in_val[pool[stratified(labels[pool], n_val, g)]] = True
+        val, train = pool[in_val[pool]], pool[~in_val[pool]]
+        val = val[stratified(labels[val], len(val), g)]  # interleaved classes
+        if len(train) < self.batch_size * rank_and_world()[1]:
+            raise ValueError(
+                f"the training split has {len(train)} images, fewer than one batch of "
+                f"{self.batch_size} per process: lower task.datamodule.batch_size or val_size"
+            )
+        self.train_set = CifarTensors(images[train], labels[train])
         self.val_set = CifarTensors(images[val], labels[val])
         test_images, test_labels = load_split(self.data_dir, False)
-        if self.subset:
-            test_images, test_labels = test_images[: self.subset], test_labels[: self.subset]
-        self.test_set = CifarTensors(test_images, test_labels)
+        n_test = min(self.subset or len(test_labels), len(test_labels))
+        test = stratified(test_labels, n_test, torch.Generator().manual_seed(self.seed))
+        self.test_set = CifarTensors(test_images[test], test_labels[test])
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffle(len(self.train_set), self.seed)
-        return DataLoader(
-            self.train_set, self.batch_size, sampler=sampler, drop_last=True, **self.loader_kw
+    def make_train_loader(self) -> ResumableLoader:
+        world = rank_and_world()[1]
+        order = {"seed": self.seed, "images": len(self.train_set), "batch": self.batch_size}
+        return ResumableLoader(
+            self.train_set,
+            self.batch_size,
+            sampler=EpochShuffle(len(self.train_set), self.seed),
+            drop_last=True,
+            order={**order, "processes": world},
+            **self.loader_kw,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -190,3 +242,14 @@ class CifarDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, self.eval_batch_size, **self.loader_kw)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment training batches on their device, with randomness drawn from
+        (seed, rank, step) alone: a resumed run augments its batches as the original did."""
+        trainer = self.trainer
+        if not (self.augment and trainer is not None and trainer.training):
+            return batch
+        x, y = batch
+        key = (self.seed * 1_000_003 + trainer.global_rank) * 1_000_033 + trainer.global_step
+        g = torch.Generator(device=x.device).manual_seed(key)
+        return random_crop_flip(x, g), y

@@ -22,11 +22,17 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import lightning as L
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
+
+from deqlab.data import (
+    ResumableDataModule,
+    ResumableLoader,
+    load_cache,
+    rank_and_world,
+    save_atomic,
+)
 
 CORPORA = {
     "wikitext103": ("wikitext-103", "wiki.{}.tokens"),
@@ -56,8 +62,15 @@ def corpus_files(data_dir: str | Path, corpus: str) -> dict[str, Path]:
 
 
 def _tokens(path: Path) -> Iterator[list[str]]:
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}, line {number}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                    "the corpus files must be the release's UTF-8 text"
+                ) from e
             yield [*line.split(), EOS]
 
 
@@ -95,10 +108,9 @@ class Corpus:
         files = corpus_files(data_dir, corpus)
         key = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files.values()]
         cache = files["train"].parent / CACHE
-        if cache.exists():
-            saved = torch.load(cache, weights_only=True)
-            if saved.get("key") == key:
-                return cls(saved["itos"], saved["counts"], saved["splits"])
+        saved = load_cache(cache)
+        if saved is not None and saved.get("key") == key:
+            return cls(saved["itos"], saved["counts"], saved["splits"])
         t0 = time.perf_counter()
         corpus_ = cls.build(files)
         n = sum(len(t) for t in corpus_.splits.values())
@@ -106,17 +118,14 @@ class Corpus:
         print(
             f"{corpus}: encoded {n:,} tokens in {seconds:.1f}s ({seconds / n * 1e6:.2f}s per million)"
         )
-        torch.save(
+        for split, ids in corpus_.splits.items():
+            if len(ids) == 0:
+                raise ValueError(f"{files[split]}: the {split} split holds no text")
+        save_atomic(
             {"key": key, "itos": corpus_.itos, "counts": corpus_.counts, "splits": corpus_.splits},
             cache,
         )
         return corpus_
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class BPTTStream(IterableDataset):
@@ -125,26 +134,34 @@ class BPTTStream(IterableDataset):
     time, so segment k+1 of each stream continues segment k (the model carries memory).
 
     Yields ``(x, y)`` of shape (batch, <= tgt_len): y is x shifted by one token. The last
-    segment may be shorter, so every token of the streams is read exactly once.
+    segment may be shorter, so every token of the streams is read exactly once. ``skip(k)``
+    makes the next pass start at segment k (a resumed epoch).
     """
 
-    def __init__(self, data: Tensor, batch_size: int, tgt_len: int):
+    def __init__(self, data: Tensor, batch_size: int, tgt_len: int, name: str = "split"):
         super().__init__()
-        self.data, self.batch_size, self.tgt_len = data, batch_size, tgt_len
+        self.data, self.batch_size, self.tgt_len, self.name = data, batch_size, tgt_len, name
+        self._skip = 0
+
+    def skip(self, segments: int) -> None:
+        self._skip = segments
 
     def streams(self) -> Tensor:
         rank, world = rank_and_world()
         n = len(self.data) // (self.batch_size * world)
         if n < 2:
             raise ValueError(
-                f"split of {len(self.data)} tokens is too short for {self.batch_size * world} streams"
+                f"the {self.name} split ({len(self.data)} tokens) is too short for "
+                f"{self.batch_size * world} streams ({self.batch_size} per process x {world}) of "
+                "at least 2 tokens: lower its batch size"
             )
         all_streams = self.data[: n * self.batch_size * world].view(self.batch_size * world, n)
         return all_streams[rank * self.batch_size : (rank + 1) * self.batch_size].long()
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         s = self.streams()
-        for i in range(0, s.shape[1] - 1, self.tgt_len):
+        start, self._skip = self._skip * self.tgt_len, 0
+        for i in range(start, s.shape[1] - 1, self.tgt_len):
             j = min(i + self.tgt_len, s.shape[1] - 1)
             yield s[:, i:j], s[:, i + 1 : j + 1]
 
@@ -153,7 +170,7 @@ class BPTTStream(IterableDataset):
         return -(-n // self.tgt_len)
 
 
-class LMDataModule(L.LightningDataModule):
+class LMDataModule(ResumableDataModule):
     def __init__(
         self,
         data_dir: str = "data",
@@ -175,13 +192,24 @@ class LMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.corpus is None:
             self.corpus = Corpus.load(self.data_dir, self.corpus_name)
+            # a split too short for its batch fails now, not after an epoch of training
+            self._stream("train", self.batch_size, self.tgt_len).streams()
+            for split in ("valid", "test"):
+                self._stream(split, self.eval_batch_size, self.eval_tgt_len).streams()
+
+    def _stream(self, split: str, batch: int, tgt_len: int) -> BPTTStream:
+        assert self.corpus is not None
+        return BPTTStream(self.corpus.splits[split], batch, tgt_len, name=split)
 
     def _loader(self, split: str, batch: int, tgt_len: int) -> DataLoader:
-        assert self.corpus is not None
-        return DataLoader(BPTTStream(self.corpus.splits[split], batch, tgt_len), batch_size=None)
+        return DataLoader(self._stream(split, batch, tgt_len), batch_size=None)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, self.tgt_len)
+    def make_train_loader(self) -> ResumableLoader:
+        stream = self._stream("train", self.batch_size, self.tgt_len)
+        order = {"tokens": len(stream.data), "batch": self.batch_size, "tgt_len": self.tgt_len}
+        return ResumableLoader(
+            stream, batch_size=None, order={**order, "processes": rank_and_world()[1]}
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid", self.eval_batch_size, self.eval_tgt_len)

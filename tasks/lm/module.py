@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,11 @@ from torchmetrics import SumMetric
 from deqlab.lit import DEQLitModule
 
 from .model import DEQTransformerLM
+
+
+def vocabulary_id(itos: list[str]) -> dict[str, Any]:
+    """Size and SHA-1 of the vocabulary in index order: what an LM's weights depend on."""
+    return {"size": len(itos), "sha1": hashlib.sha1("\n".join(itos).encode()).hexdigest()}
 
 
 class LMModule(DEQLitModule):
@@ -39,18 +45,40 @@ class LMModule(DEQLitModule):
             eval_mem_len if eval_mem_len is not None else mem_len,
         )
         self._mem: dict[str, Tensor | None] = {}
+        self.vocab: dict[str, Any] | None = None
         self._split = "train"
         self.nll_sum = nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
         self.tokens = nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
 
     def setup(self, stage: str) -> None:
+        corpus = self.trainer.datamodule.corpus
+        self.vocab = vocabulary_id(corpus.itos)
         if self.net is None:
-            corpus = self.trainer.datamodule.corpus
             self.attach_net(self.net_factory(n_token=len(corpus)))
+
+    # The weights are tied to the vocabulary's order, and a resumed run must continue from the
+    # memory the interrupted one had reached.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["deqlab_vocabulary"] = self.vocab
+        checkpoint["deqlab_train_memory"] = self._mem.get("train")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("deqlab_vocabulary")
+        if saved is not None and saved != self.vocab:
+            raise ValueError(
+                f"the checkpoint was trained on a vocabulary of {saved['size']:,} words "
+                f"(sha1 {saved['sha1'][:12]}), this corpus has {self.vocab['size']:,} "
+                f"(sha1 {self.vocab['sha1'][:12]}): evaluate it on the corpus it was trained on"
+            )
+        super().on_load_checkpoint(checkpoint)
+        self._mem["train"] = checkpoint.get("deqlab_train_memory")
 
     def forward(self, x: Tensor) -> list[Tensor]:
         split = "train" if self.training else self._split
         mem = self._mem.get(split)
+        if mem is not None and mem.device != x.device:  # restored from a checkpoint on the CPU
+            mem = mem.to(x.device)
         ctx, z0 = self.net.inject(x, mem)
         states = self.equilibrium(lambda z: self.net.cell(z, ctx), z0)
         keep = self.mem_len if split == "train" else self.eval_mem_len

@@ -1,0 +1,106 @@
+"""Checkpoints that survive a kill, and the checks before one is trusted.
+
+- :class:`AtomicCheckpointIO` writes every checkpoint to a temporary name and renames it, so
+  ``last.ckpt`` is always the previous complete checkpoint or the new complete one, never a
+  truncated file, whenever the process is killed.
+- :func:`resolve_checkpoint` turns ``ckpt_path`` (a file, or ``last`` for the run folder's own
+  ``checkpoints/last.ckpt``) into an existing, readable file, or fails before any work with a
+  message that says what to do.
+- :func:`check_compatible` refuses, in one line, a checkpoint whose network is not this run's
+  (another task, other widths, another normalization).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from .data import save_atomic
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for this run; the message says why and what to do."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic for local files (write, fsync, rename)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(checkpoint, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, memory-mapped (tensors are read only when touched)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        # torch's own message may advise weights_only=False, which would execute whatever
+        # the file holds: report the damage instead.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = (
+            "it holds objects other than tensors and plain containers"
+            if "weights_only" in str(e) or "Weights only" in str(e)
+            else first
+        )
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({reason}). A process killed while writing "
+            "leaves such a file; use another checkpoint of the run (checkpoints/best.ckpt, "
+            "last.ckpt)."
+        ) from None
+
+
+def resolve_checkpoint(ckpt_path: str, output_dir: str | Path) -> Path:
+    """The checkpoint file ``ckpt_path`` names, checked to exist and to be readable.
+
+    ``last`` means this run folder's ``checkpoints/last.ckpt`` (resume a killed run with
+    ``hydra.run.dir=<its folder> ckpt_path=last``).
+    """
+    if ckpt_path == "last":
+        path = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise CheckpointError(
+                f"ckpt_path=last: there is no {path}. `last` resumes the run whose folder is "
+                "hydra.run.dir (pass hydra.run.dir=<that run's folder>), or pass a checkpoint "
+                "file: ckpt_path=<file.ckpt>"
+            )
+    else:
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise CheckpointError(f"ckpt_path={ckpt_path}: no such file")
+    read_checkpoint(path)
+    return path
+
+
+def _describe(shape: tuple[int, ...] | None) -> str:
+    return "absent" if shape is None else f"shape {tuple(shape)}"
+
+
+def check_compatible(
+    checkpoint: dict[str, Any], module: torch.nn.Module, writer: str, reader: str
+) -> None:
+    """Refuse ``checkpoint`` unless it was written by the same task module (``writer`` vs
+    ``reader``, qualified class names) with the same parameter names and shapes."""
+    if writer != reader:
+        raise CheckpointError(
+            f"the checkpoint was written by {writer}, this run trains {reader}: pass a "
+            "checkpoint of this task"
+        )
+    saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+    here = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if saved == here:
+        return
+    differ = sorted(k for k in saved.keys() | here.keys() if saved.get(k) != here.get(k))
+    first = differ[0]
+    raise CheckpointError(
+        f"the checkpoint's network differs from this run's in {len(differ)} tensor(s), e.g. "
+        f"{first}: {_describe(saved.get(first))} in the checkpoint, {_describe(here.get(first))} "
+        "here; use the network settings (net, norm) the checkpoint was trained with"
+    )

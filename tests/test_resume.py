@@ -1,0 +1,95 @@
+"""A run killed with SIGKILL, twice, and resumed each time from its run folder ends with the
+same weights and metrics as the run that was never interrupted: mid-epoch, with augmentation,
+budget jitter and Jacobian regularization (CIFAR), and with segment memory (language model)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .runs import ROOT, TINY, TINY_LM, run_cli, write_cifar_folder, write_ptb_folder
+from .test_runner import last_value, metrics
+
+pytestmark = pytest.mark.slow
+
+# 44 training images in batches of 8: 5 steps an epoch, validated (and checkpointed as
+# last.ckpt) every 2 steps, so most checkpoints fall in the middle of an epoch.
+CIFAR = [
+    *TINY,
+    "trainer.max_epochs=3",
+    "+trainer.val_check_interval=2",
+    "task.datamodule.augment=true",
+    "jac_reg=hutchinson",
+    "task.module.fit.jitter=1",
+]
+# 300 lines of 9 tokens in 4 streams of 8-token segments: 85 steps, checkpoints every 20.
+LM = [*TINY_LM, "+trainer.val_check_interval=20"]
+
+
+def launch(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "deqlab", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def kill_after_checkpoint(args: list[str], cwd: Path, ckpt: Path, timeout: float = 300) -> None:
+    """Start a run, SIGKILL it as soon as it has written a new ``ckpt``."""
+    before = ckpt.stat().st_mtime_ns if ckpt.exists() else None
+    proc = launch(args, cwd)
+    deadline = time.monotonic() + timeout
+    while not (ckpt.exists() and ckpt.stat().st_mtime_ns != before):
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"the run ended (exit {proc.returncode}) before it could be killed:\n{proc.stderr.read()[-3000:]}"
+            )
+        assert time.monotonic() < deadline, "no new checkpoint in time"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("task", ["cifar", "lm"])
+def test_run_killed_twice_resumes_to_the_uninterrupted_result(task, tmp_path):
+    if task == "cifar":
+        data, args, keys = write_cifar_folder(tmp_path / "data"), CIFAR, ("val/acc", "test/acc")
+    else:
+        data, args, keys = write_ptb_folder(tmp_path / "data"), LM, ("val/ppl", "test/ppl")
+    args = [*args, f"data_dir={data}"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_cli([*args, f"hydra.run.dir={full}"], tmp_path)
+
+    ckpt = killed / "checkpoints" / "last.ckpt"
+    kill_after_checkpoint([*args, f"hydra.run.dir={killed}"], tmp_path, ckpt)
+    first_step = torch.load(ckpt, weights_only=True)["global_step"]
+    resume = [*args, f"hydra.run.dir={killed}", "ckpt_path=last"]
+    kill_after_checkpoint(resume, tmp_path, ckpt)
+    second_step = torch.load(ckpt, weights_only=True)["global_step"]
+    assert 0 < first_step < second_step  # each launch made progress before its kill
+    run_cli(resume, tmp_path)
+
+    a, b = weights(full), weights(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rows_full, rows_killed = metrics(full), metrics(killed)
+    for key in (*keys, "val/loss", "train/loss"):
+        assert last_value(rows_killed, key) == last_value(rows_full, key), key
