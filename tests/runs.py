@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -86,20 +87,34 @@ def write_cifar_folder(root: Path, train_per_class: int = 6, test_per_class: int
     return root
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+CLI_ENV = {"PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    """``python -m deqlab *args`` in ``cwd``; with ``check``, it must exit 0."""
     proc = subprocess.run(
         [sys.executable, "-m", "deqlab", *args],
         cwd=cwd,
-        env=env,
+        env={**os.environ, **CLI_ENV},
         capture_output=True,
         text=True,
         timeout=timeout,
     )
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    )
+    if check:
+        assert proc.returncode == 0, (
+            f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
+
+
+def wait_for(probe, timeout: float = 120, every: float = 0.1):
+    """``probe()``'s first truthy value, polled until ``timeout`` seconds (then its last)."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return value
 
 
 class StopAfterEpoch(Callback):

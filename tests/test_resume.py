@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .runs import ROOT, TINY, TINY_LM, run_cli, write_cifar_folder, write_ptb_folder
+from .runs import CLI_ENV, TINY, TINY_LM, run_cli, write_cifar_folder, write_ptb_folder
 from .test_runner import last_value, metrics
 
 pytestmark = pytest.mark.slow
@@ -34,11 +34,10 @@ LM = [*TINY_LM, "+trainer.val_check_interval=20"]
 
 
 def launch(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     return subprocess.Popen(
         [sys.executable, "-m", "deqlab", *args],
         cwd=cwd,
-        env=env,
+        env={**os.environ, **CLI_ENV},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -99,6 +99,8 @@ class Corpus:
             ids = array("i")
             for toks in _tokens(path):
                 ids.extend(stoi.get(t, unk) for t in toks)
+            if not ids:
+                raise ValueError(f"{path}: the {split} split holds no text")
             splits[split] = torch.frombuffer(ids, dtype=torch.int32).clone()
         return cls(itos, [c for _, c in ordered], splits)
 
@@ -118,9 +120,6 @@ class Corpus:
         print(
             f"{corpus}: encoded {n:,} tokens in {seconds:.1f}s ({seconds / n * 1e6:.2f}s per million)"
         )
-        for split, ids in corpus_.splits.items():
-            if len(ids) == 0:
-                raise ValueError(f"{files[split]}: the {split} split holds no text")
         save_atomic(
             {"key": key, "itos": corpus_.itos, "counts": corpus_.counts, "splits": corpus_.splits},
             cache,
