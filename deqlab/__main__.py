@@ -76,7 +76,9 @@ def fit_and_test(
         score = results[0].get(cfg.task.monitor.replace("val/", "test/")) if results else None
     else:
         trainer.fit(module, datamodule, ckpt_path=ckpt)
-        best_ckpt = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+        best_ckpt = next(
+            (c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None
+        )
         best = best_ckpt.best_model_path if best_ckpt is not None else ""
         trainer.test(module, datamodule, ckpt_path=best or None)
         score = (

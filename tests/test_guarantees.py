@@ -69,6 +69,23 @@ def test_ckpt_last_without_a_checkpoint_fails_before_any_work(mode, tmp_path):
         run(cfg)
 
 
+def test_last_checkpoint_follows_every_validation_improved_or_not(data_dir, tmp_path):
+    # lr=0: val/acc stays where it was at the first validation (step 2), so best.ckpt stays
+    # there, while last.ckpt must follow the second validation (step 4) all the same.
+    args = [
+        f"data_dir={data_dir}",
+        *TINY,
+        "task.module.optim.lr=0",
+        "+trainer.val_check_interval=2",
+    ]
+    run(compose_cfg(args, tmp_path))
+
+    def step(name: str) -> int:
+        return torch.load(tmp_path / "checkpoints" / name, weights_only=True)["global_step"]
+
+    assert step("best.ckpt") == 2 and step("last.ckpt") == 4
+
+
 def test_data_order_is_sharded_seeded_and_resumable(monkeypatch):
     orders = []
     for rank in (0, 1):

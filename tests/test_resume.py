@@ -19,10 +19,11 @@ from .test_runner import last_value, metrics
 
 pytestmark = pytest.mark.slow
 
-# 44 training images in batches of 8: 5 steps an epoch, validated (and checkpointed as
-# last.ckpt) every 2 steps, so most checkpoints fall in the middle of an epoch.
+# 32 training images in batches of 8: 4 steps an epoch, validated (and checkpointed as
+# last.ckpt) every 2 steps, so checkpoints alternate between the middle and the end of an epoch.
 CIFAR = [
     *TINY,
+    "task.datamodule.val_size=28",
     "trainer.max_epochs=3",
     "+trainer.val_check_interval=2",
     "task.datamodule.augment=true",
@@ -44,12 +45,21 @@ def launch(args: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
-def kill_after_checkpoint(args: list[str], cwd: Path, ckpt: Path, timeout: float = 300) -> None:
-    """Start a run, SIGKILL it as soon as it has written a new ``ckpt``."""
+def kill_after_checkpoint(
+    args: list[str], cwd: Path, ckpt: Path, at_step=lambda step: True, timeout: float = 300
+) -> int:
+    """Start a run, SIGKILL it as soon as it has written a new ``ckpt`` whose global step
+    satisfies ``at_step``; return the global step of the checkpoint it left."""
     before = ckpt.stat().st_mtime_ns if ckpt.exists() else None
+
+    def new_checkpoint() -> bool:
+        if not ckpt.exists() or ckpt.stat().st_mtime_ns == before:
+            return False
+        return at_step(torch.load(ckpt, weights_only=True, mmap=True)["global_step"])
+
     proc = launch(args, cwd)
     deadline = time.monotonic() + timeout
-    while not (ckpt.exists() and ckpt.stat().st_mtime_ns != before):
+    while not new_checkpoint():
         if proc.poll() is not None:
             raise AssertionError(
                 f"the run ended (exit {proc.returncode}) before it could be killed:\n{proc.stderr.read()[-3000:]}"
@@ -60,6 +70,7 @@ def kill_after_checkpoint(args: list[str], cwd: Path, ckpt: Path, timeout: float
     proc.wait()
     proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+    return torch.load(ckpt, weights_only=True)["global_step"]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -70,19 +81,24 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 def test_run_killed_twice_resumes_to_the_uninterrupted_result(task, tmp_path):
     if task == "cifar":
         data, args, keys = write_cifar_folder(tmp_path / "data"), CIFAR, ("val/acc", "test/acc")
+        steps_per_epoch = 4
     else:
         data, args, keys = write_ptb_folder(tmp_path / "data"), LM, ("val/ppl", "test/ppl")
+        steps_per_epoch = 85
     args = [*args, f"data_dir={data}"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_cli([*args, f"hydra.run.dir={full}"], tmp_path)
 
     ckpt = killed / "checkpoints" / "last.ckpt"
-    kill_after_checkpoint([*args, f"hydra.run.dir={killed}"], tmp_path, ckpt)
-    first_step = torch.load(ckpt, weights_only=True)["global_step"]
+    first = kill_after_checkpoint([*args, f"hydra.run.dir={killed}"], tmp_path, ckpt)
+    assert first % steps_per_epoch != 0  # killed after a checkpoint in the middle of an epoch
     resume = [*args, f"hydra.run.dir={killed}", "ckpt_path=last"]
-    kill_after_checkpoint(resume, tmp_path, ckpt)
-    second_step = torch.load(ckpt, weights_only=True)["global_step"]
-    assert 0 < first_step < second_step  # each launch made progress before its kill
+    if task == "cifar":  # then after one at the end of an epoch
+        second = kill_after_checkpoint(resume, tmp_path, ckpt, lambda s: s % steps_per_epoch == 0)
+        assert second % steps_per_epoch == 0
+    else:
+        second = kill_after_checkpoint(resume, tmp_path, ckpt)
+    assert first < second  # the resumed launch made progress before its kill
     run_cli(resume, tmp_path)
 
     a, b = weights(full), weights(killed)
