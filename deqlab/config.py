@@ -8,7 +8,9 @@ The schemas are the very dataclasses the engine takes, so config and code cannot
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .core import SolverConfig, to_config
@@ -46,6 +50,59 @@ def register_configs() -> None:
     for group, schema in SCHEMAS.items():
         cs.store(group=group, name="schema", node=schema)
     OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
+    OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
+    OmegaConf.register_new_resolver("job_name", job_name, replace=True)
+    OmegaConf.register_new_resolver("run_group", run_group, replace=True)
+
+
+def _hydra() -> DictConfig | None:
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def job_name() -> str:
+    """What tells a sweep's job from the others: its values of the swept keys, as
+    ``grad=phantom,solver=broyden`` (keys swept on the command line or in
+    ``hydra.sweeper.params``, e.g. an Optuna search space). A single run, or a job whose
+    sweep is not known (a job started by a cluster launcher), gets all its overrides
+    (``data_dir`` and ``ckpt_path`` aside); no overrides give ''."""
+    hydra_cfg = _hydra()
+    if hydra_cfg is None:
+        return ""
+    parser = OverridesParser.create()
+    overrides = [o for o in parser.parse_overrides(list(hydra_cfg.overrides.task))]
+    overrides = [o for o in overrides if o.key_or_group not in ("data_dir", "ckpt_path")]
+    swept = set(hydra_cfg.sweeper.get("params") or {})
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # a local multirun runs its jobs in the process whose command line holds the sweep
+        for arg in sys.argv[1:]:
+            if arg.startswith("-") or not ("=" in arg or arg.startswith("~")):
+                continue  # a flag (-m, --config-name ...) or its value
+            try:
+                (override,) = parser.parse_overrides([arg])
+            except Exception:  # not an override: another program's arguments
+                continue
+            if override.is_sweep_override():
+                swept.add(override.key_or_group)
+    kept = [o for o in overrides if o.key_or_group in swept] or overrides
+    return ",".join(sorted(o.input_line.lstrip("+~") for o in kept))
+
+
+def run_group(task: str) -> str:
+    """The sweep's folder name for a multirun's jobs, else ``task``."""
+    hydra_cfg = _hydra()
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        return Path(hydra_cfg.sweep.dir).name
+    return task
+
+
+def path_safe(name: str, limit: int = 120) -> str:
+    """``name`` as one folder name: no path separators, at most ``limit`` characters (a long
+    name keeps its start and gets a short hash of the whole, so names stay distinct)."""
+    name = name.replace("/", "_").replace("\\", "_")
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9]}-{digest}"
 
 
 def validate(cfg: DictConfig) -> None:

@@ -142,6 +142,7 @@ class DEQLitModule(L.LightningModule):
         self._first_val_batch = False
         self._val_trace: Tensor | None = None
         self._epoch_t0: float | None = None  # perf_counter() at the epoch's start
+        self._fit_t0: float | None = None  # perf_counter() at the start of training
 
     def attach_net(self, net: nn.Module) -> None:
         """Install the network and normalize its cell. Tasks whose network depends on the data
@@ -208,20 +209,37 @@ class DEQLitModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self._epoch_t0 is not None:
             self.log("train/epoch_time_s", time.perf_counter() - self._epoch_t0)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.log("train/peak_cuda_mem_mb", peak)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def on_fit_start(self) -> None:
+        if self._fit_t0 is None:  # else restored from a checkpoint
+            self._fit_t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # wall-clock time of training so far, across resumes: for metric-against-time plots
+        if self._fit_t0 is not None:
+            self.log("train/elapsed_s", time.perf_counter() - self._fit_t0)
 
     # A run resumed mid-epoch does not call on_train_epoch_start again: whatever an epoch
-    # accumulates travels in the checkpoint (here its elapsed time; tasks add their own).
+    # accumulates travels in the checkpoint (here the elapsed times; tasks add their own).
     # The writer's class is stored so that a checkpoint of another task is refused by name.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        elapsed = 0.0 if self._epoch_t0 is None else time.perf_counter() - self._epoch_t0
-        checkpoint["deqlab_epoch_elapsed_s"] = elapsed
+        now = time.perf_counter()
+        checkpoint["deqlab_epoch_elapsed_s"] = (
+            0.0 if self._epoch_t0 is None else now - self._epoch_t0
+        )
+        checkpoint["deqlab_fit_elapsed_s"] = 0.0 if self._fit_t0 is None else now - self._fit_t0
         checkpoint["deqlab_module"] = self.qualified_name()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         reader = self.qualified_name()
         check_compatible(checkpoint, self, checkpoint.get("deqlab_module", reader), reader)
-        elapsed = checkpoint.get("deqlab_epoch_elapsed_s", 0.0)
-        self._epoch_t0 = time.perf_counter() - elapsed
+        now = time.perf_counter()
+        self._epoch_t0 = now - checkpoint.get("deqlab_epoch_elapsed_s", 0.0)
+        self._fit_t0 = now - checkpoint.get("deqlab_fit_elapsed_s", 0.0)
 
     @classmethod
     def qualified_name(cls) -> str:
@@ -302,7 +320,7 @@ class DEQLitModule(L.LightningModule):
             and self.trainer.is_global_zero
         ):
             fig = residual_trace_figure(self._val_trace, self.current_epoch)
-            log_figure(self.loggers, "deq/residual_trace", fig, self.global_step)
+            log_figure(self.loggers, "deq/residual_trace", fig, self.global_step, self._val_trace)
         self._val_trace = None
 
     # -- optimization -------------------------------------------------------------------------

@@ -7,10 +7,12 @@ its metrics file.
 
 from __future__ import annotations
 
+import netrc
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import matplotlib
 
@@ -21,35 +23,75 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from torch import Tensor
 
 
+def wandb_credentials() -> bool:
+    """Whether W&B has an API key without asking for one: ``WANDB_API_KEY``, or the key that
+    ``wandb login`` stores in ``~/.netrc`` (``$NETRC``) for the W&B host (``WANDB_BASE_URL``)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or Path.home() / ".netrc"
+    try:
+        auth = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def wandb_mode() -> str:
+    """``WANDB_MODE`` when set, else online with credentials and offline without."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode is not None:
+        return "offline" if mode in ("offline", "dryrun") else mode
+    return "online" if wandb_credentials() else "offline"
+
+
+def summary_of(metric: str, monitor: str, monitor_mode: str) -> str:
+    """How a dashboard sums up a validation metric: its best value."""
+    if metric == monitor:
+        return monitor_mode
+    return "max" if "acc" in metric.rsplit("/", 1)[-1] else "min"
+
+
 def wandb_logger(
     project: str = "deqlab",
     save_dir: str = ".",
     name: str | None = None,
     group: str | None = None,
     tags: Sequence[str] = (),
+    monitor: str | None = None,
+    monitor_mode: str = "min",
+    log_model: bool = False,
     **kwargs: Any,
 ) -> WandbLogger:
     """A WandbLogger that works with no account and no network.
 
-    Online only when ``WANDB_API_KEY`` is set (or ``WANDB_MODE=online``); otherwise it runs
-    offline, never prompts, and writes a local run under ``save_dir/wandb`` that
-    ``wandb sync`` uploads later.
+    Online when the user is logged in (:func:`wandb_credentials`) or ``WANDB_MODE=online``;
+    otherwise offline, never prompting, writing a local run under ``save_dir/wandb`` that
+    ``wandb sync`` uploads later. The run's summary holds each ``val/*`` metric's best value
+    (the monitored one by ``monitor_mode``), not its last; ``log_model`` uploads the
+    checkpoints as an artifact when training ends.
     """
-    mode = os.environ.get("WANDB_MODE")
-    offline = mode in ("offline", "dryrun") or (mode is None and "WANDB_API_KEY" not in os.environ)
+    offline = wandb_mode() == "offline"
     if offline:
         os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         save_dir=save_dir,
-        name=name,
+        name=name or None,  # W&B draws a name for a run without overrides
         group=group,
         tags=list(tags),
         offline=offline,
+        log_model=log_model,
         **kwargs,
     )
+    run = logger.experiment  # starts the run (a no-op stand-in on ranks other than 0)
+    if monitor is not None and hasattr(run, "define_metric"):
+        metrics = {monitor, "val/loss", "val/acc", "val/ppl", "val/nll"}
+        for metric in sorted(m for m in metrics if m.startswith("val/")):
+            run.define_metric(metric, summary=summary_of(metric, monitor, monitor_mode))
+    return logger
 
 
 def residual_trace_figure(trace: Tensor, epoch: int) -> plt.Figure:
@@ -67,8 +109,12 @@ def residual_trace_figure(trace: Tensor, epoch: int) -> plt.Figure:
     return fig
 
 
-def log_figure(loggers: Sequence[Logger], key: str, fig: plt.Figure, step: int) -> None:
-    """Send a figure to every logger that takes images, then close it."""
+def log_figure(
+    loggers: Sequence[Logger], key: str, fig: plt.Figure, step: int, data: Tensor | None = None
+) -> None:
+    """Send a figure to every logger that takes images, then close it. For CSV, the PNG goes
+    beside the metrics, with ``data`` (rows: x values, columns: lines) as a CSV file of the
+    same name for reports to redraw."""
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     for logger in loggers:
@@ -79,5 +125,8 @@ def log_figure(loggers: Sequence[Logger], key: str, fig: plt.Figure, step: int) 
         elif isinstance(logger, CSVLogger):
             out = Path(logger.log_dir) / "figures"
             out.mkdir(parents=True, exist_ok=True)
-            fig.savefig(out / f"{key.replace('/', '_')}_step{step}.png")
+            name = out / f"{key.replace('/', '_')}_step{step}"
+            fig.savefig(name.with_suffix(".png"))
+            if data is not None:
+                np.savetxt(name.with_suffix(".csv"), data.numpy(), delimiter=",")
     plt.close(fig)

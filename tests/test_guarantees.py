@@ -147,9 +147,10 @@ def test_sweep_with_failing_jobs_keeps_every_job_to_itself(data_dir, tmp_path):
         check=False,
     )
     assert proc.returncode != 0 and "solver.tol must be > 0" in proc.stderr
-    assert not (sweep / "0").exists() and not (sweep / "1").exists()
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["2_solver.tol=0.01", "3_solver.tol=0.01"]  # 0 and 1 left nothing
     records = []
-    for job in ("2", "3"):
+    for job in jobs:
         (run_dir,) = (sweep / job / "wandb").glob("offline-run-*")
         records.append(wandb_records.finished_run(run_dir))
     failed, trained = records

@@ -195,6 +195,6 @@ def test_multirun_writes_one_folder_per_job(data_dir, tmp_path):
         tmp_path,
     )
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["0", "1"]
+    assert jobs == ["0_solver=anderson", "1_solver=broyden"]
     names = [(sweep / j / "config_resolved.yaml").read_text() for j in jobs]
     assert "name: anderson" in names[0] and "name: broyden" in names[1]

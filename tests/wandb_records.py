@@ -82,3 +82,18 @@ def config(records: list[wandb_internal_pb2.Record]) -> dict[str, str]:
 
 def tags(records: list[wandb_internal_pb2.Record]) -> list[str]:
     return [t for r in records if r.WhichOneof("record_type") == "run" for t in r.run.tags]
+
+
+def summaries(records: list[wandb_internal_pb2.Record]) -> dict[str, set[str]]:
+    """``define_metric`` summaries: metric name -> the aggregates kept (``max``, ``min``...)."""
+    out: dict[str, set[str]] = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "metric" and r.metric.name:
+            kept = {f.name for f, v in r.metric.summary.ListFields() if v}
+            out.setdefault(r.metric.name, set()).update(kept)
+    return out
+
+
+def run_info(records: list[wandb_internal_pb2.Record]) -> wandb_internal_pb2.RunRecord:
+    """The run record: name (``display_name``), group, tags, config."""
+    return next(r.run for r in records if r.WhichOneof("record_type") == "run")
