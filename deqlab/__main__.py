@@ -44,14 +44,14 @@ def run(cfg: DictConfig) -> float | None:
         L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.task.datamodule)
         module = instantiate(cfg.task.module)
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        loggers: list[Logger] = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     except Exception:
+        close_loggers([], succeeded=False)  # a W&B run already started must not linger
         discard_rejected_run(out)
         raise
-    loggers: list[Logger] = []
     succeeded = False
     try:
-        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
         save_config(cfg, out, loggers)
         trainer: L.Trainer = instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]

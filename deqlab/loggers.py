@@ -72,6 +72,11 @@ def wandb_logger(
     checkpoints as an artifact when training ends.
     """
     offline = wandb_mode() == "offline"
+    if offline and log_model:
+        raise ValueError(
+            "logger.wandb.log_model=true uploads the checkpoints, which needs an online run: "
+            "log in (`wandb login`, or set WANDB_API_KEY) or leave log_model false"
+        )
     if offline:
         os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -22,9 +22,12 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,7 +224,8 @@ def figures(runs: list[Run], out: Path) -> list[str]:
 
     def save(fig: plt.Figure, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+        with replacing(out / name) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
         written.append(name)
 
@@ -297,13 +301,26 @@ def report(folder: str | Path) -> Path:
             "(csv/version_*/metrics.csv); pass a run's folder, a sweep's, or one holding several"
         )
     header, body = table(runs)
-    with open(root / "report.csv", "w", newline="") as fh:
+    with replacing(root / "report.csv") as tmp, open(tmp, "w", newline="") as fh:
         csv.writer(fh).writerows([header, *body])
     pictures = figures(runs, root)
     text = [f"# Report: {root.name}", "", markdown(header, body), ""]
     text += [f"![{p}]({p})" for p in pictures]
-    (root / "report.md").write_text("\n".join(text) + "\n")
+    with replacing(root / "report.md") as tmp:
+        tmp.write_text("\n".join(text) + "\n")
     return root / "report.md"
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path to write, renamed over ``path`` when done: a reader (or a job writing
+    the same report at the same time) never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

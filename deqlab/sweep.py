@@ -3,13 +3,15 @@
 Each line holds the job's number, overrides, status (``completed`` or ``failed``, with the
 error), the value the run returned (the task's best monitored metric) and its output folder.
 Lines are appended whole, so jobs ending at the same time on a cluster's shared file system do
-not overwrite each other, and a sweep cut short still says what ran.
+not overwrite each other, and a sweep cut short still says what ran. After each line the
+sweep's report (:mod:`deqlab.report`) is written anew, so every sweep ends with one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,14 @@ class SweepManifest(Callback):
         line = json.dumps(job_record(job_return)) + "\n"
         with open(Path(hydra_cfg.sweep.dir) / MANIFEST, "a") as fh:  # one write: stays whole
             fh.write(line)
+        # The report is rewritten as each job ends: a sweep that fails or is cut short has
+        # one for what ran. It must never fail the sweep.
+        from .report import report
+
+        try:
+            report(hydra_cfg.sweep.dir)
+        except Exception as e:
+            warnings.warn(f"deqlab: the sweep report was not written ({e})", stacklevel=1)
 
 
 def read_manifest(sweep_dir: str | Path) -> list[dict[str, Any]]:

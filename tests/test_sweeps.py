@@ -60,7 +60,7 @@ def test_two_job_sweep_ends_in_a_report(data_dir, tmp_path):
         summaries = wandb_records.summaries(records)
         assert summaries["val/acc"] == {"max"} and summaries["val/loss"] == {"min"}
 
-    path = report(sweep)
+    path = sweep / "report.md"  # written by the sweep itself as each job ended
     with open(sweep / "report.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["run"] for r in rows] == ["solver=anderson", "solver=broyden"]
@@ -160,3 +160,24 @@ def test_dashboard_workspace_has_the_deqlab_panels():
     assert {"deq/fwd_nfe", "deq/bwd_nfe", "deq/fwd_rel_residual", "deq/bwd_rel_residual"} <= ys
     assert panels["Residual traces"][0].media_keys == ["deq/residual_trace"]
     assert {y for p in panels["Optimization"] for y in p.y} == {"train/loss", "train/lr"}
+
+
+def test_deqlab_command_dispatches_report(data_dir, tmp_path, monkeypatch, capsys):
+    from deqlab import cli
+
+    run(compose_cfg([f"data_dir={data_dir}", *TINY], tmp_path / "one"))
+    monkeypatch.setattr("sys.argv", ["deqlab", "report", str(tmp_path)])
+    cli.main()
+    out = capsys.readouterr().out
+    assert "| completed |" in out and f"written: {tmp_path / 'report.md'}" in out
+    monkeypatch.setattr("sys.argv", ["deqlab", "report", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit, match=r"deqlab report: .*nothing: no such folder"):
+        cli.main()
+
+
+def test_log_model_without_a_login_fails_by_name(data_dir, tmp_path, monkeypatch):
+    # uploading checkpoints needs an online run; offline, say so instead of dropping it
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = [f"data_dir={data_dir}", *TINY, "logger=wandb", "logger.wandb.log_model=true"]
+    with pytest.raises(Exception, match=r"log_model=true uploads the checkpoints.*wandb login"):
+        run(compose_cfg(args, tmp_path))
