@@ -1,5 +1,5 @@
 """`python -m deqlab` end to end on a tiny image folder: outputs, combinations, resume,
-W&B offline, DDP on CPU and multirun."""
+W&B offline and DDP on CPU (sweeps: tests/test_sweeps.py)."""
 
 from __future__ import annotations
 
@@ -179,22 +179,3 @@ def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
     # Logs and figures come from rank 0 alone: no second version folder from rank 1.
     assert sorted(p.name for p in (out / "csv").iterdir()) == ["version_0"]
     assert list((out / "csv" / "version_0" / "figures").glob("*.png"))
-
-
-@pytest.mark.slow
-def test_multirun_writes_one_folder_per_job(data_dir, tmp_path):
-    sweep = tmp_path / "sweep"
-    run_cli(
-        [
-            "-m",
-            "solver=anderson,broyden",
-            f"data_dir={data_dir}",
-            f"hydra.sweep.dir={sweep}",
-            *TINY,
-        ],
-        tmp_path,
-    )
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["0_solver=anderson", "1_solver=broyden"]
-    names = [(sweep / j / "config_resolved.yaml").read_text() for j in jobs]
-    assert "name: anderson" in names[0] and "name: broyden" in names[1]

@@ -48,6 +48,7 @@ def test_two_job_sweep_ends_in_a_report(data_dir, tmp_path):
     )
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0_solver=anderson", "1_solver=broyden"]  # only the swept key names a job
+    assert "name: broyden" in (sweep / jobs[1] / "config_resolved.yaml").read_text()
     manifest = read_manifest(sweep)
     assert [(j["num"], j["status"]) for j in manifest] == [(0, "completed"), (1, "completed")]
     assert all(0 <= j["value"] <= 1 and Path(j["output_dir"]).name in jobs for j in manifest)
