@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tasks.cifar.model import ResNetCell, TutorialDEQ
+from deqlab.tasks.cifar.model import ResNetCell, TutorialDEQ
 
 
 class TanhCell(nn.Module):

@@ -28,7 +28,13 @@ from .grad import GradConfig
 from .lit import FitConfig, JacRegConfig, OptimConfig
 from .norm import NormConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The config tree: the repository's top-level conf/ in a clone, deqlab/conf in an installed
+# wheel (pyproject.toml maps one onto the other).
+_HERE = Path(__file__).resolve().parent
+CONF_DIR = next(
+    (d for d in (_HERE / "conf", _HERE.parent / "conf") if (d / "train.yaml").is_file()),
+    _HERE / "conf",
+)
 
 SCHEMAS = {"solver": SolverConfig, "grad": GradConfig, "norm": NormConfig, "jac_reg": JacRegConfig}
 

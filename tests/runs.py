@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from deqlab.config import compose as compose_cfg
-from tasks.cifar.data import CLASSES
+from deqlab.tasks.cifar.data import CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
 

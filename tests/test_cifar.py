@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.cifar.data import CifarDataModule, load_split
-from tasks.cifar.model import TutorialDEQ
+from deqlab.tasks.cifar.data import CifarDataModule, load_split
+from deqlab.tasks.cifar.model import TutorialDEQ
 
 from .runs import short_real_cifar_run, write_cifar_folder
 

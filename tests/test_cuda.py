@@ -43,8 +43,8 @@ def test_ift_gradients_on_cuda_match_cpu():
 
 
 def test_bf16_autocast_training_step():
-    from tasks.cifar.model import TutorialDEQ
-    from tasks.cifar.module import CifarModule
+    from deqlab.tasks.cifar.model import TutorialDEQ
+    from deqlab.tasks.cifar.module import CifarModule
 
     module = CifarModule(
         TutorialDEQ(16, 16, groups=4), solver={"max_iter": 10}, grad={"max_iter": 10}

@@ -18,9 +18,9 @@ from deqlab.__main__ import run
 from deqlab.checkpoint import CheckpointError
 from deqlab.config import ConfigError
 from deqlab.data import EpochShuffle, ResumableLoader
-from tasks.cifar.data import CifarDataModule, load_split
-from tasks.lm import data as lm_data
-from tasks.lm.data import Corpus, LMDataModule
+from deqlab.tasks.cifar.data import CifarDataModule, load_split
+from deqlab.tasks.lm import data as lm_data
+from deqlab.tasks.lm.data import Corpus, LMDataModule
 
 from . import wandb_records
 from .runs import (
@@ -277,7 +277,9 @@ def test_checkpoint_of_another_task_is_refused(ptb, data_dir, tmp_path):
     cfg = compose_cfg(
         [f"data_dir={data_dir}", *TINY, "mode=test", f"ckpt_path={lm_ckpt}"], tmp_path
     )
-    with pytest.raises(CheckpointError, match=r"written by tasks\.lm\.module\.LMModule, this run"):
+    with pytest.raises(
+        CheckpointError, match=r"written by deqlab\.tasks\.lm\.module\.LMModule, this run"
+    ):
         run(cfg)
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from deqlab import DEQ
-from tasks.lm import data as lm_data
-from tasks.lm.data import EOS, UNK, BPTTStream, Corpus, corpus_files
-from tasks.lm.model import DEQTransformerCell, DEQTransformerLM, rel_shift
+from deqlab.tasks.lm import data as lm_data
+from deqlab.tasks.lm.data import EOS, UNK, BPTTStream, Corpus, corpus_files
+from deqlab.tasks.lm.model import DEQTransformerCell, DEQTransformerLM, rel_shift
 
 from .runs import TINY_LM, compose_cfg, write_ptb_folder
 

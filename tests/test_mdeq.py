@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from deqlab import DEQ, get_solver
-from tasks.cifar.mdeq import MDEQCell, MDEQClassifier
+from deqlab.tasks.cifar.mdeq import MDEQCell, MDEQClassifier
 
 from .problems import GRADS
 from .runs import compose_cfg, short_real_cifar_run

@@ -1,0 +1,14 @@
+"""The task packages, one per task with its data, model and LightningModule:
+``deqlab.tasks.cifar`` (CIFAR-10: tutorial DEQ, MDEQ) and ``deqlab.tasks.lm`` (word-level
+language modeling: DEQ-Transformer).
+
+They live in the repository's top-level ``tasks/`` folder; an installed wheel carries them
+here, under ``deqlab``, so no generic top-level ``tasks`` package is installed. From a clone,
+this package's path reaches into ``tasks/``.
+"""
+
+from pathlib import Path
+
+_REPOSITORY_TASKS = Path(__file__).resolve().parents[2] / "tasks"
+if (_REPOSITORY_TASKS / "cifar" / "__init__.py").is_file():
+    __path__.append(str(_REPOSITORY_TASKS))

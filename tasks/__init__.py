@@ -1,1 +1,0 @@
-"""deqlab tasks: one package per task, each with its data and model."""
