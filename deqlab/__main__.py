@@ -17,6 +17,9 @@ from typing import Any
 
 import hydra
 import lightning as L
+import rich
+import rich.syntax
+import rich.tree
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -52,6 +55,8 @@ def run(cfg: DictConfig) -> float | None:
         raise
     succeeded = False
     try:
+        if rank_zero_only.rank == 0:
+            print_config(cfg)
         save_config(cfg, out, loggers)
         trainer: L.Trainer = instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
@@ -73,7 +78,7 @@ def fit_and_test(
 ) -> float | None:
     if cfg.mode == "test":
         results = trainer.test(module, datamodule, ckpt_path=ckpt)
-        score = results[0].get(cfg.task.monitor.replace("val/", "test/")) if results else None
+        score = results[0].get(cfg.task.test_metric) if results else None
     else:
         trainer.fit(module, datamodule, ckpt_path=ckpt)
         best_ckpt = next(
@@ -95,6 +100,18 @@ def fit_and_test(
             f"deqlab: {cfg.mode} done; best {cfg.task.monitor}={shown}; {tests}; outputs in {cfg.output_dir}"
         )
     return score
+
+
+def print_config(cfg: DictConfig) -> None:
+    """The composed config as a tree, one branch per group, as the run starts."""
+    tree = rich.tree.Tree(f"config of {cfg.output_dir}")
+    for key, value in cfg.items():
+        if OmegaConf.is_config(value):
+            text = OmegaConf.to_yaml(value, resolve=True)
+            tree.add(f"[bold]{key}").add(rich.syntax.Syntax(text, "yaml"))
+        else:
+            tree.add(f"[bold]{key}[/bold]: {value}")
+    rich.print(tree)
 
 
 def save_config(cfg: DictConfig, out: Path, loggers: list[Logger]) -> None:

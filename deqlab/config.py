@@ -90,7 +90,7 @@ def job_name() -> str:
             if override.is_sweep_override():
                 swept.add(override.key_or_group)
     kept = [o for o in overrides if o.key_or_group in swept] or overrides
-    return ",".join(sorted(o.input_line.lstrip("+~") for o in kept))
+    return ",".join(sorted(o.input_line.lstrip("+") for o in kept))
 
 
 def run_group(task: str) -> str:
