@@ -75,8 +75,11 @@ def job_name() -> str:
     if hydra_cfg is None:
         return ""
     parser = OverridesParser.create()
-    overrides = [o for o in parser.parse_overrides(list(hydra_cfg.overrides.task))]
-    overrides = [o for o in overrides if o.key_or_group not in ("data_dir", "ckpt_path")]
+    overrides = [
+        o
+        for o in parser.parse_overrides(list(hydra_cfg.overrides.task))
+        if o.key_or_group not in ("data_dir", "ckpt_path")
+    ]
     swept = set(hydra_cfg.sweeper.get("params") or {})
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # a local multirun runs its jobs in the process whose command line holds the sweep

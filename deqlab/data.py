@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,17 +114,25 @@ class ResumableLoader(DataLoader):
             self.sampler.skip(batches * self.batch_size)
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary name in the same folder, then rename over ``path``."""
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path in ``path``'s folder to write, renamed over ``path`` when the block
+    ends without error: a reader (or a kill) never meets a half-written file under ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary name, synced to disk, then renamed over ``path``."""
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
 
 
 def load_cache(path: str | Path) -> dict[str, Any] | None:

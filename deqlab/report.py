@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import statistics
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
+from .data import replacing
 from .sweep import read_manifest
 
 # overrides that say where a run reads or resumes from, not what it is
@@ -309,18 +307,6 @@ def report(folder: str | Path) -> Path:
     with replacing(root / "report.md") as tmp:
         tmp.write_text("\n".join(text) + "\n")
     return root / "report.md"
-
-
-@contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A temporary path to write, renamed over ``path`` when done: a reader (or a job writing
-    the same report at the same time) never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
