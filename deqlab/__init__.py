@@ -7,7 +7,7 @@ The engine (this package minus ``lit`` and ``__main__``) is pure PyTorch:
     z_star, info = deq(lambda z: cell(z, x), torch.zeros_like(x))
 """
 
-from .core import DEQ, DEQInfo, SolverConfig
+from .core import DEQ, Core, CoreConfig, DEQInfo, SlicedDEQ, SolverConfig, build_core, register_core
 from .dropout import (
     VariationalDropout,
     VariationalDropout1d,
@@ -16,18 +16,23 @@ from .dropout import (
     VariationalTokenDropout,
     reset_dropout,
 )
-from .grad import DivergenceWarning, GradConfig
-from .init import mixed_init, zeros_init
+from .grad import DivergenceWarning, GradConfig, GradMode, register_grad
+from .initial_state import InitConfig, mixed_init, zeros_init
 from .norm import NormConfig, apply_norm, remove_norm
 from .regularize import fp_correction, jacobian_loss, spectral_radius
 from .solvers import SolverResult, get_solver, register_solver
 
 __all__ = [
     "DEQ",
+    "Core",
+    "CoreConfig",
     "DEQInfo",
     "DivergenceWarning",
     "GradConfig",
+    "GradMode",
+    "InitConfig",
     "NormConfig",
+    "SlicedDEQ",
     "SolverConfig",
     "SolverResult",
     "VariationalDropout",
@@ -36,10 +41,13 @@ __all__ = [
     "VariationalDropout3d",
     "VariationalTokenDropout",
     "apply_norm",
+    "build_core",
     "fp_correction",
     "get_solver",
     "jacobian_loss",
     "mixed_init",
+    "register_core",
+    "register_grad",
     "register_solver",
     "remove_norm",
     "reset_dropout",

@@ -85,7 +85,10 @@ def fit_and_test(
             (c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None
         )
         best = best_ckpt.best_model_path if best_ckpt is not None else ""
-        trainer.test(module, datamodule, ckpt_path=best or None)
+        # the weights in memory are the last ones
+        trainer.test(
+            module, datamodule, ckpt_path=(best or None) if cfg.test_ckpt == "best" else None
+        )
         score = (
             best_ckpt.best_model_score
             if best_ckpt is not None

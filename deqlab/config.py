@@ -23,8 +23,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .core import SolverConfig, to_config
+from .core import CoreConfig, SolverConfig, to_config
 from .grad import GradConfig
+from .initial_state import InitConfig
 from .lit import FitConfig, JacRegConfig, OptimConfig
 from .norm import NormConfig
 
@@ -36,7 +37,14 @@ CONF_DIR = next(
     _HERE / "conf",
 )
 
-SCHEMAS = {"solver": SolverConfig, "grad": GradConfig, "norm": NormConfig, "jac_reg": JacRegConfig}
+SCHEMAS = {
+    "core": CoreConfig,
+    "solver": SolverConfig,
+    "grad": GradConfig,
+    "norm": NormConfig,
+    "jac_reg": JacRegConfig,
+    "init": InitConfig,
+}
 
 
 # Config nodes that become engine dataclasses; building them runs every value check.
@@ -121,12 +129,19 @@ def validate(cfg: DictConfig) -> None:
         check_schemas(cfg)
         for key, schema in VALIDATED.items():
             node = OmegaConf.select(cfg, key)
-            if node is not None:
+            if node is not None and "_target_" not in node:  # a user's class checks its own
                 to_config(schema, OmegaConf.to_container(node, resolve=True), key)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     if cfg.mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.test_ckpt not in ("best", "last"):
+        raise ConfigError(f"test_ckpt must be best or last, got {cfg.test_ckpt!r}")
+    if OmegaConf.select(cfg, "task.datamodule.val_size") == 0 and cfg.test_ckpt == "best":
+        raise ConfigError(
+            "task.datamodule.val_size=0 validates on the test split, so the best checkpoint "
+            "would be chosen by test accuracy: set test_ckpt=last"
+        )
     if cfg.mode == "test" and not cfg.ckpt_path:
         raise ConfigError("mode=test evaluates a checkpoint: pass ckpt_path=<file.ckpt>")
 
@@ -139,7 +154,7 @@ def check_schemas(cfg: DictConfig) -> None:
     """
     for group, schema in SCHEMAS.items():
         node = cfg.get(group)
-        if node is None:
+        if node is None or "_target_" in node:  # a user's class (e.g. core) checks its own
             continue
         valid = [f.name for f in fields(schema)]
         for key in node:

@@ -1,8 +1,19 @@
-"""The DEQ layer: solve z* = f(z*) without a tape, then attach a gradient mode.
+"""DEQ cores: solve z* = f(z*) without a tape, then build the training graph around it.
 
 deq = DEQ(solver={"name": "anderson", "max_iter": 30, "tol": 1e-3},
           grad={"name": "ift", "max_iter": 30})
 z_star, info = deq(lambda z: cell(z, x), torch.zeros_like(x))
+
+A core is any module with this call (the :class:`Core` protocol); the built-in ones follow
+TorchDEQ's two training-graph strategies (Geng & Kolter, 2023, "TorchDEQ"):
+
+- ``indexing`` (:class:`DEQ`): one solve; the gradient mode is attached beside the trajectory
+  at the sampled states (``n_states`` evenly spaced, or the steps in ``indexing``).
+- ``sliced`` (:class:`SlicedDEQ`): the solve is cut into segments; the gradient mode is applied
+  at each segment's end and the next segment resumes from its output, so the gradient
+  function sits inside the trajectory (budget ``max_iter`` + the gradient steps).
+
+Both are the same at test time: one solve with the eval budget.
 """
 
 from __future__ import annotations
@@ -10,15 +21,18 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .grad import DivergenceWarning, GradConfig, implicit, leaf, phantom
+from .grad import GRAD_MODES, DivergenceWarning, GradConfig
+from .registry import Registry
 from .regularize import jacobian_loss
-from .solvers import STOP_MODES, SolverResult, State, get_solver, solver_options
+from .solvers import SolverResult, get_solver, solver_options
+from .solvers.base import check_common
+from .state import State, leaf
 
 
 @dataclass
@@ -27,8 +41,9 @@ class SolverConfig:
 
     ``m``, ``lam``, ``tau`` and ``memory`` go to the solvers that take them (anderson: m, lam,
     tau; fixed_point: tau; broyden: memory); ``options`` holds extra options for solvers
-    registered by the user. ``eval_max_iter`` is the budget in eval mode (default max_iter).
-    ``tol: null`` runs exactly ``max_iter`` steps with no convergence test (no host syncs).
+    registered by the user. The budget in eval mode is ``eval_max_iter`` if set, else
+    ``max_iter * eval_factor`` (TorchDEQ's two options). ``tol: null`` runs exactly
+    ``max_iter`` steps with no convergence test (no host syncs).
     """
 
     name: str = "anderson"
@@ -36,6 +51,7 @@ class SolverConfig:
     tol: float | None = 1e-3
     stop_mode: str = "rel"
     eval_max_iter: int | None = None
+    eval_factor: float = 1.0
     m: int = 5
     lam: float = 1e-4
     tau: float = 1.0
@@ -44,16 +60,18 @@ class SolverConfig:
 
     def __post_init__(self) -> None:
         accepted = solver_options(self.name)  # raises for an unknown solver name
-        if self.stop_mode not in STOP_MODES:
-            raise ValueError(
-                f"solver.stop_mode must be one of {STOP_MODES}, got {self.stop_mode!r}"
-            )
-        if self.max_iter < 1 or (self.eval_max_iter is not None and self.eval_max_iter < 1):
-            raise ValueError("solver.max_iter and solver.eval_max_iter must be >= 1")
         if self.tol is not None and not self.tol > 0:
             raise ValueError(
                 f"solver.tol must be > 0 (or null: exactly max_iter steps), got {self.tol}"
             )
+        try:
+            check_common(self.max_iter, self.tol, self.stop_mode)
+            if self.eval_max_iter is not None:
+                check_common(self.eval_max_iter, self.tol, self.stop_mode)
+        except ValueError as e:
+            raise ValueError(f"solver.{e}") from None
+        if not self.eval_factor > 0:
+            raise ValueError(f"solver.eval_factor must be > 0, got {self.eval_factor}")
         unknown = sorted(set(self.options) - set(accepted))
         if unknown:
             raise ValueError(
@@ -66,6 +84,40 @@ class SolverConfig:
         accepted = solver_options(self.name)
         named = {k: getattr(self, k) for k in ("m", "lam", "tau", "memory") if k in accepted}
         return {**named, **self.options}
+
+    def eval_budget(self) -> int:
+        if self.eval_max_iter is not None:
+            return self.eval_max_iter
+        return max(1, int(self.max_iter * self.eval_factor))
+
+
+@dataclass
+class CoreConfig:
+    """How the training graph is built around the solve (the ``core`` config group).
+
+    ``name``: ``indexing``, ``sliced``, ``torchdeq``, one added with :func:`register_core`, or
+    an import path ``pkg.module:Class``. ``n_states`` > 1 samples that many states evenly over
+    the budget; otherwise ``indexing`` lists the solver steps to sample (TorchDEQ's rule:
+    n_states wins). The last state is always the equilibrium. ``options`` go to a user's core.
+    """
+
+    name: str = "indexing"
+    n_states: int = 1
+    indexing: list[int] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_states < 1:
+            raise ValueError(
+                f"core.n_states must be >= 1 (1: the equilibrium only), got {self.n_states}"
+            )
+        steps = list(self.indexing)
+        if any(k < 1 for k in steps) or steps != sorted(set(steps)):
+            raise ValueError(f"core.indexing lists increasing solver steps >= 1, got {steps}")
+
+    def sampled(self) -> int:
+        """How many states are sampled (the equilibrium included)."""
+        return self.n_states if self.n_states > 1 else len(self.indexing) + 1
 
 
 C = TypeVar("C")
@@ -90,69 +142,109 @@ def to_config(cls: type[C], value: C | Mapping[str, Any] | None, what: str) -> C
 class DEQInfo(SolverResult):
     """The forward :class:`SolverResult`, plus what the gradient mode adds.
 
-    ``states``: the states sampled along the trajectory (with gradients), last one being the
-    returned z*; ``jac_loss``: the Hutchinson Jacobian penalty when requested;
-    ``backward``: the ift backward solve's statistics, filled in by ``backward()``.
+    ``states``: the states the loss reads (with gradients in training), the last being the
+    returned z*; ``jac_loss``: the Hutchinson Jacobian penalty when requested; ``backward``:
+    the ift backward solves' statistics, appended by ``backward()``; ``sradius``: the spectral
+    radius of J_f at z*, per sample, when the caller asks for it.
     """
 
     states: list[State] = field(default_factory=list)
     jac_loss: Tensor | None = None
-    backward: SolverResult | None = None
+    backward: list[SolverResult] = field(default_factory=list)
+    sradius: Tensor | None = None
+
+
+@runtime_checkable
+class Core(Protocol):
+    """What a LightningModule asks of a DEQ core.
+
+    ``core(f, z0, max_iter=..., jac_vecs=...)`` returns ``(z, info)``: ``info.states`` the
+    states the loss reads (last = z), ``info.nfe``, ``info.abs_residual`` and
+    ``info.rel_residual`` (per sample), ``info.trace`` ((steps, B) relative residuals),
+    ``info.backward`` (backward solves, filled in during ``backward()``) and ``info.jac_loss``
+    (when ``jac_vecs`` > 0). ``max_iter`` overrides the training budget for this call;
+    ``max_iter_for_training()`` is that budget. In eval mode a core only solves.
+    """
+
+    training: bool
+
+    def __call__(
+        self,
+        f: Callable[[State], State],
+        z0: State,
+        *,
+        max_iter: int | None = None,
+        jac_vecs: int = 0,
+    ) -> tuple[State, DEQInfo]: ...
+
+    def max_iter_for_training(self) -> int: ...
+
+
+def _warn_nonfinite(res: SolverResult, solver: str) -> None:
+    if res.nonfinite:
+        warnings.warn(
+            f"DEQ forward solve ({solver}) met non-finite iterates; returning each sample's "
+            "best finite iterate (see info.rel_residual). Consider weight/spectral "
+            "normalization, Jacobian regularization or a smaller learning rate.",
+            DivergenceWarning,
+            stacklevel=3,
+        )
 
 
 class DEQ(nn.Module):
-    """Deep equilibrium layer: ``z_star, info = deq(f, z0)`` with f any callable z -> z.
+    """Deep equilibrium layer, TorchDEQ's ``indexing`` core: ``z_star, info = deq(f, z0)``
+    with f any callable z -> z.
 
     The forward solve runs without recording a graph (memory does not grow with the number
     of iterations); the gradient mode then records what it needs (one f evaluation for ift
-    and onestep, k for phantom). Under ``torch.no_grad()`` it only solves. In eval mode the
-    budget is ``solver.eval_max_iter``. Parametrized weights (``deqlab.apply_norm``) are
-    computed once per solve, not once per f evaluation.
+    and onestep, k for phantom) at each sampled state. Under ``torch.no_grad()`` it only
+    solves. In eval mode the budget is the solver's eval budget. Parametrized weights
+    (``deqlab.apply_norm``) are computed once per solve, not once per f evaluation.
     """
 
     def __init__(
         self,
         solver: SolverConfig | Mapping[str, Any] | None = None,
         grad: GradConfig | Mapping[str, Any] | None = None,
+        n_states: int = 1,
+        indexing: list[int] | tuple[int, ...] = (),
     ):
         super().__init__()
         self.solver_cfg = to_config(SolverConfig, solver, "solver")
         self.grad_cfg = to_config(GradConfig, grad, "grad")
+        self.core_cfg = CoreConfig(n_states=n_states, indexing=list(indexing))
+        self.grad_cfg.steps_for(self.core_cfg.sampled())  # one step count, or one per state
         self.solve = get_solver(self.solver_cfg.name)
         self.solver_kwargs = self.solver_cfg.solver_kwargs()
+        self.mode = GRAD_MODES.get(self.grad_cfg.name)
 
     def extra_repr(self) -> str:
-        s, g = self.solver_cfg, self.grad_cfg
-        return f"solver={s.name}(max_iter={s.max_iter}, tol={s.tol}), grad={g.name}"
+        s, g, c = self.solver_cfg, self.grad_cfg, self.core_cfg
+        return (
+            f"solver={s.name}(max_iter={s.max_iter}, tol={s.tol}), grad={g.name}, "
+            f"n_states={c.n_states}, indexing={c.indexing}"
+        )
+
+    def max_iter_for_training(self) -> int:
+        return self.solver_cfg.max_iter
 
     def budget(self) -> int:
-        s = self.solver_cfg
-        return s.max_iter if self.training or s.eval_max_iter is None else s.eval_max_iter
+        return self.solver_cfg.max_iter if self.training else self.solver_cfg.eval_budget()
 
-    def forward(
-        self,
-        f: Callable[[State], State],
-        z0: State,
-        *,
-        max_iter: int | None = None,
-        n_states: int = 1,
-        jac_vecs: int = 0,
-    ) -> tuple[State, DEQInfo]:
-        """Solve z* = f(z*) from z0 and attach the configured gradient.
+    def sample_steps(self, budget: int) -> list[int]:
+        """Solver steps of the sampled states, TorchDEQ's rule; the last is the budget."""
+        c = self.core_cfg
+        if c.n_states > 1:
+            n = min(budget, c.n_states)
+            delta = budget // n
+            return [budget - (n - k - 1) * delta for k in range(n)]
+        return [k for k in c.indexing if k < budget] + [budget]
 
-        Args:
-            max_iter: overrides this call's forward budget (e.g. a jittered budget).
-            n_states: states returned in ``info.states``: n_states - 1 iterates evenly spaced
-                over the budget (each with a one-step gradient, for fixed-point correction
-                losses) followed by the returned z*.
-            jac_vecs: if > 0, ``info.jac_loss`` holds the Hutchinson estimate of
-                ||J_f(z*)||_F^2 / dim with this many probe vectors, differentiable.
-        """
+    def run_solver(
+        self, f: Callable[[State], State], z0: State, budget: int, save_at: list[int]
+    ) -> SolverResult:
         s = self.solver_cfg
-        budget = max_iter or self.budget()
-        track = torch.is_grad_enabled()
-        save_at = [round(budget * i / n_states) - 1 for i in range(1, n_states)] if track else []
-        with torch.no_grad(), parametrize.cached():
+        with torch.no_grad():
             res = self.solve(
                 f,
                 leaf(z0, False),
@@ -162,32 +254,146 @@ class DEQ(nn.Module):
                 save_at=save_at,
                 **self.solver_kwargs,
             )
-        if res.nonfinite:
-            warnings.warn(
-                f"DEQ forward solve ({s.name}) met non-finite iterates; returning each sample's "
-                "best finite iterate (see info.rel_residual). Consider weight/spectral "
-                "normalization, Jacobian regularization or a smaller learning rate.",
-                DivergenceWarning,
-                stacklevel=2,
-            )
+        _warn_nonfinite(res, s.name)
+        return res
+
+    def attach(
+        self,
+        f: Callable[[State], State],
+        z_star: State,
+        info: DEQInfo,
+        steps: int,
+        last: bool,
+        jac_vecs: int,
+    ) -> list[State]:
+        """The gradient mode at one sampled state; ``last``: the equilibrium itself."""
+        mode = self.mode if last or not self.mode.at_equilibrium else GRAD_MODES.get("phantom")
+        jac = last and jac_vecs > 0
+        z = leaf(z_star, mode.needs_z_grad or jac)
+        fz = f(z)
+        if jac:
+            info.jac_loss = jacobian_loss(fz, z, vecs=jac_vecs)
+        return mode.fn(f, z, fz, self.grad_cfg, steps, info.backward.append)
+
+    def forward(
+        self,
+        f: Callable[[State], State],
+        z0: State,
+        *,
+        max_iter: int | None = None,
+        jac_vecs: int = 0,
+    ) -> tuple[State, DEQInfo]:
+        """Solve z* = f(z*) from z0 and attach the configured gradient.
+
+        Args:
+            max_iter: overrides this call's forward budget (e.g. a jittered budget).
+            jac_vecs: if > 0, ``info.jac_loss`` holds the Hutchinson estimate of
+                ||J_f(z*)||_F^2 / dim with this many probe vectors, differentiable.
+        """
+        budget = max_iter or self.budget()
+        track = torch.is_grad_enabled()
+        at = self.sample_steps(budget) if track else [budget]
+        with parametrize.cached():
+            res = self.run_solver(f, z0, budget, at[:-1])
         info = DEQInfo(**{f.name: getattr(res, f.name) for f in fields(SolverResult)})
         if not track:
             info.states = [res.z]
             return res.z, info
-
-        g = self.grad_cfg
+        steps = self.grad_cfg.steps_for(len(at))
         # A second cache: the solve above ran without a tape, so its cached weights carry no
         # graph; these do, and serve every recorded f evaluation below.
         with parametrize.cached():
-            z = leaf(res.z, g.name == "ift" or jac_vecs > 0)
-            fz = f(z)
-            if jac_vecs > 0:
-                info.jac_loss = jacobian_loss(fz, z, vecs=jac_vecs)
-            if g.name == "ift":
-                out = implicit(res.z, z, fz, g, lambda r: setattr(info, "backward", r))
-            elif g.name == "phantom":
-                out = phantom(f, z, fz, g)
-            else:
-                out = fz
-            info.states = [f(leaf(s_k, False)) for s_k in res.saved] + [out]
-        return out, info
+            for i, z_k in enumerate([*res.saved, res.z]):
+                info.states += self.attach(f, z_k, info, steps[i], i == len(at) - 1, jac_vecs)
+        return info.states[-1], info
+
+
+class SlicedDEQ(DEQ):
+    """TorchDEQ's ``sliced`` core: the budget is cut into segments (``n_states`` equal ones,
+    or at the steps in ``indexing``); each segment is solved without a tape from where the
+    previous one ended, the gradient mode is applied at its end, and the next segment starts
+    from that output. Each segment's graph is its own: the solve between segments records
+    nothing. The returned statistics are the last segment's, with ``nfe`` and ``trace`` over
+    all segments. In eval mode it is one solve, exactly as :class:`DEQ`.
+    """
+
+    def segments(self, budget: int) -> list[int]:
+        c = self.core_cfg
+        if c.n_states > 1:
+            return [max(1, budget // c.n_states)] * c.n_states
+        ends = [k for k in c.indexing if k < budget] + [budget]
+        return [b - a for a, b in zip([0, *ends[:-1]], ends)]
+
+    def forward(
+        self,
+        f: Callable[[State], State],
+        z0: State,
+        *,
+        max_iter: int | None = None,
+        jac_vecs: int = 0,
+    ) -> tuple[State, DEQInfo]:
+        if not torch.is_grad_enabled():
+            return super().forward(f, z0, max_iter=max_iter)
+        segments = self.segments(max_iter or self.budget())
+        steps = self.grad_cfg.steps_for(len(segments))
+        states: list[State] = []
+        nfe, traces, backward = 0, [], []
+        z = z0
+        for i, budget in enumerate(segments):
+            with parametrize.cached():
+                res = self.run_solver(f, z, budget, [])
+            nfe, traces = nfe + res.nfe, [*traces, res.trace]
+            info = DEQInfo(**{f.name: getattr(res, f.name) for f in fields(SolverResult)})
+            info.backward = backward  # one list for every segment's backward solves
+            with parametrize.cached():
+                out = self.attach(f, res.z, info, steps[i], i == len(segments) - 1, jac_vecs)
+            states += out
+            z = out[-1]
+        info.nfe, info.trace, info.states = nfe, torch.cat(traces), states
+        return states[-1], info
+
+
+def _check_core(name: str, cls: Any) -> None:
+    if not (isinstance(cls, type) and callable(cls)):
+        raise TypeError(f"core {name!r} must be a class, got {type(cls).__name__}")
+
+
+CORES: Registry[type] = Registry("core", "add your own with deqlab.register_core", _check_core)
+
+
+def register_core(name: str, cls: type) -> type:
+    """Make ``cls`` available as ``core=<name>`` / ``core.name=<name>``. It is built as
+    ``cls(solver=SolverConfig, grad=GradConfig, n_states=..., indexing=..., **options)`` and
+    must implement :class:`Core`."""
+    return CORES.register(name, cls)
+
+
+def build_core(
+    core: CoreConfig | Mapping[str, Any] | nn.Module | None,
+    solver: SolverConfig | Mapping[str, Any] | None,
+    grad: GradConfig | Mapping[str, Any] | None,
+) -> nn.Module:
+    """The core a config names (a built module, e.g. from a ``_target_``, passes through)."""
+    if isinstance(core, nn.Module):
+        if not isinstance(core, Core):
+            raise TypeError(
+                f"{type(core).__name__} is not a DEQ core: it needs forward(f, z0, *, max_iter, "
+                "jac_vecs) -> (z, DEQInfo) and max_iter_for_training() (see deqlab.core.Core)"
+            )
+        return core
+    c = to_config(CoreConfig, core, "core")
+    cls = CORES.get(c.name)
+    built = cls(
+        solver=to_config(SolverConfig, solver, "solver"),
+        grad=to_config(GradConfig, grad, "grad"),
+        n_states=c.n_states,
+        indexing=c.indexing,
+        **c.options,
+    )
+    return build_core(built, None, None)
+
+
+register_core("indexing", DEQ)
+register_core("sliced", SlicedDEQ)
+# TorchDEQ itself behind the same interface, loaded when first asked for (it imports this module)
+CORES.register_lazy("torchdeq", "deqlab.torchdeq_core:TorchDEQCore")

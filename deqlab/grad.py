@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from .solvers import STOP_MODES, SolverResult, State, get_solver
-
-GRAD_MODES = ("ift", "phantom", "onestep")
+from .registry import Registry
+from .solvers import SolverResult, get_solver
+from .solvers.base import check_common
+from .state import State, as_tuple, like, mix
 
 
 class DivergenceWarning(UserWarning):
@@ -35,7 +37,10 @@ class GradConfig:
     """Gradient mode settings (the ``grad`` config group).
 
     ``solver``, ``max_iter``, ``tol`` and ``stop_mode`` configure the ``ift`` backward solve;
-    ``steps`` and ``tau`` configure ``phantom``.
+    ``steps`` and ``tau`` configure ``phantom`` (and, under ift, the states a core samples
+    before the last, as in TorchDEQ). ``steps`` may be a list: one step count per sampled
+    state. ``sup_gap`` / ``sup_loc`` make phantom return intermediate steps too: every
+    ``sup_gap``-th step, or the steps listed in ``sup_loc`` (always ending with the last).
     """
 
     name: str = "ift"
@@ -43,42 +48,89 @@ class GradConfig:
     max_iter: int = 30
     tol: float = 1e-4
     stop_mode: str = "rel"
-    steps: int = 5
+    steps: Any = 5  # int, or list[int]: one per sampled state
     tau: float = 0.5
+    sup_gap: int = -1
+    sup_loc: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.name not in GRAD_MODES:
-            raise ValueError(f"unknown gradient mode {self.name!r}; choose one of {GRAD_MODES}")
+        GRAD_MODES.get(self.name)  # raises with the list of known modes
         get_solver(self.solver)  # raises with the list of known solvers
-        if self.stop_mode not in STOP_MODES:
-            raise ValueError(f"grad.stop_mode must be one of {STOP_MODES}, got {self.stop_mode!r}")
-        if self.max_iter < 1 or self.steps < 1:
-            raise ValueError("grad.max_iter and grad.steps must be >= 1")
         if not self.tol > 0:
             raise ValueError(f"grad.tol must be > 0, got {self.tol}")
+        try:
+            check_common(self.max_iter, self.tol, self.stop_mode)
+        except ValueError as e:
+            raise ValueError(f"grad.{e}") from None
+        steps = self.step_list()
+        if not steps or not all(isinstance(k, int) and k >= 1 for k in steps):
+            raise ValueError(f"grad.steps must be an int >= 1 or a list of them, got {self.steps}")
         if not 0 < self.tau <= 1:
             raise ValueError(f"grad.tau must lie in (0, 1], got {self.tau}")
+        if any(k < 1 for k in self.sup_loc):
+            raise ValueError(f"grad.sup_loc lists steps >= 1, got {self.sup_loc}")
+
+    def step_list(self) -> list[int]:
+        return list(self.steps) if isinstance(self.steps, (list, tuple)) else [self.steps]
+
+    def steps_for(self, n_states: int) -> list[int]:
+        """Phantom steps for each of ``n_states`` sampled states (one value serves all)."""
+        steps = self.step_list()
+        if len(steps) == 1:
+            return steps * n_states
+        if len(steps) != n_states:
+            raise ValueError(
+                f"grad.steps lists {len(steps)} step counts for {n_states} sampled states; "
+                "give one count, or one per state"
+            )
+        return steps
 
 
-def as_tuple(z: State) -> tuple[Tensor, ...]:
-    return (z,) if isinstance(z, Tensor) else tuple(z)
+class GradFn(Protocol):
+    """A gradient mode: from z (z* detached, a fresh leaf) and fz = f(z) recorded from it,
+    return the states the loss reads, the last being the layer's output. ``steps`` is this
+    state's phantom step count; ``on_backward`` receives a backward solve's statistics."""
+
+    def __call__(
+        self,
+        f: Callable[[State], State],
+        z: State,
+        fz: State,
+        cfg: GradConfig,
+        steps: int,
+        on_backward: Callable[[SolverResult], None],
+    ) -> list[State]: ...
 
 
-def like(template: State, parts: tuple[Tensor, ...] | list[Tensor]) -> State:
-    """``parts`` in the structure of ``template`` (a tensor or a tuple)."""
-    return parts[0] if isinstance(template, Tensor) else tuple(parts)
+@dataclass
+class GradMode:
+    """A registered gradient mode. ``needs_z_grad``: z must require grad (the mode
+    differentiates f at z). ``at_equilibrium``: only valid at a fixed point (ift's linear
+    solve); states sampled earlier on the trajectory get a phantom gradient instead."""
+
+    fn: GradFn
+    needs_z_grad: bool = False
+    at_equilibrium: bool = False
 
 
-def leaf(z: State, requires_grad: bool) -> State:
-    return like(z, [p.detach().requires_grad_(requires_grad) for p in as_tuple(z)])
+def _check_mode(name: str, mode: Any) -> None:
+    if not isinstance(mode, GradMode):
+        raise TypeError(
+            f"gradient mode {name!r} must be a deqlab.grad.GradMode, got {type(mode).__name__} "
+            "(wrap a function as GradMode(fn))"
+        )
 
 
-def mix(z: State, fz: State, tau: float) -> State:
-    """tau fz + (1 - tau) z on states of any structure."""
-    if tau == 1.0:
-        return fz
-    # Not torch.lerp: under autocast f may return another dtype than z, and this promotes.
-    return like(z, [a + (b - a) * tau for a, b in zip(as_tuple(z), as_tuple(fz))])
+GRAD_MODES: Registry[GradMode] = Registry(
+    "gradient mode", "add your own with deqlab.register_grad", _check_mode
+)
+
+
+def register_grad(
+    name: str, fn: GradFn, *, needs_z_grad: bool = False, at_equilibrium: bool = False
+) -> GradMode:
+    """Make ``fn`` available as ``grad.name=<name>`` (see :class:`GradFn` for its contract)."""
+    return GRAD_MODES.register(name, GradMode(fn, needs_z_grad, at_equilibrium))
 
 
 class _ImplicitGrad(torch.autograd.Function):
@@ -135,9 +187,36 @@ def implicit(
     return like(z_star, out)
 
 
-def phantom(f: Callable[[State], State], z: State, fz: State, cfg: GradConfig) -> State:
-    """``cfg.steps`` damped steps from z, the first of which reuses fz = f(z)."""
-    out = mix(z, fz, cfg.tau)
-    for _ in range(cfg.steps - 1):
-        out = mix(out, f(out), cfg.tau)
-    return out
+def phantom(
+    f: Callable[[State], State], z: State, fz: State, cfg: GradConfig, steps: int
+) -> list[State]:
+    """``steps`` damped steps from z, the first of which reuses fz = f(z); returns the last
+    step, preceded by the steps ``cfg.sup_gap`` / ``cfg.sup_loc`` ask for.
+
+    TorchDEQ's ``sup_gap`` drops the last step when ``steps`` is not a multiple of the gap, and
+    ``sup_loc`` repeats it when listed; here every step is returned once, the last one last.
+    """
+    out, states = mix(z, fz, cfg.tau), []
+    for k in range(1, steps + 1):
+        if k > 1:
+            out = mix(out, f(out), cfg.tau)
+        if k < steps and ((cfg.sup_gap > 0 and k % cfg.sup_gap == 0) or k in cfg.sup_loc):
+            states.append(out)
+    return [*states, out]
+
+
+def _ift(f, z, fz, cfg, steps, on_backward):  # type: ignore[no-untyped-def]
+    return [implicit(z, z, fz, cfg, on_backward)]
+
+
+def _phantom(f, z, fz, cfg, steps, on_backward):  # type: ignore[no-untyped-def]
+    return phantom(f, z, fz, cfg, steps)
+
+
+def _onestep(f, z, fz, cfg, steps, on_backward):  # type: ignore[no-untyped-def]
+    return [fz]
+
+
+register_grad("ift", _ift, needs_z_grad=True, at_equilibrium=True)
+register_grad("phantom", _phantom)
+register_grad("onestep", _onestep)

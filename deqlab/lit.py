@@ -1,15 +1,15 @@
 """DEQLitModule: the training logic every DEQ task shares.
 
-A task module subclasses it and supplies a network with three parts,
+A task module subclasses it and supplies a network (the :class:`DEQNet` protocol: inject,
+cell, head) plus ``criterion(output, target)`` and ``update_metrics(split, output, target)``.
+Everything else lives here: the solve through a pluggable core (with unrolled pre-training,
+budget jitter and sampled states), Jacobian regularization on its schedule, fixed-point
+correction, solver statistics under ``deq/``, the residual-trace figure, optimizer and
+learning-rate schedule.
 
-    net.inject(x) -> (u, z0)     input injection, computed once per batch, and the initial state
-    net.cell(z, u) -> z          the equilibrium cell f(z; u)
-    net.head(z) -> output        what the loss and metrics read
-
-plus ``criterion(output, target)`` and ``update_metrics(split, output, target)``. Everything
-else lives here: the solve (with unrolled pre-training, budget jitter and sampled states),
-Jacobian regularization on its schedule, fixed-point correction, solver statistics under
-``deq/``, the residual-trace figure, optimizer and learning-rate schedule.
+Data flows through return values: ``forward`` returns the outputs and the solve's
+:class:`DEQInfo`; the steps log from them, and the backward statistics (filled in during
+``backward()``) are logged from the training step's output in ``on_train_batch_end``.
 """
 
 from __future__ import annotations
@@ -18,19 +18,36 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
 from .checkpoint import check_compatible
-from .core import DEQ, DEQInfo, GradConfig, SolverConfig, to_config
+from .core import CoreConfig, DEQInfo, GradConfig, SolverConfig, build_core, to_config
 from .dropout import reset_dropout
+from .initial_state import InitConfig
 from .loggers import log_figure, residual_trace_figure
 from .norm import NormConfig, apply_norm
 from .regularize import fp_correction, spectral_radius
-from .solvers import State
+from .state import State
+
+
+class DEQNet(Protocol):
+    """The network a task gives :class:`DEQLitModule`: three parts around the equilibrium.
+
+    ``inject(x) -> (u, z0)``: input injection, computed once per batch, and a template of the
+    state (its structure, shapes and dtype; the ``init`` group decides its values).
+    ``cell(z, u) -> z``: the equilibrium cell f(z; u). ``head(z) -> output``: what the loss
+    and the metrics read. ``cell`` must be an ``nn.Module`` (normalization applies to it).
+    """
+
+    cell: nn.Module
+
+    def inject(self, x: Any) -> tuple[Any, State]: ...
+
+    def head(self, z: State) -> Tensor: ...
 
 
 @dataclass
@@ -89,7 +106,8 @@ class FitConfig:
     pretrain_steps / pretrain_unroll: for the first steps, run the cell as a weight-tied
     network of ``pretrain_unroll`` layers with ordinary backprop (Bai et al., 2019, 2020).
     jitter: the forward budget of each step is drawn uniformly from max_iter +- jitter.
-    fp_states, fp_weight, fp_gamma: fixed-point correction over that many trajectory states.
+    fp_weight, fp_gamma: how fixed-point correction weighs the states the core samples
+    (``core.n_states`` / ``core.indexing``); with one state there is no correction.
     sradius_iters: power-method steps for ``deq/sradius`` at validation (0: off).
     trace_samples: samples drawn in the validation residual-trace figure (0: off).
     """
@@ -97,7 +115,6 @@ class FitConfig:
     pretrain_steps: int = 0
     pretrain_unroll: int = 0
     jitter: int = 0
-    fp_states: int = 1
     fp_weight: str = "exp"
     fp_gamma: float = 0.8
     sradius_iters: int = 0
@@ -106,8 +123,6 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.pretrain_steps > 0 and self.pretrain_unroll < 1:
             raise ValueError("fit.pretrain_steps > 0 needs fit.pretrain_unroll >= 1")
-        if self.fp_states < 1:
-            raise ValueError("fit.fp_states must be >= 1 (1 = no fixed-point correction)")
 
 
 class DEQLitModule(L.LightningModule):
@@ -118,17 +133,23 @@ class DEQLitModule(L.LightningModule):
     def __init__(
         self,
         net: nn.Module | None,
+        core: Mapping[str, Any] | CoreConfig | nn.Module | None = None,
         solver: Mapping[str, Any] | SolverConfig | None = None,
         grad: Mapping[str, Any] | GradConfig | None = None,
         norm: Mapping[str, Any] | NormConfig | None = None,
         jac_reg: Mapping[str, Any] | JacRegConfig | None = None,
         optim: Mapping[str, Any] | OptimConfig | None = None,
         fit: Mapping[str, Any] | FitConfig | None = None,
+        init: Mapping[str, Any] | InitConfig | None = None,
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
-        self.deq = DEQ(solver, grad)
+        # a core built from a _target_ arrives as a module: its own config is in the run's
+        self.save_hyperparameters(
+            ignore=["net", "core"] if isinstance(core, nn.Module) else ["net"]
+        )
+        self.deq = build_core(core, solver, grad)
+        self.init_cfg = to_config(InitConfig, init, "init")
         self.norm_cfg = to_config(NormConfig, norm, "norm")
         self.jac_cfg = to_config(JacRegConfig, jac_reg, "jac_reg")
         self.optim_cfg = to_config(OptimConfig, optim, "optim")
@@ -137,9 +158,6 @@ class DEQLitModule(L.LightningModule):
         self.net = None
         if net is not None:
             self.attach_net(net)
-        self._infos: list[DEQInfo] = []
-        self._jac_this_step = False
-        self._first_val_batch = False
         self._val_trace: Tensor | None = None
         self._epoch_t0: float | None = None  # perf_counter() at the epoch's start
         self._fit_t0: float | None = None  # perf_counter() at the start of training
@@ -160,38 +178,46 @@ class DEQLitModule(L.LightningModule):
 
     # -- the solve ---------------------------------------------------------------------------
 
-    def equilibrium(self, f: Callable[[State], State], z0: State) -> list[State]:
-        """Solve z = f(z) and return the states the loss should read (last = the equilibrium).
+    def equilibrium(
+        self,
+        f: Callable[[State], State],
+        z0: State,
+        *,
+        jac_vecs: int = 0,
+        sradius_iters: int = 0,
+    ) -> tuple[list[State], DEQInfo | None]:
+        """Solve z = f(z) from the configured start shaped like ``z0``; return the states the
+        loss should read (last = the equilibrium) and the solve's statistics.
 
-        Records the solve's statistics for logging; in unrolled pre-training it runs
-        ``pretrain_unroll`` plain steps with ordinary backprop instead.
+        In unrolled pre-training it runs ``pretrain_unroll`` plain steps with ordinary backprop
+        instead (no statistics). ``jac_vecs`` > 0 asks for the Jacobian penalty,
+        ``sradius_iters`` > 0 for ``info.sradius`` (power method at the equilibrium).
         """
         t = self.fit_cfg
+        z0 = self.init_cfg.like(z0)
         if self.training and self.global_step < t.pretrain_steps:
             z = z0
             for _ in range(t.pretrain_unroll):
                 z = f(z)
-            return [z]
+            return [z], None
         kwargs: dict[str, Any] = {}
         if self.training and torch.is_grad_enabled():
-            budget = self.deq.solver_cfg.max_iter
+            budget = self.deq.max_iter_for_training()
             if t.jitter > 0:
                 low = max(1, budget - t.jitter)
                 budget = int(torch.randint(low, budget + t.jitter + 1, ()).item())
-            kwargs = {"max_iter": budget, "n_states": t.fp_states}
-            if self._jac_this_step:
-                kwargs["jac_vecs"] = self.jac_cfg.vecs
+            kwargs = {"max_iter": budget, "jac_vecs": jac_vecs}
         z, info = self.deq(f, z0, **kwargs)
-        self._infos.append(info)
-        if not self.training and self._first_val_batch and t.sradius_iters > 0:
-            self.log("deq/sradius", spectral_radius(f, z, t.sradius_iters).mean(), sync_dist=True)
-        return info.states
+        if sradius_iters > 0:
+            info.sradius = spectral_radius(f, z, sradius_iters)
+        return info.states, info
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Outputs of ``net.head`` for each returned state (the last is the equilibrium's)."""
+    def forward(self, x: Tensor, **solve: Any) -> tuple[list[Tensor], DEQInfo | None]:
+        """Outputs of ``net.head`` for each returned state (the last is the equilibrium's),
+        and the solve's statistics; ``solve`` goes to :meth:`equilibrium`."""
         u, z0 = self.net.inject(x)
-        states = self.equilibrium(lambda z: self.net.cell(z, u), z0)
-        return [self.net.head(s) for s in states]
+        states, info = self.equilibrium(lambda z: self.net.cell(z, u), z0, **solve)
+        return [self.net.head(s) for s in states], info
 
     # -- what a task supplies ---------------------------------------------------------------
 
@@ -222,6 +248,12 @@ class DEQLitModule(L.LightningModule):
         # wall-clock time of training so far, across resumes: for metric-against-time plots
         if self._fit_t0 is not None:
             self.log("train/elapsed_s", time.perf_counter() - self._fit_t0)
+        # the backward solves ran after training_step returned: their statistics come now
+        info = outputs.get("info") if isinstance(outputs, Mapping) else None
+        if info is not None and info.backward:
+            done = info.backward
+            self.log("deq/bwd_nfe", sum(r.nfe for r in done) / len(done))
+            self.log("deq/bwd_rel_residual", torch.cat([r.rel_residual for r in done]).mean())
 
     # A run resumed mid-epoch does not call on_train_epoch_start again: whatever an epoch
     # accumulates travels in the checkpoint (here the elapsed times; tasks add their own).
@@ -250,13 +282,17 @@ class DEQLitModule(L.LightningModule):
         # function of (seed, rank, step) alone, so a resumed run repeats it exactly.
         torch.manual_seed(self.seed * 1_000_003 + self.global_rank * 7_919 + self.global_step)
         reset_dropout(self)
-        self._infos = []
-        jac_w = self.jac_cfg.weight_at(self.global_step, self.current_epoch)
-        self._jac_this_step = jac_w > 0 and bool(torch.rand(()) < self.jac_cfg.freq)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def jacobian_weight(self) -> float:
+        """This step's Jacobian-loss weight: the schedule's, on a random ``freq`` share of
+        steps, else 0."""
+        weight = self.jac_cfg.weight_at(self.global_step, self.current_epoch)
+        return weight if weight > 0 and bool(torch.rand(()) < self.jac_cfg.freq) else 0.0
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         x, y = batch
-        outputs = self(x)
+        jac_weight = self.jacobian_weight()
+        outputs, info = self(x, jac_vecs=self.jac_cfg.vecs if jac_weight > 0 else 0)
         t = self.fit_cfg
         if len(outputs) > 1:
             loss = fp_correction(self.criterion, outputs, y, t.fp_weight, t.fp_gamma)
@@ -264,46 +300,34 @@ class DEQLitModule(L.LightningModule):
             loss = self.criterion(outputs[-1], y)
         self.log("train/loss", loss, prog_bar=True)
         self.update_metrics("train", outputs[-1].detach(), y)
-        self.log_solver_stats("fwd", self._infos)
-        return loss + self.jacobian_penalty()
+        if info is None:  # unrolled pre-training
+            return {"loss": loss, "info": None}
+        self.log_solver_stats("fwd", info)
+        if info.jac_loss is not None:
+            self.log("deq/jac_loss", info.jac_loss.detach())
+            loss = loss + jac_weight * info.jac_loss
+        return {"loss": loss, "info": info}
 
-    def jacobian_penalty(self) -> Tensor | float:
-        """Weighted Jacobian loss of this step's solves (0 when not scheduled)."""
-        losses = [i.jac_loss for i in self._infos if i.jac_loss is not None]
-        if not losses:
-            return 0.0
-        jac = torch.stack(losses).mean()
-        self.log("deq/jac_loss", jac.detach())
-        return self.jac_cfg.weight_at(self.global_step, self.current_epoch) * jac
-
-    def on_after_backward(self) -> None:
-        done = [i.backward for i in self._infos if i.backward is not None]
-        if done:
-            self.log("deq/bwd_nfe", sum(r.nfe for r in done) / len(done))
-            self.log("deq/bwd_rel_residual", torch.cat([r.rel_residual for r in done]).mean())
-
-    def log_solver_stats(self, prefix: str, infos: list[DEQInfo], **kw: Any) -> None:
-        if not infos:
-            return
-        self.log(f"deq/{prefix}_nfe", sum(i.nfe for i in infos) / len(infos), **kw)
-        self.log(
-            f"deq/{prefix}_rel_residual", torch.cat([i.rel_residual for i in infos]).mean(), **kw
-        )
-        self.log(
-            f"deq/{prefix}_abs_residual", torch.cat([i.abs_residual for i in infos]).mean(), **kw
-        )
+    def log_solver_stats(self, prefix: str, info: DEQInfo, **kw: Any) -> None:
+        self.log(f"deq/{prefix}_nfe", float(info.nfe), **kw)
+        self.log(f"deq/{prefix}_rel_residual", info.rel_residual.mean(), **kw)
+        self.log(f"deq/{prefix}_abs_residual", info.abs_residual.mean(), **kw)
 
     def _eval_step(self, batch: Any, batch_idx: int, split: str) -> Tensor:
         x, y = batch
-        self._infos = []
-        self._first_val_batch = split == "val" and batch_idx == 0
-        output = self(x)[-1]
+        first = split == "val" and batch_idx == 0
+        outputs, info = self(x, sradius_iters=self.fit_cfg.sradius_iters if first else 0)
+        output = outputs[-1]
         loss = self.criterion(output, y)
         self.log(f"{split}/loss", loss, sync_dist=True, prog_bar=split == "val")
         self.update_metrics(split, output, y)
-        self.log_solver_stats(f"{split}_fwd", self._infos, sync_dist=True)
-        if self._first_val_batch and self._infos and self.fit_cfg.trace_samples > 0:
-            self._val_trace = self._infos[0].trace[:, : self.fit_cfg.trace_samples].float().cpu()
+        if info is None:
+            return loss
+        self.log_solver_stats(f"{split}_fwd", info, sync_dist=True)
+        if info.sradius is not None:
+            self.log("deq/sradius", info.sradius.mean(), sync_dist=True)
+        if first and self.fit_cfg.trace_samples > 0:
+            self._val_trace = info.trace[:, : self.fit_cfg.trace_samples].float().cpu()
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:

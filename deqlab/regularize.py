@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .grad import as_tuple
-from .solvers import State
+from .state import State, as_tuple, leaf
 
 
 def jacobian_loss(fz: State, z: State, vecs: int = 1) -> Tensor:
@@ -42,8 +41,8 @@ def spectral_radius(f: Callable[[State], State], z: State, iters: int = 20) -> T
 
     Iterates v <- J^T v / ||J^T v|| (J^T has the spectrum of J) and returns ||J^T v||.
     """
-    z_parts = tuple(p.detach().requires_grad_() for p in as_tuple(z))
-    zz = z_parts[0] if isinstance(z, Tensor) else z_parts
+    zz = leaf(z, True)
+    z_parts = as_tuple(zz)
     batch = z_parts[0].shape[0]
     with torch.enable_grad():
         fz_parts = as_tuple(f(zz))

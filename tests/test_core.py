@@ -60,18 +60,23 @@ def test_sampled_states_carry_gradients():
     w = contraction(6, 0.9).requires_grad_()
     x = torch.randn(2, 6, dtype=torch.float64)
     f = lambda z: torch.tanh(z @ w.T + x)
-    deq = DEQ(solver={"name": "fixed_point", "max_iter": 12, "tol": None})
-    z, info = deq(f, torch.zeros_like(x), n_states=3)
+    deq = DEQ(
+        solver={"name": "fixed_point", "max_iter": 12, "tol": None},
+        grad={"name": "onestep"},
+        n_states=3,
+    )
+    z, info = deq(f, torch.zeros_like(x))
     assert len(info.states) == 3 and info.states[-1] is z
-    # State 0 is f(z_3), the iterate after 4 steps of plain iteration, with a one-step gradient.
-    z3 = torch.zeros_like(x)
-    for _ in range(3):
-        z3 = f(z3).detach()
-    torch.testing.assert_close(info.states[0], f(z3))
+    # States are sampled at steps 4, 8 and 12 (TorchDEQ's rule); state 0 is the one-step
+    # gradient at z_4, the iterate after 4 steps of plain iteration.
+    z4 = torch.zeros_like(x)
+    for _ in range(4):
+        z4 = f(z4).detach()
+    torch.testing.assert_close(info.states[0], f(z4))
     for s in info.states:
         assert s.requires_grad
     g = torch.autograd.grad(info.states[0].sum(), w)[0]
-    torch.testing.assert_close(g, torch.autograd.grad(f(z3).sum(), w)[0])
+    torch.testing.assert_close(g, torch.autograd.grad(f(z4).sum(), w)[0])
 
 
 def test_jacobian_loss_on_request():
@@ -127,3 +132,15 @@ def test_initial_states():
             p.f, mixed_init(p.x.shape, dtype=torch.float64)
         )
         torch.testing.assert_close(a, p.z_star(), rtol=1e-8, atol=1e-8)
+
+
+def test_init_group_shapes_the_start_like_the_template():
+    from deqlab import InitConfig
+
+    template = (torch.zeros(4, 3, 8, 8), torch.zeros(4, 6, 4, 4, dtype=torch.float64))
+    z0 = InitConfig("mixed").like(template)
+    assert [p.shape for p in z0] == [p.shape for p in template]
+    assert z0[1].dtype == torch.float64 and 0.3 < (z0[0] == 0).float().mean() < 0.7
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in InitConfig("zeros").like(template))
+    with pytest.raises(ValueError, match=r"init\.name must be one of"):
+        InitConfig("ones")

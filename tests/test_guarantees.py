@@ -172,7 +172,7 @@ def test_sweep_with_failing_jobs_keeps_every_job_to_itself(data_dir, tmp_path):
         ("grad.tau=2", "grad.tau must lie in"),
         ("jac_reg.freq=2", "jac_reg.freq is a probability"),
         ("task.module.optim.name=adamm", "optim.name must be"),
-        ("task.module.fit.fp_states=0", "fit.fp_states must be >= 1"),
+        ("core.n_states=0", "core.n_states must be >= 1"),
         ("+task.module.fit.jiter=1", "unknown task.module.fit key 'jiter'"),
         ("+solver.max_itr=5", "unknown solver key 'max_itr'"),
         ("mode=eval", "mode must be one of"),
@@ -328,3 +328,22 @@ def test_subsets_are_stratified_and_every_prefix_sees_all_classes(tmp_path):
     other = CifarDataModule(str(tmp_path), batch_size=4, val_size=10, subset=60, seed=1)
     other.setup()
     assert not torch.equal(other.test_set.images, dm.test_set.images)  # seeded
+
+
+def test_validating_on_the_test_split_must_test_the_last_checkpoint(tmp_path):
+    from deqlab.config import ConfigError, compose, validate
+
+    cfg = compose(["experiment=cifar_tutorial", "test_ckpt=best"], tmp_path)
+    with pytest.raises(ConfigError, match="set test_ckpt=last"):
+        validate(cfg)
+    validate(compose(["experiment=cifar_tutorial"], tmp_path))  # the recipe itself is valid
+
+
+def test_val_size_zero_trains_on_every_image_and_validates_on_test(tmp_path):
+    from deqlab.tasks.cifar.data import CifarDataModule
+
+    write_cifar_folder(tmp_path, train_per_class=3, test_per_class=2)
+    dm = CifarDataModule(str(tmp_path), batch_size=4, val_size=0)
+    with pytest.warns(UserWarning, match="runs on the test split"):
+        dm.setup()
+    assert len(dm.train_set) == 30 and dm.val_set is dm.test_set and len(dm.test_set) == 20

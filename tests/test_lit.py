@@ -61,9 +61,9 @@ class Recorder(L.Callback):
                 "step": trainer.global_step,
                 "taped": net.calls["taped"],
                 "solver": net.calls["solver"],
-                "nfe": [i.nfe for i in module._infos],
+                "nfe": [] if outputs["info"] is None else [outputs["info"].nfe],
                 "lr": trainer.optimizers[0].param_groups[0]["lr"],
-                "jac": "deq/jac_loss" in trainer.callback_metrics and module._jac_this_step,
+                "jac": outputs["info"] is not None and outputs["info"].jac_loss is not None,
             }
         )
         net.calls.update(taped=0, solver=0)
@@ -113,7 +113,7 @@ def test_budget_jitter_is_random_and_reproducible():
 
 
 def test_fixed_point_correction_reads_every_sampled_state():
-    module = Synthetic(fit={"fp_states": 3}, solver={"max_iter": 6, "tol": None})
+    module = Synthetic(core={"n_states": 3}, solver={"max_iter": 6, "tol": None})
     fit(module, steps=2)
     assert module.criterion_calls == 2 * 3
 

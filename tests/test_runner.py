@@ -89,6 +89,38 @@ def test_every_solver_grad_norm_combination_runs_a_step(solver, grad, norm, data
     run(cfg)
 
 
+DEQ_STATS = ("deq/fwd_nfe", "deq/fwd_rel_residual", "deq/fwd_abs_residual", "deq/val_fwd_nfe")
+
+
+@pytest.mark.parametrize(
+    "core",
+    [
+        ["core=sliced", "core.n_states=2", "grad=phantom"],
+        ["core=torchdeq", "grad=ift"],
+        ["core=mine"],  # a user's core: its own YAML and class, found through hydra.searchpath
+    ],
+    ids=["sliced", "torchdeq", "user"],
+)
+def test_each_core_trains_through_the_runner_and_logs_the_deq_statistics(core, data_dir, tmp_path):
+    if "core=torchdeq" in core:
+        pytest.importorskip("torchdeq")
+    conf = tmp_path / "my_conf" / "core"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text(
+        "_target_: tests.test_cores.Unrolled\nsolver: ${solver}\ngrad: ${grad}\nsteps: 3\n"
+    )
+    out = tmp_path / "run"
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
+    run_cli([*TINY, *core, f"data_dir={data_dir}", f"hydra.run.dir={out}", searchpath], tmp_path)
+    rows = metrics(out)
+    for key in DEQ_STATS:
+        assert any(r.get(key) for r in rows), f"{key} never logged"
+    if "core=mine" in core:
+        assert last_value(rows, "deq/fwd_nfe") == 3
+    if "grad=ift" in core:
+        assert any(r.get("deq/bwd_nfe") for r in rows)
+
+
 def _train(data_dir, out, epochs, extra=()):
     cfg = compose_cfg(
         [

@@ -443,3 +443,40 @@ def test_broyden_skips_an_update_with_zero_denominator():
         lambda z: torch.tanh(z @ w.T + x[:1]), torch.zeros_like(x[:1]), max_iter=8, tol=None
     )
     torch.testing.assert_close(res.saved[7][0], alone.z[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["fixed_point", "anderson", "broyden"])
+def test_batch_stop_rule_stops_on_the_whole_batchs_residual(name):
+    """batch_rel stops once ||F(Z) - Z|| / ||F(Z)|| over the batch is below tol (the
+    implicit-layers tutorial's rule), even while one slow sample is above it alone."""
+    d = 16
+    x = torch.randn(8, d, dtype=torch.float64)
+    fast, slow = contraction(d, 0.3), contraction(d, 0.95)
+    rows = torch.zeros(8, 1, dtype=torch.float64)
+    rows[0] = 1.0  # sample 0 contracts slowly
+    scale = torch.ones(8, 1, dtype=torch.float64)
+    scale[0] = 0.2  # and is small, so the batch norm hides it
+    f = lambda z: torch.tanh((1 - rows) * (z @ fast.T) + rows * (z @ slow.T) + x * scale)
+    solve = get_solver(name)
+    per_sample = solve(f, torch.zeros_like(x), max_iter=200, tol=1e-4, stop_mode="rel")
+    per_batch = solve(f, torch.zeros_like(x), max_iter=200, tol=1e-4, stop_mode="batch_rel")
+    assert per_batch.nfe < per_sample.nfe and per_sample.converged.all()
+    assert per_batch.converged.all() and per_batch.rel_residual[0] > 1e-4  # the batch rule
+    z = per_batch.z
+    fz = f(z)
+    assert ((fz - z).norm() / fz.norm()).item() <= 1e-4
+    absolute = solve(f, torch.zeros_like(x), max_iter=200, tol=1e-3, stop_mode="batch_abs")
+    fz = f(absolute.z)
+    assert (fz - absolute.z).norm().item() <= 1e-3
+
+
+def test_anderson_over_projection():
+    """tau > 1 (the tutorial's beta > 1) is accepted and still finds the fixed point."""
+    w = contraction(12, 0.8)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    res = get_solver("anderson")(f, torch.zeros_like(x), max_iter=100, tol=1e-10, tau=1.5)
+    assert res.converged.all()
+    torch.testing.assert_close(res.z, f(res.z), rtol=1e-8, atol=1e-8)
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        get_solver("anderson")(f, torch.zeros_like(x), max_iter=5, tol=1e-3, tau=0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from ..registry import Registry
 from .anderson import anderson
 from .base import STOP_MODES, FlatState, SolverResult, State
 from .broyden import broyden
@@ -19,32 +20,32 @@ Solver = Callable[..., SolverResult]
 # Arguments every solver takes; everything else keyword-only is a solver option.
 COMMON_ARGS = ("max_iter", "tol", "stop_mode", "save_at")
 
-_REGISTRY: dict[str, Solver] = {}
+
+def _check_solver(name: str, fn: Solver) -> None:
+    if not callable(fn):
+        raise TypeError(f"solver {name!r} must be a function, got {type(fn).__name__}")
+    try:
+        params = inspect.signature(fn).parameters
+    except ValueError:  # a builtin without a Python signature
+        params = {}  # type: ignore[assignment]
+    missing = [a for a in COMMON_ARGS if a not in params]
+    if missing:
+        raise TypeError(f"solver {name!r} must accept the keyword arguments {missing}")
+
+
+SOLVERS: Registry[Solver] = Registry(
+    "solver", "add your own with deqlab.register_solver", _check_solver
+)
 
 
 def register_solver(name: str, fn: Solver) -> Solver:
     """Make ``fn`` available as ``get_solver(name)`` (and as ``solver.name`` in configs)."""
-    params = inspect.signature(fn).parameters
-    missing = [a for a in COMMON_ARGS if a not in params]
-    if missing:
-        raise TypeError(f"solver {name!r} must accept the keyword arguments {missing}")
-    _REGISTRY[name] = fn
-    return fn
+    return SOLVERS.register(name, fn)
 
 
 def get_solver(name: str) -> Solver:
-    """The solver registered as ``name``."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown solver {name!r}; known solvers: {', '.join(sorted(_REGISTRY))} "
-            "(add your own with deqlab.register_solver)"
-        ) from None
-
-
-def solver_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """The solver registered as ``name``, or the function at import path ``pkg.mod:fn``."""
+    return SOLVERS.get(name)
 
 
 def solver_options(name: str) -> dict[str, object]:
@@ -61,6 +62,7 @@ for _name, _fn in (("fixed_point", fixed_point), ("anderson", anderson), ("broyd
     register_solver(_name, _fn)
 
 __all__ = [
+    "SOLVERS",
     "STOP_MODES",
     "FlatState",
     "SolverResult",
@@ -70,6 +72,5 @@ __all__ = [
     "fixed_point",
     "get_solver",
     "register_solver",
-    "solver_names",
     "solver_options",
 ]

@@ -9,6 +9,9 @@ i.e. alpha = H^-1 1 / (1^T H^-1 1) with H = G G^T + lam_rel I, and steps to
 
     z_{k+1} = tau sum_i alpha_i f_i + (1 - tau) sum_i alpha_i x_i.
 
+tau < 1 damps the step; tau > 1 over-projects it (the implicit-layers tutorial's beta > 1),
+which puts a negative weight on the past iterates and can converge faster.
+
 The Gram matrix G G^T is updated one row per step (O(m D)) rather than recomputed (O(m^2 D)).
 The Tikhonov term is relative, lam_rel = lam * trace(G G^T) / n, so it keeps its meaning as the
 residuals shrink by orders of magnitude.
@@ -40,8 +43,10 @@ def anderson(
     check_common(max_iter, tol, stop_mode)
     if m < 1:
         raise ValueError(f"anderson: memory m must be >= 1, got {m}")
-    if not 0 < tau <= 1:
-        raise ValueError(f"anderson: mixing tau must lie in (0, 1], got {tau}")
+    if not tau > 0:
+        raise ValueError(
+            f"anderson: mixing tau must be > 0 (< 1 damps, > 1 over-projects), got {tau}"
+        )
     if lam < 0:
         raise ValueError(f"anderson: regularisation lam must be >= 0, got {lam}")
     state = FlatState(z0)

@@ -18,9 +18,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-State = Tensor | tuple[Tensor, ...] | list[Tensor]
+from ..state import State, as_tuple
 
-STOP_MODES = ("abs", "rel")
+# When a solve stops. Per sample (abs, rel): each sample stops, and is frozen, once its own
+# residual ||f(z) - z|| (rel: divided by ||f(z)||) is below tol; the batch stops when every sample
+# has. Per batch (batch_abs, batch_rel): the norm is taken over the whole batch, as the
+# implicit-layers tutorial does, so the batch stops once the batch as a whole is below tol even if
+# a few samples are not. Per sample suits evaluation (each prediction is what solving that sample
+# alone gives); per batch trades a few unconverged samples for not waiting on the slowest one.
+STOP_MODES = ("abs", "rel", "batch_abs", "batch_rel")
 
 # Added to ||f(z)|| in the relative residual so that z* = 0 does not divide by zero.
 REL_EPS = 1e-9
@@ -69,13 +75,8 @@ class FlatState:
         # Solver arithmetic (mixing, Gram matrices, quasi-Newton updates) never runs below fp32.
         self.work_dtype = torch.promote_types(self.dtype, torch.float32)
 
-    @property
-    def dim(self) -> int:
-        return sum(self.sizes)
-
     def flatten(self, z: State) -> Tensor:
-        parts = (z,) if isinstance(z, Tensor) else tuple(z)
-        flat = [p.reshape(self.batch, -1) for p in parts]
+        flat = [p.reshape(self.batch, -1) for p in as_tuple(z)]
         out = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
         return out.to(self.work_dtype)
 
@@ -210,7 +211,8 @@ class Tracker:
     ):
         batch, dtype, device = z0.shape[0], z0.dtype, z0.device
         self.tol = tol
-        self.use_rel = stop_mode == "rel"
+        self.use_rel = stop_mode in ("rel", "batch_rel")
+        self.per_batch = stop_mode.startswith("batch")
         # Reading a flag back is free on the CPU; on CUDA only the convergence test may sync.
         # Under torch.compile a host read would break the graph: take the CUDA paths.
         compiling = torch.compiler.is_compiling()
@@ -258,9 +260,15 @@ class Tracker:
         torch.fmin(self.bar, res, out=self.bar)  # fmin ignores NaN
         checks = []
         if self.tol is not None:
-            self.bar.masked_fill_(res <= self.tol, float("-inf"))
-            # all converged (every bar -inf); some residual non-finite (amax propagates NaN)
-            checks += [self.bar.amax(), res.amax()]
+            if self.per_batch:  # ||F(Z) - Z|| (/ ||F(Z)||) over the whole batch
+                stop = abs_res.square().sum().sqrt()
+                if self.use_rel:
+                    stop = stop / (denom - REL_EPS).square().sum().sqrt().add_(REL_EPS)
+            else:  # all converged: every bar -inf
+                self.bar.masked_fill_(res <= self.tol, float("-inf"))
+                stop = self.bar.amax()
+            # some residual non-finite: amax propagates NaN
+            checks += [stop, res.amax()]
         # Samples whose best is the previous iterate and that do not improve now: copy it out
         # before the reference moves on (skipped, after the host read, when there are none).
         fold = self.latest_best > improve if self.latest_z is not None else None
@@ -279,11 +287,16 @@ class Tracker:
         self.latest_z, self.latest_best = z, improve
         if self.tol is None:
             return False
-        bar_max, res_max = flags
+        stop, res_max = flags
         if not math.isfinite(res_max):
             self.nonfinite = True
             return True
-        return bar_max == float("-inf")
+        if self.per_batch:
+            if stop <= self.tol:  # the batch converged: every sample counts as converged
+                self.bar.fill_(float("-inf"))
+                return True
+            return False
+        return stop == float("-inf")
 
     def best(self) -> Tensor:
         """Each sample's best iterate (valid for every sample with a finite best residual)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -159,6 +160,11 @@ class CifarDataModule(ResumableDataModule):
     the test order are seeded, class-stratified samples, so a subset or a ``limit_*_batches``
     still sees every class. The training order is a function of (seed, epoch) and the
     augmentation of (seed, rank, step), so a run resumed mid-epoch repeats the original.
+
+    ``val_size=0`` trains on every training image, as the implicit-layers tutorial does, and
+    runs the validation loop on the test split (the tutorial reports test accuracy each
+    epoch); such a run must test its last checkpoint (``test_ckpt=last``), since choosing the
+    best one by test accuracy would select on the test set.
     """
 
     def __init__(
@@ -205,25 +211,33 @@ class CifarDataModule(ResumableDataModule):
         n_val = (
             int(self.val_size * len(pool)) if isinstance(self.val_size, float) else self.val_size
         )
-        if not 0 < n_val < len(pool):
+        if self.val_size == 0:
+            n_val = 0
+            rank_zero_warn(
+                "task.datamodule.val_size=0: training on every training image; the validation "
+                "loop (val/*) runs on the test split, as the implicit-layers tutorial does"
+            )
+        elif not 0 < n_val < len(pool):
             raise ValueError(
                 f"val_size={self.val_size} leaves no train or no val data of {len(pool)} images"
             )
         in_val = torch.zeros(len(labels), dtype=torch.bool)
-        in_val[pool[stratified(labels[pool], n_val, g)]] = True
+        if n_val > 0:
+            in_val[pool[stratified(labels[pool], n_val, g)]] = True
         val, train = pool[in_val[pool]], pool[~in_val[pool]]
-        val = val[stratified(labels[val], len(val), g)]  # interleaved classes
+        if n_val > 0:
+            val = val[stratified(labels[val], len(val), g)]  # interleaved classes
         if len(train) < self.batch_size * rank_and_world()[1]:
             raise ValueError(
                 f"the training split has {len(train)} images, fewer than one batch of "
                 f"{self.batch_size} per process: lower task.datamodule.batch_size or val_size"
             )
         self.train_set = CifarTensors(images[train], labels[train])
-        self.val_set = CifarTensors(images[val], labels[val])
         test_images, test_labels = load_split(self.data_dir, False)
         n_test = min(self.subset or len(test_labels), len(test_labels))
         test = stratified(test_labels, n_test, torch.Generator().manual_seed(self.seed))
         self.test_set = CifarTensors(test_images[test], test_labels[test])
+        self.val_set = self.test_set if n_val == 0 else CifarTensors(images[val], labels[val])
 
     def make_train_loader(self) -> ResumableLoader:
         world = rank_and_world()[1]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
+from deqlab.core import DEQInfo
 from deqlab.lit import DEQLitModule
 
 from .model import DEQTransformerLM
@@ -74,17 +75,17 @@ class LMModule(DEQLitModule):
         super().on_load_checkpoint(checkpoint)
         self._mem["train"] = checkpoint.get("deqlab_train_memory")
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def forward(self, x: Tensor, **solve: Any) -> tuple[list[Tensor], DEQInfo | None]:
         split = "train" if self.training else self._split
         mem = self._mem.get(split)
         if mem is not None and mem.device != x.device:  # restored from a checkpoint on the CPU
             mem = mem.to(x.device)
         ctx, z0 = self.net.inject(x, mem)
-        states = self.equilibrium(lambda z: self.net.cell(z, ctx), z0)
+        states, info = self.equilibrium(lambda z: self.net.cell(z, ctx), z0, **solve)
         keep = self.mem_len if split == "train" else self.eval_mem_len
         if keep > 0:  # no gradient flows into the next segment through the memory
             self._mem[split] = torch.cat([ctx.mem, states[-1].detach()], dim=1)[:, -keep:]
-        return [self.net.head(s) for s in states]
+        return [self.net.head(s) for s in states], info
 
     def criterion(self, output: Tensor, target: Tensor) -> Tensor:
         return self.net.nll(output, target).mean()
