@@ -11,13 +11,18 @@ by hand between batches.
 - ``spectral_norm``: W = s * V / sigma(V), sigma by power iteration (one step per solve in
   training); s starts at 1.
 
-``learn_scale`` makes s a parameter (else a fixed buffer); ``target_norm`` clips s from above.
+The scale options have TorchDEQ's meaning (its ``norm_*`` arguments): ``no_scale`` fixes s at
+``target_norm`` (so W has exactly that norm), ``clip`` caps the factor s / ||V|| (or
+s / sigma) at ``clip_value``. deqlab adds ``learn_scale``: s a parameter (default) or a buffer
+frozen at its initial value, which keeps the layer's function at the moment of applying it
+(TorchDEQ has no such option: without a learned scale it renormalizes to ``target_norm``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +39,26 @@ class NormConfig:
 
     kind: str = "none"
     learn_scale: bool = True
-    target_norm: float | None = None
+    no_scale: bool = False
+    target_norm: float = 1.0
+    clip: bool = False
+    clip_value: float = 1.0
     exclude: list[str] = field(default_factory=list)
     power_iters: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in NORM_KINDS:
             raise ValueError(f"unknown norm kind {self.kind!r}; choose one of {NORM_KINDS}")
+        if not self.target_norm > 0 or not self.clip_value > 0:
+            raise ValueError("norm.target_norm and norm.clip_value must be > 0")
+
+    def scale_options(self) -> dict[str, object]:
+        return {
+            "learn_scale": self.learn_scale,
+            "no_scale": self.no_scale,
+            "target_norm": self.target_norm,
+            "clip_value": self.clip_value if self.clip else None,
+        }
 
 
 def _out_dim(layer: nn.Module) -> int:
@@ -53,32 +71,45 @@ def _as_matrix(w: Tensor, out_dim: int) -> Tensor:
 
 
 class _Scale(nn.Module):
-    def __init__(self, init: Tensor, learn: bool, target: float | None):
+    """The scale s of W = s V / n(V): learned, frozen, or fixed at ``target_norm``."""
+
+    def __init__(
+        self,
+        init: Tensor,
+        learn_scale: bool = True,
+        no_scale: bool = False,
+        target_norm: float = 1.0,
+        clip_value: float | None = None,
+    ):
         super().__init__()
-        self.target = target
-        if learn:
+        self.clip_value = clip_value
+        if no_scale:
+            self.register_buffer("scale", torch.full_like(init, target_norm))
+        elif learn_scale:
             self.scale = nn.Parameter(init)
         else:
             self.register_buffer("scale", init)
 
-    def value(self) -> Tensor:
-        return self.scale if self.target is None else self.scale.clamp(max=self.target)
+    def factor(self, norm: Tensor) -> Tensor:
+        """s / n(V), capped at ``clip_value`` when clipping."""
+        factor = self.scale / norm
+        return factor if self.clip_value is None else factor.clamp(max=self.clip_value)
 
 
 class WeightNorm(_Scale):
     """W = s * V / ||V||, per output unit."""
 
-    def __init__(self, weight: Tensor, out_dim: int, learn_scale: bool, target_norm: float | None):
+    def __init__(self, weight: Tensor, out_dim: int, **scale: Any):
         self.out_dim = out_dim
         norm = self._norm(weight.detach())
-        super().__init__(norm.clone(), learn_scale, target_norm)
+        super().__init__(norm.clone(), **scale)
 
     def _norm(self, v: Tensor) -> Tensor:
         dims = [d for d in range(v.dim()) if d != self.out_dim]
         return torch.linalg.vector_norm(v, dim=dims, keepdim=True)
 
     def forward(self, v: Tensor) -> Tensor:
-        return v * (self.value() / self._norm(v))
+        return v * self.factor(self._norm(v))
 
 
 class SpectralNorm(_Scale):
@@ -88,11 +119,10 @@ class SpectralNorm(_Scale):
         self,
         weight: Tensor,
         out_dim: int,
-        learn_scale: bool,
-        target_norm: float | None,
         power_iters: int = 1,
+        **scale: Any,
     ):
-        super().__init__(weight.new_ones(()), learn_scale, target_norm)
+        super().__init__(weight.new_ones(()), **scale)
         self.out_dim, self.power_iters = out_dim, power_iters
         mat = _as_matrix(weight.detach(), out_dim)
         self.register_buffer("u", F.normalize(torch.randn(mat.shape[0], dtype=mat.dtype), dim=0))
@@ -111,7 +141,7 @@ class SpectralNorm(_Scale):
             self._power(mat, self.power_iters)
         # Clones: the next solve updates u and v in place while this graph may still need them.
         sigma = torch.dot(self.u.clone(), mat @ self.v.clone())
-        return w * (self.value() / sigma)
+        return w * self.factor(sigma)
 
 
 def _normalizable(module: nn.Module) -> bool:
@@ -124,15 +154,20 @@ def apply_norm(
     *,
     exclude: Iterable[str] = (),
     learn_scale: bool = True,
-    target_norm: float | None = None,
+    no_scale: bool = False,
+    target_norm: float = 1.0,
+    clip: bool = False,
+    clip_value: float = 1.0,
     power_iters: int = 1,
 ) -> nn.Module:
     """Normalize the weight of every Linear/Conv layer (subclasses included) in ``module``.
 
     ``exclude`` lists submodule names (qualified, as in ``named_modules``) whose layers,
-    and their children, are left alone. ``kind="none"`` does nothing. Returns ``module``.
+    and their children, are left alone. ``kind="none"`` does nothing. The scale options are
+    :class:`NormConfig`'s. Returns ``module``.
     """
-    NormConfig(kind=kind)  # validates kind
+    cfg = NormConfig(kind, learn_scale, no_scale, target_norm, clip, clip_value)  # validates
+    scale = cfg.scale_options()
     if kind == "none":
         return module
     excluded = tuple(exclude)
@@ -144,9 +179,9 @@ def apply_norm(
             raise ValueError(f"layer {name!r} already has a weight parametrization")
         out_dim = _out_dim(layer)
         if kind == "weight_norm":
-            p: nn.Module = WeightNorm(layer.weight, out_dim, learn_scale, target_norm)
+            p: nn.Module = WeightNorm(layer.weight, out_dim, **scale)
         else:
-            p = SpectralNorm(layer.weight, out_dim, learn_scale, target_norm, power_iters)
+            p = SpectralNorm(layer.weight, out_dim, power_iters, **scale)
         parametrize.register_parametrization(layer, "weight", p)
         found += 1
     if found == 0:

@@ -26,15 +26,45 @@ def test_weight_norm_keeps_function_and_reaches_every_layer():
         torch.testing.assert_close(m.weight, w)
 
 
-def test_weight_norm_scale_is_learnable_and_clipped():
-    lin = apply_norm(nn.Linear(6, 3), "weight_norm", target_norm=0.5)
-    rows = lin.weight.norm(dim=1)
-    assert torch.all(rows <= 0.5 + 1e-6)
+def test_weight_norm_scale_is_learnable_or_fixed():
+    lin = apply_norm(nn.Linear(6, 3), "weight_norm")
     p = lin.parametrizations.weight[0]
     assert isinstance(p.scale, nn.Parameter)
     lin.weight.sum().backward()
+    assert p.scale.grad is not None
     fixed = apply_norm(nn.Linear(6, 3), "weight_norm", learn_scale=False)
     assert not any("scale" in n for n, _ in fixed.named_parameters())
+
+
+def row_norms(w):
+    return w.norm(dim=1)
+
+
+def operator_norm(w):
+    return torch.linalg.matrix_norm(w, 2).reshape(1)
+
+
+@pytest.mark.parametrize(
+    "kind,norm", [("weight_norm", row_norms), ("spectral_norm", operator_norm)]
+)
+def test_torchdeqs_no_scale_target_norm_and_clip(kind, norm):
+    """TorchDEQ's meaning: no_scale fixes the norm at target_norm; clip caps s / n(V)."""
+    lin = apply_norm(nn.Linear(20, 8), kind, no_scale=True, target_norm=0.5, power_iters=50)
+    got = norm(lin.weight.detach())
+    torch.testing.assert_close(got, torch.full_like(got, 0.5), rtol=1e-3, atol=1e-4)
+    assert not any("scale" in n for n, _ in lin.named_parameters())
+    # clip: the factor s / n(V) = 3 / n(V) is capped at 0.01, so n(W) = 0.01 n(V)
+    big = apply_norm(
+        nn.Linear(20, 8),
+        kind,
+        no_scale=True,
+        target_norm=3.0,
+        clip=True,
+        clip_value=0.01,
+        power_iters=50,
+    )
+    v = big.parametrizations.weight.original.detach()
+    torch.testing.assert_close(norm(big.weight.detach()), 0.01 * norm(v), rtol=1e-3, atol=1e-6)
 
 
 def test_spectral_norm_bounds_the_operator_norm():
@@ -95,7 +125,7 @@ def test_remove_norm_bakes_weights(kind):
 
 def test_weight_norm_gradient_matches_manual_formula():
     v = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    p = WeightNorm(v.detach(), 0, True, None).double()
+    p = WeightNorm(v.detach(), 0).double()
     w = p(v)
     manual = p.scale * v / v.norm(dim=1, keepdim=True)
     torch.testing.assert_close(w, manual)
