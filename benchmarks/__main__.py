@@ -18,7 +18,14 @@ import torch
 from . import suite
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHES = ("solver_overhead", "convergence", "training_step", "memory", "end_to_end")
+BENCHES = (
+    "solver_overhead",
+    "convergence",
+    "training_step",
+    "memory",
+    "end_to_end",
+    "tutorial_recipe",
+)
 
 
 def fmt(v) -> str:
@@ -60,7 +67,13 @@ def main() -> None:
     ap.add_argument(
         "--data",
         default=os.environ.get("DEQLAB_DATA", "data"),
-        help="data_dir for end_to_end (needs cifar10/ and ptb/)",
+        help="data_dir for end_to_end and tutorial_recipe (needs cifar10/ and ptb/)",
+    )
+    ap.add_argument(
+        "--recipe-steps",
+        type=int,
+        default=20,
+        help="training steps of each side of tutorial_recipe (the tutorial trains 25,000)",
     )
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -78,7 +91,8 @@ def main() -> None:
         "command": "python -m benchmarks "
         + " ".join(f"--only {b}" for b in args.only)
         + f" --repeats {args.repeats}"
-        + (" --compile" if args.compile else ""),
+        + (" --compile" if args.compile else "")
+        + (f" --recipe-steps {args.recipe_steps}" if "tutorial_recipe" in args.only else ""),
     }
     print(
         f"deqlab benchmarks on {device.type} ({name}), torch {torch.__version__}, {meta['threads']} threads"
@@ -114,6 +128,9 @@ def main() -> None:
     if "end_to_end" in args.only:
         results["end_to_end"] = suite.end_to_end(device, args.data)
         print_table(results["end_to_end"])
+    if "tutorial_recipe" in args.only:
+        results["tutorial_recipe"] = suite.tutorial_recipe(device, args.data, args.recipe_steps)
+        print_table(results["tutorial_recipe"])
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}")
 

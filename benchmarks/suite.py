@@ -14,11 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deqlab import DEQ, get_solver
+from deqlab import DEQ, build_core, get_solver
 from deqlab.solvers import solver_options
 
 from .baseline import TutorialDEQFixedPoint
 from .cells import resnet_problem, tanh_problem, tutorial_model
+
+# The training-step variants that are not deqlab's: the ratios are taken against the best.
+REFERENCES = ("torchdeq ift", "tutorial ift")
 
 SOLVER_PAIRS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
 
@@ -76,38 +79,17 @@ def _torchdeq():
 
 def history_products(name: str, z0: Tensor, iters: int) -> Callable[[], None] | None:
     """The products with stored history that ``name`` makes in ``iters`` iterations at its
-    default settings, alone, with the same kernels: Anderson's Gram row and mixing over its
-    n <= m slots, Broyden's two low-rank applies over the slots in use. No implementation
-    of the algorithm goes below f plus these; ``None`` for solvers without history."""
-    from deqlab.solvers.broyden import _low_rank_apply
+    default settings, alone, by the solver module's own ``history_products``; ``None`` for
+    solvers without history. No implementation of the algorithm goes below f plus these."""
+    from deqlab.solvers.anderson import history_products as anderson_products
+    from deqlab.solvers.broyden import history_products as broyden_products
 
     x = z0.reshape(z0.shape[0], -1)
-    b, d = x.shape
-    make = lambda rows: torch.randn(b, rows, d, dtype=x.dtype, device=x.device)
     defaults = solver_options(name)
     if name == "anderson":
-        m = defaults["m"]
-        f_hist, g_hist = make(m), make(m)
-        alpha = torch.full((b, 1, m), 1.0 / m, dtype=x.dtype, device=x.device)
-
-        def anderson_products() -> None:
-            for k in range(iters - 1):  # no update after the last evaluation
-                n = min(k + 1, m)
-                torch.bmm(x.unsqueeze(1), g_hist[:, :n].transpose(1, 2))
-                torch.bmm(alpha[:, :, :n], f_hist[:, :n])
-
-        return anderson_products
+        return anderson_products(x, iters, m=defaults["m"])
     if name == "broyden":
-        slots = max(1, min(defaults["memory"], iters - 2))
-        us, vs = make(slots), make(slots)
-
-        def broyden_products() -> None:
-            for used in range(1, iters - 2):  # step k uses k - 1 slots; none at k = 0, 1
-                u, v = us[:, :used], vs[:, :used]
-                _low_rank_apply(v.transpose(1, 2), u, x)  # B g
-                _low_rank_apply(u.transpose(1, 2), v, x)  # dz^T B
-
-        return broyden_products
+        return broyden_products(x, iters, memory=defaults["memory"])
     return None
 
 
@@ -309,6 +291,18 @@ def training_step(
         variants[f"deqlab {grad}"] = lambda cell, u, deq=deq: deq(
             lambda z: cell(z, u), torch.zeros_like(u)
         )[0]
+    # the other cores on the same ift step: sliced (one segment, the same work as indexing)
+    # and TorchDEQ behind deqlab's core interface (the adapter's overhead over the raw call)
+    solver_cfg = {"name": "anderson", "m": 5, **budget}
+    grad_cfg = {"name": "ift", "solver": "anderson", **budget}
+    cores = {"core=sliced ift": {"name": "sliced"}}
+    if torchdeq is not None:
+        cores["core=torchdeq ift"] = {"name": "torchdeq"}
+    for name, core in cores.items():
+        deq = build_core(core, solver_cfg, grad_cfg)
+        variants[f"deqlab {name}"] = lambda cell, u, deq=deq: deq(
+            lambda z: cell(z, u), torch.zeros_like(u)
+        )[0]
     if torchdeq is not None:
         td = torchdeq.get_deq(
             f_solver="anderson",
@@ -351,7 +345,7 @@ def training_step(
         if row["variant"] in times:
             t = times[row["variant"]]
             row.update(seconds=t["median"], range=[t["min"], t["max"]])
-    refs = [r["seconds"] for r in rows if not r["variant"].startswith("deqlab") and r["seconds"]]
+    refs = [r["seconds"] for r in rows if r["variant"] in REFERENCES and r["seconds"]]
     for r in rows:
         r["vs_best_reference"] = r["seconds"] / min(refs) if refs and r["seconds"] else None
     return rows
@@ -464,12 +458,18 @@ def end_to_end(device: torch.device, data_dir: str, steps: int = 30) -> list[dic
 
     trainer_kind = "gpu" if device.type == "cuda" else "cpu"
     rows = []
-    for name, experiment, unit in (
-        ("cifar_cpu", "experiment=cifar_cpu", "images/s"),
-        ("ptb_deq_transformer_cpu", "experiment=ptb_deq_transformer_cpu", "tokens/s"),
-    ):
+    runs = [
+        ("cifar_cpu", ["experiment=cifar_cpu"], "images/s"),
+        ("cifar_cpu core=sliced", ["experiment=cifar_cpu", "core=sliced"], "images/s"),
+        ("ptb_deq_transformer_cpu", ["experiment=ptb_deq_transformer_cpu"], "tokens/s"),
+    ]
+    if _torchdeq()[0] is not None:
+        runs.insert(
+            2, ("cifar_cpu core=torchdeq", ["experiment=cifar_cpu", "core=torchdeq"], "images/s")
+        )
+    for name, overrides, unit in runs:
         cfg = compose(
-            [experiment, f"data_dir={data_dir}", f"trainer={trainer_kind}"], "/tmp/deqlab-bench"
+            [*overrides, f"data_dir={data_dir}", f"trainer={trainer_kind}"], "/tmp/deqlab-bench"
         )
         L.seed_everything(0, verbose=False)
         datamodule = hydra.utils.instantiate(cfg.task.datamodule)
@@ -490,3 +490,120 @@ def end_to_end(device: torch.device, data_dir: str, steps: int = 30) -> list[dic
             }
         )
     return rows
+
+
+# -- 6. the tutorial's recipe, against the tutorial's own code --------------------------------
+
+
+def tutorial_recipe(
+    device: torch.device, data_dir: str, steps: int = 20, test_images: int = 1000
+) -> list[dict[str, Any]]:
+    """``experiment=cifar_tutorial`` through the runner against the tutorial's own
+    implementation (benchmarks/baseline.py: its Anderson and hook-based backward, tol 1e-2,
+    25 iterations, m=5, its batch-level stop rule) in the tutorial's plain training loop, both
+    from the same initial weights on the same real CIFAR-10 batches for ``steps`` steps
+    (Adam 1e-3, cosine over the steps): training seconds, solver iterations and test accuracy
+    on the first ``test_images`` of the (class-stratified) test split."""
+    import hydra.utils
+    import lightning as L
+
+    from deqlab.config import compose
+
+    cfg = compose(
+        [
+            "experiment=cifar_tutorial",
+            f"data_dir={data_dir}",
+            "trainer=" + ("gpu" if device.type == "cuda" else "cpu"),
+        ],
+        "/tmp/deqlab-bench",
+    )
+    L.seed_everything(0, verbose=False)
+    datamodule = hydra.utils.instantiate(cfg.task.datamodule)
+    datamodule.setup("fit")
+    module = hydra.utils.instantiate(cfg.task.module)
+    start = {k: v.clone() for k, v in module.net.state_dict().items()}
+    test = [(x.to(device), y.to(device)) for x, y in datamodule.test_dataloader()]
+    test = _first_images(test, test_images)
+
+    def accuracy(predict: Callable[[Tensor], Tensor]) -> float:
+        with torch.no_grad():
+            right = sum(int((predict(x).argmax(1) == y).sum()) for x, y in test)
+        return right / sum(len(y) for _, y in test)
+
+    rows = []
+    # deqlab: the runner's module and Trainer, validation off
+    meter = _Throughput(warmup=0, device=device)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[meter],
+    )  # fmt: skip
+    nfe: list[float] = []
+
+    class Iterations(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            nfe.append(outputs["info"].nfe)
+
+    trainer.callbacks.append(Iterations())
+    trainer.fit(module, datamodule)
+    module.eval()
+    rows.append(
+        {
+            "bench": "tutorial_recipe",
+            "variant": "deqlab experiment=cifar_tutorial",
+            "steps": meter.steps,
+            "train_s": meter.seconds,
+            "mean_fwd_nfe": sum(nfe) / len(nfe),
+            "test_acc": accuracy(lambda x: module(x.to(module.device))[0][-1]),
+        }
+    )
+    # the tutorial: the same network and initial weights, its DEQ layer and training loop
+    net = hydra.utils.instantiate(cfg.task.module.net).to(device)
+    net.load_state_dict(start)
+    layer = TutorialDEQFixedPoint(net.cell, m=5, max_iter=25, tol=1e-2)
+    model = lambda x: net.head(layer(net.inject(x)[0]))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-6)
+    datamodule.train_loader = None  # a fresh pass over the same order
+    loader = datamodule.make_train_loader()
+    net.train()
+    seconds, iterations = 0.0, []
+    for step, (x, y) in enumerate(loader):
+        if step == steps:
+            break
+        x, y = x.to(device), y.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        iterations.append(len(layer.forward_res) + 2)  # its loop starts with 2 evaluations
+    net.eval()
+    rows.append(
+        {
+            "bench": "tutorial_recipe",
+            "variant": "tutorial (benchmarks/baseline.py)",
+            "steps": len(iterations),
+            "train_s": seconds,
+            "mean_fwd_nfe": sum(iterations) / len(iterations),
+            "test_acc": accuracy(model),
+        }
+    )
+    base = rows[-1]["train_s"]
+    for r in rows:
+        r["time_vs_tutorial"] = r["train_s"] / base
+    return rows
+
+
+def _first_images(batches: list[tuple[Tensor, Tensor]], n: int) -> list[tuple[Tensor, Tensor]]:
+    out, left = [], n
+    for x, y in batches:
+        if left <= 0:
+            break
+        out.append((x[:left], y[:left]))
+        left -= len(y)
+    return out

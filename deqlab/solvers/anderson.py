@@ -22,8 +22,28 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from .base import FlatState, SolverResult, State, Tracker, check_common, scratch
+
+
+def history_products(x: Tensor, iters: int, m: int = 5) -> Callable[[], None]:
+    """The products with stored history that ``iters`` Anderson iterations on the flat (B, D)
+    state ``x`` make, alone, with the solver's kernels (the Gram row <g_i, g_new> and the
+    mixing sum_i alpha_i f_i over the n <= m filled slots): a floor below which no
+    implementation of the algorithm goes, for benchmarks (``python -m benchmarks``)."""
+    b, d = x.shape
+    f_hist = torch.randn(b, m, d, dtype=x.dtype, device=x.device)
+    g_hist = torch.randn_like(f_hist)
+    alpha = torch.full((b, 1, m), 1.0 / m, dtype=x.dtype, device=x.device)
+
+    def products() -> None:
+        for k in range(iters - 1):  # no update after the last evaluation
+            n = min(k + 1, m)
+            torch.bmm(x.unsqueeze(1), g_hist[:, :n].transpose(1, 2))
+            torch.bmm(alpha[:, :, :n], f_hist[:, :n])
+
+    return products
 
 
 @torch.no_grad()
@@ -50,7 +70,7 @@ def anderson(
     if lam < 0:
         raise ValueError(f"anderson: regularisation lam must be >= 0, got {lam}")
     state = FlatState(z0)
-    g = state.flat_fn(f)
+    f_flat = state.flat_fn(f)
     z = state.flatten(z0)
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
@@ -75,7 +95,7 @@ def anderson(
             for n in range(1, m + 1)
         ]
         for k in range(max_iter):
-            fz = g(z)
+            fz = f_flat(z)
             nfe += 1
             j, n = k % m, min(k + 1, m)
             # The residual goes straight into its slot (Dynamo cannot trace out= into a view).

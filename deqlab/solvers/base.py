@@ -107,7 +107,7 @@ class FlatState:
         # cheap cells every avoided operation (even a no-op view or cast) is measurable.
         plain = self.is_tensor and len(self.shapes[0]) == 2 and self.dtype == self.work_dtype
 
-        def g(flat: Tensor) -> Tensor:
+        def f_flat(flat: Tensor) -> Tensor:
             nonlocal checked
             fz = f(flat if plain else self.unflatten(flat))
             if not checked:
@@ -115,7 +115,7 @@ class FlatState:
                 checked = True
             return fz if plain and fz.dtype == self.work_dtype else self.flatten(fz)
 
-        return g
+        return f_flat
 
 
 class _ScratchPool(threading.local):
@@ -224,7 +224,7 @@ class Tracker:
         # Row views made once: indexing a tensor is itself an operation.
         self._rows = list(zip(self.trace.unbind(), self.abs_trace.unbind(), self.improved.unbind()))
         # Best residual so far in stop_mode, or -inf once converged (nothing improves on it).
-        self.bar = torch.full((batch,), float("inf"), dtype=dtype, device=device)
+        self.best_res = torch.full((batch,), float("inf"), dtype=dtype, device=device)
         self.best_z: Tensor | None = None  # rows copied out of iterates that stopped improving
         self.latest_z: Tensor | None = None  # the last iterate, referenced, not copied
         self.latest_best = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -256,34 +256,34 @@ class Tracker:
             self.saved[k] = z.clone()
 
         # NaN compares False, so a non-finite iterate is never taken as best.
-        improve = torch.lt(res, self.bar, out=improved_row)
-        torch.fmin(self.bar, res, out=self.bar)  # fmin ignores NaN
+        improve = torch.lt(res, self.best_res, out=improved_row)
+        torch.fmin(self.best_res, res, out=self.best_res)  # fmin ignores NaN
         checks = []
         if self.tol is not None:
             if self.per_batch:  # ||F(Z) - Z|| (/ ||F(Z)||) over the whole batch
                 stop = abs_res.square().sum().sqrt()
                 if self.use_rel:
                     stop = stop / (denom - REL_EPS).square().sum().sqrt().add_(REL_EPS)
-            else:  # all converged: every bar -inf
-                self.bar.masked_fill_(res <= self.tol, float("-inf"))
-                stop = self.bar.amax()
+            else:  # all converged: every best_res -inf
+                self.best_res.masked_fill_(res <= self.tol, float("-inf"))
+                stop = self.best_res.amax()
             # some residual non-finite: amax propagates NaN
             checks += [stop, res.amax()]
         # Samples whose best is the previous iterate and that do not improve now: copy it out
         # before the reference moves on (skipped, after the host read, when there are none).
-        fold = self.latest_best > improve if self.latest_z is not None else None
-        if fold is not None:
+        stuck = self.latest_best > improve if self.latest_z is not None else None
+        if stuck is not None:
             if self.host_reads:
-                checks.append(fold.any())
+                checks.append(stuck.any())
             else:
-                self._keep_latest(fold)
+                self._keep_latest(stuck)
         # The one host read: on CUDA one transfer, on the CPU items (cheaper than a stack).
         if self.on_cpu:
             flags = [c.item() for c in checks]
         else:
             flags = torch.stack(checks).tolist() if checks else []
-        if fold is not None and self.host_reads and flags.pop():
-            self._keep_latest(fold)
+        if stuck is not None and self.host_reads and flags.pop():
+            self._keep_latest(stuck)
         self.latest_z, self.latest_best = z, improve
         if self.tol is None:
             return False
@@ -293,7 +293,7 @@ class Tracker:
             return True
         if self.per_batch:
             if stop <= self.tol:  # the batch converged: every sample counts as converged
-                self.bar.fill_(float("-inf"))
+                self.best_res.fill_(float("-inf"))
                 return True
             return False
         return stop == float("-inf")
@@ -316,9 +316,9 @@ class Tracker:
         at_best = best_step.unsqueeze(0)
         best_rel = trace.gather(0, at_best).squeeze(0)
         best_abs = self.abs_trace[: self.steps].gather(0, at_best).squeeze(0)
-        best_res = best_rel if self.use_rel else best_abs
-        if not bool(torch.isfinite(best_res).all()):
-            bad = (~torch.isfinite(best_res)).nonzero().flatten().tolist()
+        best_in_mode = best_rel if self.use_rel else best_abs
+        if not bool(torch.isfinite(best_in_mode).all()):
+            bad = (~torch.isfinite(best_in_mode)).nonzero().flatten().tolist()
             raise FloatingPointError(
                 f"{solver}: f returned non-finite values for samples {bad} at every iterate, "
                 "starting from z0; check the input injection and the cell's weights (a "
@@ -332,7 +332,7 @@ class Tracker:
             rel_residual=best_rel,
             nfe=nfe,
             best_step=best_step,
-            converged=self.bar == float("-inf"),
+            converged=self.best_res == float("-inf"),
             trace=trace,
             nonfinite=self.nonfinite,
             saved=saved,

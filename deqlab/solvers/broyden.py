@@ -29,7 +29,7 @@ from torch import Tensor
 from .base import FlatState, SolverResult, State, Tracker, check_common, scratch, set_rows_
 
 
-def _low_rank_apply(left_t: Tensor, right: Tensor, x: Tensor) -> Tensor:
+def low_rank_apply(left_t: Tensor, right: Tensor, x: Tensor) -> Tensor:
     """-x + sum_i (x . left_i) right_i, batched, with ``left_t`` the (B, D, n) transposed slots.
     Both products are row vectors times a slot matrix: a batched gemv in that orientation runs
     several times faster on CPU."""
@@ -38,6 +38,25 @@ def _low_rank_apply(left_t: Tensor, right: Tensor, x: Tensor) -> Tensor:
     row = x.unsqueeze(1)  # (B, 1, D)
     coeff = torch.bmm(row, left_t)  # (B, 1, n)
     return torch.baddbmm(row, coeff, right, alpha=1.0, beta=-1.0).squeeze(1)
+
+
+def history_products(x: Tensor, iters: int, memory: int = 30) -> Callable[[], None]:
+    """The products with stored history that ``iters`` Broyden iterations on the flat (B, D)
+    state ``x`` make, alone, with the solver's own kernel (:func:`low_rank_apply`, twice per
+    step over the slots in use): a floor below which no implementation of the algorithm goes,
+    for benchmarks (``python -m benchmarks``)."""
+    b, d = x.shape
+    slots = max(1, min(memory, iters - 2))
+    us = torch.randn(b, slots, d, dtype=x.dtype, device=x.device)
+    vs = torch.randn_like(us)
+
+    def products() -> None:
+        for used in range(1, iters - 2):  # step k uses k - 1 slots; none at k = 0, 1
+            u, v = us[:, :used], vs[:, :used]
+            low_rank_apply(v.transpose(1, 2), u, x)  # B g
+            low_rank_apply(u.transpose(1, 2), v, x)  # dz^T B
+
+    return products
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -61,7 +80,7 @@ def broyden(
     if memory < 1:
         raise ValueError(f"broyden: memory must be >= 1, got {memory}")
     state = FlatState(z0)
-    g = state.flat_fn(f)
+    f_flat = state.flat_fn(f)
     z = state.flatten(z0)
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
@@ -85,7 +104,7 @@ def broyden(
             for n in range(slots + 1)
         ]
         for k in range(max_iter):
-            fz = g(z)
+            fz = f_flat(z)
             nfe += 1
             gz = fz - z
             if track.step(k, z, fz, gz) or k == max_iter - 1:
@@ -94,13 +113,13 @@ def broyden(
             if restarted:  # all slots used: start again from B = -I
                 used = 0
             u_used, v_used, u_used_t, v_used_t = in_use[used]
-            bg = _low_rank_apply(v_used_t, u_used, gz)  # B g_k = -g_k + sum_i u_i (v_i . g_k)
+            bg = low_rank_apply(v_used_t, u_used, gz)  # B g_k = -g_k + sum_i u_i (v_i . g_k)
             if step is None:  # the first step, with B = -I
                 step = bg.neg_()
             else:
                 u, v = u_slot[used], v_slot[used]
                 dg = gz - g_prev
-                v.copy_(_low_rank_apply(u_used_t, v_used, step))  # v^T = dz^T B
+                v.copy_(low_rank_apply(u_used_t, v_used, step))  # v^T = dz^T B
                 den = _dot(v, dg)
                 dg_norm = torch.linalg.vector_norm(dg, dim=1, keepdim=True)
                 scale = torch.linalg.vector_norm(v, dim=1, keepdim=True) * dg_norm

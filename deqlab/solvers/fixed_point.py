@@ -25,12 +25,12 @@ def fixed_point(
     if not 0 < tau <= 1:
         raise ValueError(f"fixed_point: damping tau must lie in (0, 1], got {tau}")
     state = FlatState(z0)
-    g = state.flat_fn(f)
+    f_flat = state.flat_fn(f)
     z = state.flatten(z0)
     track = Tracker(z, max_iter, tol, stop_mode, save_at)
     nfe = 0
     for k in range(max_iter):
-        fz = g(z)
+        fz = f_flat(z)
         nfe += 1
         if track.step(k, z, fz) or k == max_iter - 1:
             break
