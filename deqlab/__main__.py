@@ -121,7 +121,7 @@ def save_config(cfg: DictConfig, out: Path, loggers: list[Logger]) -> None:
     """The resolved config, beside the run's outputs and in every logger (rank 0 only)."""
     if rank_zero_only.rank != 0:
         return
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
     for logger in loggers:

@@ -1,9 +1,11 @@
-"""Structured-config schemas for the Hydra config groups.
+"""The config tree's schemas, validation and resolvers.
 
-Each YAML file of ``solver/``, ``grad/``, ``norm/`` and ``jac_reg/`` starts from its group's
-``schema`` (stored here in Hydra's ConfigStore), so an unknown key or a value of the wrong
-type fails when the config is composed, naming the key, and never reaches a training run.
-The schemas are the very dataclasses the engine takes, so config and code cannot drift.
+Each YAML file of the engine's groups (``core/``, ``solver/``, ``grad/``, ``init/``,
+``norm/``, ``jac_reg/``, ``optim/``) starts from its group's ``schema``, stored from the one
+table :data:`SCHEMAS` in Hydra's ConfigStore, so an unknown key or a value of the wrong type
+fails when the config is composed, naming the key, and never reaches a training run. The
+schemas are the very dataclasses the engine takes (each defined beside the code that reads
+it, each rule checked once, in its ``__post_init__``), so config and code cannot drift.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sys
-from dataclasses import fields
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -44,12 +48,58 @@ SCHEMAS = {
     "norm": NormConfig,
     "jac_reg": JacRegConfig,
     "init": InitConfig,
+    "optim": OptimConfig,
 }
 
 
 # Config nodes that become engine dataclasses; building them runs every value check.
-VALIDATED = {**SCHEMAS, "task.module.optim": OptimConfig, "task.module.fit": FitConfig}
-MODES = ("train", "test")
+VALIDATED = {**SCHEMAS, "task.module.fit": FitConfig}
+
+
+class Mode(str, Enum):
+    """train: fit, then test a checkpoint; test: evaluate ``ckpt_path`` only."""
+
+    train = "train"
+    test = "test"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TestCheckpoint(str, Enum):
+    """Which checkpoint a training run tests: best (by the task's monitor) or last."""
+
+    best = "best"
+    last = "last"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class RootConfig:
+    """The primary config's own keys, typed (``mode=trian`` fails at composition); the
+    groups are typed by their own schemas."""
+
+    seed: int = 0
+    data_dir: str = "data"
+    ckpt_path: str | None = None
+    mode: Mode = Mode.train
+    test_ckpt: TestCheckpoint = TestCheckpoint.best
+    output_dir: str = "outputs"
+    run_name: str = ""
+    task: Any = None
+    core: Any = None
+    solver: Any = None
+    grad: Any = None
+    init: Any = None
+    norm: Any = None
+    jac_reg: Any = None
+    optim: Any = None
+    trainer: Any = None
+    logger: Any = None
+    callbacks: Any = None
+
 
 # Distinguishes runs started in the same second: part of every run and sweep folder's name.
 RUN_ID = secrets.token_hex(3)
@@ -61,6 +111,7 @@ class ConfigError(ValueError):
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=RootConfig)
     for group, schema in SCHEMAS.items():
         cs.store(group=group, name="schema", node=schema)
     OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
@@ -125,18 +176,15 @@ def path_safe(name: str, limit: int = 120) -> str:
 def validate(cfg: DictConfig) -> None:
     """Check every value the engine and the runner will read, raising :class:`ConfigError`
     with the key and the rule; nothing is built and no data is read."""
+    # Building each schema's dataclass from its node rejects unknown keys by name, including
+    # those appended with +group.key=value (which Hydra lets through structured nodes).
     try:
-        check_schemas(cfg)
         for key, schema in VALIDATED.items():
             node = OmegaConf.select(cfg, key)
             if node is not None and "_target_" not in node:  # a user's class checks its own
                 to_config(schema, OmegaConf.to_container(node, resolve=True), key)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
-    if cfg.mode not in MODES:
-        raise ConfigError(f"mode must be one of {MODES}, got {cfg.mode!r}")
-    if cfg.test_ckpt not in ("best", "last"):
-        raise ConfigError(f"test_ckpt must be best or last, got {cfg.test_ckpt!r}")
     if OmegaConf.select(cfg, "task.datamodule.val_size") == 0 and cfg.test_ckpt == "best":
         raise ConfigError(
             "task.datamodule.val_size=0 validates on the test split, so the best checkpoint "
@@ -144,22 +192,6 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.mode == "test" and not cfg.ckpt_path:
         raise ConfigError("mode=test evaluates a checkpoint: pass ckpt_path=<file.ckpt>")
-
-
-def check_schemas(cfg: DictConfig) -> None:
-    """Reject keys that the group schemas do not define.
-
-    Hydra lets ``+group.key=value`` append keys even to structured nodes; this closes that
-    gap before any work is done, with the same message the engine would give.
-    """
-    for group, schema in SCHEMAS.items():
-        node = cfg.get(group)
-        if node is None or "_target_" in node:  # a user's class (e.g. core) checks its own
-            continue
-        valid = [f.name for f in fields(schema)]
-        for key in node:
-            if key not in valid:
-                raise ValueError(f"unknown {group} key {key!r}; valid keys: {', '.join(valid)}")
 
 
 def compose(overrides: list[str], output_dir: str | Path, keep_hydra: bool = False) -> DictConfig:

@@ -14,12 +14,12 @@ Data flows through return values: ``forward`` returns the outputs and the solve'
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import hydra.utils
 import lightning as L
 import torch
 from torch import Tensor, nn
@@ -83,20 +83,77 @@ class JacRegConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    # learning-rate schedule, stepped every optimizer step
+    """Optimizer and learning-rate schedule (the ``optim`` config group).
+
+    ``optimizer``: a ``torch.optim`` class (or yours) as a Hydra ``_partial_`` node, called
+    with the parameter groups. The schedule, stepped every optimizer step, is torch's own:
+    ``warmup_steps`` of linear warmup (``LinearLR``), then ``cosine`` decay to ``min_lr`` over
+    the remaining steps (``CosineAnnealingLR``) or ``constant``. ``decay_norms_and_biases``:
+    false puts biases, normalization layers' parameters and weight/spectral-norm scales in a
+    group without weight decay (the common practice); true decays every parameter, as the
+    published DEQ/MDEQ recipes do.
+    """
+
+    optimizer: Any = field(
+        default_factory=lambda: {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+    )
     schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 0
     min_lr: float = 0.0
+    decay_norms_and_biases: bool = False
 
     def __post_init__(self) -> None:
-        if self.name not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"optim.name must be adam, adamw or sgd, got {self.name!r}")
+        if isinstance(self.optimizer, Mapping) and "_target_" not in self.optimizer:
+            raise ValueError("optim.optimizer needs a _target_ (e.g. torch.optim.AdamW)")
+        if not (isinstance(self.optimizer, Mapping) or callable(self.optimizer)):
+            raise ValueError(
+                f"optim.optimizer must be a config or a callable, got {self.optimizer!r}"
+            )
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+        if self.warmup_steps < 0 or self.min_lr < 0:
+            raise ValueError("optim.warmup_steps and optim.min_lr must be >= 0")
+
+    def build(self, module: nn.Module, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+        """The optimizer over ``module``'s trainable parameters and its scheduler."""
+        make = self.optimizer
+        if isinstance(make, Mapping):
+            make = hydra.utils.instantiate(dict(make), _convert_="all")
+        opt = make(parameter_groups(module, self.decay_norms_and_biases))
+        warmup = min(self.warmup_steps, max(0, total_steps - 1))
+        if self.schedule == "constant":
+            main: Any = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+        else:
+            main = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=max(1, total_steps - warmup), eta_min=self.min_lr
+            )
+        if warmup == 0:
+            return opt, main
+        ramp = torch.optim.lr_scheduler.LinearLR(opt, 1.0 / warmup, 1.0, total_iters=warmup - 1)
+        return opt, torch.optim.lr_scheduler.SequentialLR(opt, [ramp, main], milestones=[warmup])
+
+
+# Parameters that set a scale or an offset rather than a feature: no weight decay on them.
+_NO_DECAY_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+
+
+def parameter_groups(module: nn.Module, decay_all: bool) -> list[dict[str, Any]]:
+    """Trainable parameters in one group, or, unless ``decay_all``, two: weights with the
+    optimizer's weight decay, and biases, normalization layers' parameters and weight/spectral
+    norm scales with none. Embeddings keep decay (they are features)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if decay_all:
+        return [{"params": params}]
+    no_decay: set[int] = set()
+    for layer in module.modules():
+        for name, p in layer.named_parameters(recurse=False):
+            is_norm = isinstance(layer, _NO_DECAY_LAYERS) and not isinstance(layer, nn.Embedding)
+            if is_norm or name == "bias" or name == "scale":
+                no_decay.add(id(p))
+    return [
+        {"params": [p for p in params if id(p) not in no_decay]},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
 
 
 @dataclass
@@ -125,6 +182,15 @@ class FitConfig:
             raise ValueError("fit.pretrain_steps > 0 needs fit.pretrain_unroll >= 1")
 
 
+def _plain(value: Any) -> bool:
+    """Whether a config value is plain data (mappings, lists, scalars) all the way down."""
+    if isinstance(value, Mapping):
+        return all(_plain(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
 class DEQLitModule(L.LightningModule):
     """Shared DEQ training logic; see the module docstring for what a task adds."""
 
@@ -144,10 +210,10 @@ class DEQLitModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        # a core built from a _target_ arrives as a module: its own config is in the run's
-        self.save_hyperparameters(
-            ignore=["net", "core"] if isinstance(core, nn.Module) else ["net"]
-        )
+        # Built objects (a core from a _target_, an instantiated optimizer factory) are not
+        # hyperparameters: the run's config (config_resolved.yaml) records what built them.
+        built = [k for k, v in (("core", core), ("optim", optim)) if not _plain(v)]
+        self.save_hyperparameters(ignore=["net", *built])
         self.deq = build_core(core, solver, grad)
         self.init_cfg = to_config(InitConfig, init, "init")
         self.norm_cfg = to_config(NormConfig, norm, "norm")
@@ -171,9 +237,12 @@ class DEQLitModule(L.LightningModule):
             net.cell,
             n.kind,
             exclude=n.exclude,
-            learn_scale=n.learn_scale,
-            target_norm=n.target_norm,
             power_iters=n.power_iters,
+            learn_scale=n.learn_scale,
+            no_scale=n.no_scale,
+            target_norm=n.target_norm,
+            clip=n.clip,
+            clip_value=n.clip_value,
         )
 
     # -- the solve ---------------------------------------------------------------------------
@@ -282,6 +351,8 @@ class DEQLitModule(L.LightningModule):
         # function of (seed, rank, step) alone, so a resumed run repeats it exactly.
         torch.manual_seed(self.seed * 1_000_003 + self.global_rank * 7_919 + self.global_step)
         reset_dropout(self)
+        # this step's learning rate (every parameter group follows the same schedule)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def jacobian_weight(self) -> float:
         """This step's Jacobian-loss weight: the schedule's, on a random ``freq`` share of
@@ -350,29 +421,9 @@ class DEQLitModule(L.LightningModule):
     # -- optimization -------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
-        o = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        if o.name == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(
-                params, lr=o.lr, weight_decay=o.weight_decay
-            )
-        elif o.name == "adamw":
-            opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        floor = o.min_lr / o.lr if o.lr > 0 else 0.0
-
-        def factor(step: int) -> float:
-            if step < o.warmup_steps:
-                return (step + 1) / o.warmup_steps
-            if o.schedule == "constant":
-                return 1.0
-            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        opt, sched = self.optim_cfg.build(self, total)
         return {
             "optimizer": opt,
-            "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"},
+            "lr_scheduler": {"scheduler": sched, "interval": "step"},
         }

@@ -75,7 +75,7 @@ def test_last_checkpoint_follows_every_validation_improved_or_not(data_dir, tmp_
     args = [
         f"data_dir={data_dir}",
         *TINY,
-        "task.module.optim.lr=0",
+        "optim.optimizer.lr=0",
         "+trainer.val_check_interval=2",
     ]
     run(compose_cfg(args, tmp_path))
@@ -171,17 +171,23 @@ def test_sweep_with_failing_jobs_keeps_every_job_to_itself(data_dir, tmp_path):
         ("grad.tol=0", "grad.tol must be > 0"),
         ("grad.tau=2", "grad.tau must lie in"),
         ("jac_reg.freq=2", "jac_reg.freq is a probability"),
-        ("task.module.optim.name=adamm", "optim.name must be"),
+        ("optim.schedule=cosin", "optim.schedule must be"),
         ("core.n_states=0", "core.n_states must be >= 1"),
         ("+task.module.fit.jiter=1", "unknown task.module.fit key 'jiter'"),
         ("+solver.max_itr=5", "unknown solver key 'max_itr'"),
-        ("mode=eval", "mode must be one of"),
         ("mode=test", "mode=test evaluates a checkpoint"),
     ],
 )
 def test_invalid_values_fail_before_any_data_is_read(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         run(compose_cfg([*TINY, NO_DATA, override], tmp_path / "run"))
+
+
+def test_root_keys_are_typed_at_composition(tmp_path):
+    for override, allowed in (("mode=eval", "[train, test]"), ("test_ckpt=newest", "[best, last]")):
+        with pytest.raises(Exception, match=f"Error merging override {override}") as failure:
+            compose_cfg([override], tmp_path)
+        assert f"expected one of {allowed}" in str(failure.value.__cause__)
 
 
 def test_rejected_config_leaves_no_run_folder(tmp_path):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from deqlab.lit import DEQLitModule, JacRegConfig
+from deqlab import apply_norm
+from deqlab.lit import DEQLitModule, JacRegConfig, OptimConfig
 
 
 class TanhNet(nn.Module):
@@ -143,7 +144,8 @@ def test_spectral_radius_and_validation_statistics():
 
 
 def test_warmup_then_cosine_to_min_lr():
-    module = Synthetic(optim={"lr": 0.1, "warmup_steps": 2, "min_lr": 0.01})
+    adam = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.1}
+    module = Synthetic(optim={"optimizer": adam, "warmup_steps": 2, "min_lr": 0.01})
     _, rec = fit(module, steps=6)
     lrs = [r["lr"] for r in rec.rows]  # after each step's scheduler update
     assert lrs[0] == pytest.approx(0.1)  # warmup 0.05 -> 0.1
@@ -156,5 +158,32 @@ def test_bad_training_settings_are_named():
         Synthetic(fit={"pretrain_steps": 5})
     with pytest.raises(ValueError, match="unknown fit key 'jiter'"):
         Synthetic(fit={"jiter": 2})
-    with pytest.raises(ValueError, match=r"optim\.name"):
-        Synthetic(optim={"name": "lamb"})
+    with pytest.raises(ValueError, match=r"optim\.optimizer needs a _target_"):
+        Synthetic(optim={"optimizer": {"lr": 0.1}})
+
+
+def test_no_weight_decay_on_biases_norms_and_scales():
+    from deqlab.lit import parameter_groups
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Linear(4, 2), nn.Embedding(5, 4))
+    apply_norm(net[2], "weight_norm")
+    decay, no_decay = parameter_groups(net, decay_all=False)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == [
+        "0.weight",
+        "2.parametrizations.weight.original",
+        "3.weight",
+    ]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == [
+        "0.bias",
+        "1.bias",
+        "1.weight",
+        "2.bias",
+        "2.parametrizations.weight.0.scale",
+    ]
+    assert no_decay["weight_decay"] == 0.0
+    (everything,) = parameter_groups(net, decay_all=True)
+    assert len(everything["params"]) == len(names)
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "weight_decay": 0.5}
+    opt, _ = OptimConfig(optimizer=sgd).build(net, 10)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]

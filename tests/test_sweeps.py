@@ -95,7 +95,7 @@ def test_optuna_search_runs_its_trials(data_dir, tmp_path):
     assert len(manifest) == 2 and all(j["status"] == "completed" for j in manifest)
     for job in manifest:  # a trial is named after its sampled values of the search space
         name = Path(job["output_dir"]).name
-        for key in ("solver=", "grad=", "task.module.optim.lr=", "jac_reg.weight="):
+        for key in ("solver=", "grad=", "optim.optimizer.lr=", "jac_reg.weight="):
             assert key in name, name
     results = (sweep / "optimization_results.yaml").read_text()
     best = max(j["value"] for j in manifest)
