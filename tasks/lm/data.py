@@ -34,6 +34,8 @@ from deqlab.data import (
     save_atomic,
 )
 
+from .download import HUB_CONFIGS, HUB_SOURCE, download_wikitext
+
 CORPORA = {
     "wikitext103": ("wikitext-103", "wiki.{}.tokens"),
     "wikitext2": ("wikitext-2", "wiki.{}.tokens"),
@@ -44,19 +46,31 @@ EOS, UNK = "<eos>", "<unk>"
 CACHE = "deqlab_cache.pt"
 
 
-def corpus_files(data_dir: str | Path, corpus: str) -> dict[str, Path]:
+def corpus_paths(data_dir: str | Path, corpus: str) -> dict[str, Path]:
+    """Where the corpus's split files live under ``data_dir``."""
     if corpus not in CORPORA:
         raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
     folder, pattern = CORPORA[corpus]
-    root = Path(data_dir) / folder
-    files = {s: root / pattern.format(s) for s in SPLITS}
+    return {s: Path(data_dir) / folder / pattern.format(s) for s in SPLITS}
+
+
+def corpus_files(data_dir: str | Path, corpus: str) -> dict[str, Path]:
+    """The corpus's split files, which must exist."""
+    files = corpus_paths(data_dir, corpus)
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
+        root = files["train"].parent
+        get = (
+            "get them with task.datamodule.download=true (the Hugging Face Hub's copy; "
+            "pip install -e '.[lm]'), or"
+            if corpus in HUB_CONFIGS
+            else "copy"
+        )
         raise FileNotFoundError(
             f"{corpus}: missing {', '.join(missing)}. Expected the standard release's "
-            f"{', '.join(pattern.format(s) for s in SPLITS)} under {root.resolve()} "
-            "(WikiText: Merity et al.'s word-level release; PTB: Mikolov's ptb.*.txt; an offline "
-            "copy: `python ../shared/data/prepare.py data`)."
+            f"{', '.join(p.name for p in files.values())} under {root.resolve()}: {get} put "
+            "the release's files there (WikiText: Merity et al.'s word-level release; PTB: "
+            "Mikolov's ptb.*.txt)."
         )
     return files
 
@@ -170,6 +184,10 @@ class BPTTStream(IterableDataset):
 
 
 class LMDataModule(ResumableDataModule):
+    """A word-level corpus as ordered BPTT batches. ``download`` fetches WikiText's files
+    from the Hub when they are missing (tasks/lm/download.py), checked against
+    ``expected_counts`` (default: the published figures) before they are put in place."""
+
     def __init__(
         self,
         data_dir: str = "data",
@@ -178,15 +196,28 @@ class LMDataModule(ResumableDataModule):
         eval_batch_size: int = 10,
         tgt_len: int = 70,
         eval_tgt_len: int | None = None,
+        download: bool = False,
+        hub_source: str = HUB_SOURCE,
+        expected_counts: dict[str, int] | None = None,
     ):
         super().__init__()
         self.data_dir, self.corpus_name = data_dir, corpus
+        self.download, self.hub_source, self.expected_counts = download, hub_source, expected_counts
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.tgt_len, self.eval_tgt_len = tgt_len, eval_tgt_len or tgt_len
         self.corpus: Corpus | None = None
 
-    def prepare_data(self) -> None:
-        Corpus.load(self.data_dir, self.corpus_name)  # builds the cache once, on one process
+    def prepare_data(self) -> None:  # on one process: fetch the files, build the cache
+        if self.download:
+            files = corpus_paths(self.data_dir, self.corpus_name)
+            download_wikitext(
+                files["train"].parent,
+                self.corpus_name,
+                files,
+                self.hub_source,
+                self.expected_counts,
+            )
+        Corpus.load(self.data_dir, self.corpus_name)
 
     def setup(self, stage: str | None = None) -> None:
         if self.corpus is None:
