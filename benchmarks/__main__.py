@@ -23,6 +23,7 @@ BENCHES = (
     "convergence",
     "training_step",
     "memory",
+    "lm_memory",
     "end_to_end",
     "tutorial_recipe",
 )
@@ -125,6 +126,9 @@ def main() -> None:
     if "memory" in args.only:
         results["memory"] = suite.memory(device)
         print_table(results["memory"])
+    if "lm_memory" in args.only:
+        results["lm_memory"] = suite.lm_memory(device)
+        print_table(results["lm_memory"])
     if "end_to_end" in args.only:
         results["end_to_end"] = suite.end_to_end(device, args.data)
         print_table(results["end_to_end"])

@@ -162,7 +162,9 @@ class FitConfig:
 
     pretrain_steps / pretrain_unroll: for the first steps, run the cell as a weight-tied
     network of ``pretrain_unroll`` layers with ordinary backprop (Bai et al., 2019, 2020).
-    jitter: the forward budget of each step is drawn uniformly from max_iter +- jitter.
+    jitter: the forward budget of each step is drawn uniformly from max_iter +- jitter
+    (``jitter_mode: both``) or from max_iter - jitter .. max_iter (``below``, as the
+    DEQ-Transformer reference draws it: ``rand_f_thres_delta``).
     fp_weight, fp_gamma: how fixed-point correction weighs the states the core samples
     (``core.n_states`` / ``core.indexing``); with one state there is no correction.
     sradius_iters: power-method steps for ``deq/sradius`` at validation (0: off).
@@ -172,6 +174,7 @@ class FitConfig:
     pretrain_steps: int = 0
     pretrain_unroll: int = 0
     jitter: int = 0
+    jitter_mode: str = "both"
     fp_weight: str = "exp"
     fp_gamma: float = 0.8
     sradius_iters: int = 0
@@ -180,6 +183,8 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.pretrain_steps > 0 and self.pretrain_unroll < 1:
             raise ValueError("fit.pretrain_steps > 0 needs fit.pretrain_unroll >= 1")
+        if self.jitter_mode not in ("both", "below"):
+            raise ValueError(f"fit.jitter_mode must be both or below, got {self.jitter_mode!r}")
 
 
 def _plain(value: Any) -> bool:
@@ -258,13 +263,15 @@ class DEQLitModule(L.LightningModule):
         """Solve z = f(z) from the configured start shaped like ``z0``; return the states the
         loss should read (last = the equilibrium) and the solve's statistics.
 
-        In unrolled pre-training it runs ``pretrain_unroll`` plain steps with ordinary backprop
-        instead (no statistics). ``jac_vecs`` > 0 asks for the Jacobian penalty,
+        In unrolled pre-training it runs ``pretrain_unroll`` plain steps instead (no
+        statistics), in training with ordinary backprop, and in evaluation too: until
+        ``pretrain_steps`` the model being trained is the unrolled network (as the reference
+        implementations evaluate it). ``jac_vecs`` > 0 asks for the Jacobian penalty,
         ``sradius_iters`` > 0 for ``info.sradius`` (power method at the equilibrium).
         """
         t = self.fit_cfg
         z0 = self.init_cfg.like(z0)
-        if self.training and self.global_step < t.pretrain_steps:
+        if self.global_step < t.pretrain_steps:
             z = z0
             for _ in range(t.pretrain_unroll):
                 z = f(z)
@@ -274,7 +281,8 @@ class DEQLitModule(L.LightningModule):
             budget = self.deq.max_iter_for_training()
             if t.jitter > 0:
                 low = max(1, budget - t.jitter)
-                budget = int(torch.randint(low, budget + t.jitter + 1, ()).item())
+                high = budget if t.jitter_mode == "below" else budget + t.jitter
+                budget = int(torch.randint(low, high + 1, ()).item())
             kwargs = {"max_iter": budget, "jac_vecs": jac_vecs}
         z, info = self.deq(f, z0, **kwargs)
         if sradius_iters > 0:

@@ -55,3 +55,22 @@ def test_history_products_run_the_solvers_kernels():
     assert history_products("fixed_point", z0, 20) is None
     for name in ("anderson", "broyden"):
         history_products(name, z0, 20)()  # shapes line up for every step of a 20-step solve
+
+
+def test_lm_memory_deq_keeps_one_layer_whatever_its_budget():
+    """At a small width: the DEQ's activation bytes do not depend on its forward budget and
+    are about one layer's, while an unrolled stack keeps one layer's per layer."""
+    from benchmarks.suite import lm_memory
+
+    width = {"d_model": 16, "n_head": 2, "d_head": 8, "d_inner": 64}
+    rows = {
+        r["variant"]: r for r in lm_memory(torch.device("cpu"), 2, width, 6, 6, depth=4, budget=8)
+    }
+    deq2 = rows["DEQ-Transformer, ift (forward budget 2)"]["activation_MB"]
+    deq6 = rows["DEQ-Transformer, ift (forward budget 6)"]["activation_MB"]
+    txl = rows["Transformer-XL, 4 untied layers"]["activation_MB"]
+    unrolled = rows["DEQ unrolled for its budget (8), backprop"]["activation_MB"]
+    assert deq2 == deq6 and 0 < deq2 < txl / 2
+    # per layer L over what every variant keeps (the segment's context): the 4-layer stack
+    # keeps ~3L more than the DEQ (one recorded layer and its ift leaf), the 8-layer one 4L more
+    assert 1.0 < (unrolled - txl) / (txl - deq2) < 1.5

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from deqlab import DEQ
 from deqlab.tasks.lm import data as lm_data
@@ -102,9 +103,17 @@ def test_rel_shift_aligns_distances():
 
 def tiny_lm(**kw) -> DEQTransformerLM:
     torch.manual_seed(0)
-    return DEQTransformerLM(
+    net = DEQTransformerLM(
         n_token=50, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, emb_dropout=0.0, **kw
-    ).double()
+    )
+    # PyTorch's default initialization: a contracting cell whose solves reach 1e-12. At the
+    # reference's init_std 0.01 (zero biases) a 16-wide post-LN cell is close to the identity on
+    # its layer-normed states, and no solver converges tightly; these tests are about causality,
+    # memory and gradients, which need exact equilibria.
+    for layer in net.modules():
+        if isinstance(layer, (nn.Linear, nn.Embedding)):
+            layer.reset_parameters()
+    return net.double()
 
 
 def run_lm(net, x, mem=None, solver="fixed_point", tol=1e-12):
@@ -139,22 +148,38 @@ def test_memory_carries_context_but_no_gradient():
     seg1 = torch.randint(0, 50, (2, 6))
     seg1b = (seg1 + 1) % 50
     seg2, y2 = torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (2, 6))
-    z1, _, _ = run_lm(net, seg1)
-    z1b, _, _ = run_lm(net, seg1b)
-    loss_a = net.nll(run_lm(net, seg2, mem=z1.detach())[0], y2).mean()
-    loss_b = net.nll(run_lm(net, seg2, mem=z1b.detach())[0], y2).mean()
+    z1, ctx1, _ = run_lm(net, seg1)
+    z1b, ctx1b, _ = run_lm(net, seg1b)
+    mem_a, mem_b = net.next_memory(ctx1, z1, 6), net.next_memory(ctx1b, z1b, 6)
+    loss_a = net.nll(run_lm(net, seg2, mem=mem_a)[0], y2).mean()
+    loss_b = net.nll(run_lm(net, seg2, mem=mem_b)[0], y2).mean()
     assert abs(loss_a.item() - loss_b.item()) > 1e-6  # segment 2 depends on segment 1
-    z1_live, _, _ = run_lm(net, seg1)
-    mem = z1_live.detach()
+    z1_live, ctx, _ = run_lm(net, seg1)
+    mem = net.next_memory(ctx, z1_live, 4)
+    assert mem[0].shape == (2, 4, 16) and mem[1].shape == (2, 4, 48)
+    assert not mem[0].requires_grad and not mem[1].requires_grad
     loss = net.nll(run_lm(net, seg2, mem=mem)[0], y2).mean()
     loss.backward()
-    assert not mem.requires_grad and mem.grad is None
+    assert mem[0].grad is None and mem[1].grad is None
+
+
+def test_memory_positions_keep_their_own_injection():
+    """A memory position's keys and values are what they were in its own segment: running
+    two segments with memory equals running their concatenation at the second's positions
+    (the reference keeps each past position's injection with its state)."""
+    net = tiny_lm().eval()
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        z_all, _, _ = run_lm(net, x, solver="broyden")
+        z1, ctx1, _ = run_lm(net, x[:, :4], solver="broyden")
+        z2, _, _ = run_lm(net, x[:, 4:], mem=net.next_memory(ctx1, z1, 4), solver="broyden")
+    torch.testing.assert_close(z2, z_all[:, 4:], rtol=1e-7, atol=1e-8)
 
 
 def test_cell_ift_gradients_match_unrolled_autograd():
     net = tiny_lm()
     x = torch.randint(0, 50, (2, 5))
-    mem = torch.randn(2, 3, 16, dtype=torch.float64)
+    mem = (torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 3, 48, dtype=torch.float64))
     ctx, z0 = net.inject(x, mem)
     cell = net.cell
     f = lambda z: cell(z, ctx)
@@ -225,3 +250,58 @@ def test_real_ptb_standard_counts_and_short_training(tmp_path):
         tmp_path,
     )
     assert run(cfg) < 400  # well below the unigram model's validation perplexity, 687
+
+
+# Built with the reference code itself (locuslab/deq at 1fb7059, DEQ-Sequence/models/
+# deq_transformer.py, the arguments of wt103_deq_transformer.sh, on the meta device):
+# sum(p.numel() for p in model.parameters()) = 97,851,488. Its tie_projs ties the three tail
+# projections by `.weight.data =`, so they stay separate Parameters and are listed twice:
+# 700 x (175 + 43 + 10) = 159,600. Outside word_emb and crit: 71,225,100.
+REFERENCE_LISTED = 97_851_488
+REFERENCE_DOUBLE_LISTED = 700 * (175 + 43 + 10)
+WT103_VOCAB = 267_735
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    [
+        "wt103_deq_transformer_medium",
+        "wt103_deq_transformer_medium_reg",
+        "wt103_deq_transformer_medium_preln_reg",
+    ],
+)
+def test_published_deq_transformer_has_the_reference_size(experiment, tmp_path):
+    """Each WT103 experiment's network, at the real vocabulary, on the meta device (no memory):
+    the reference's parameters exactly, its non-embedding 71.2M (inject + cell)."""
+    import hydra.utils
+
+    from deqlab import apply_norm
+    from deqlab.config import compose
+
+    cfg = compose([f"experiment={experiment}"], tmp_path)
+    with torch.device("meta"):
+        net = hydra.utils.instantiate(cfg.task.module.net)(n_token=WT103_VOCAB)
+        apply_norm(net.cell, cfg.norm.kind)
+    total = sum(p.numel() for p in net.parameters())
+    non_embedding = sum(p.numel() for p in [*net.inject_net.parameters(), *net.cell.parameters()])
+    assert total == REFERENCE_LISTED - REFERENCE_DOUBLE_LISTED == 97_691_888
+    assert non_embedding == 71_225_100
+    # the softmax owns only its biases, cluster logits and head projection: the rest is tied
+    owned = sum(p.numel() for p in net.softmax.parameters())
+    assert owned == WT103_VOCAB + (3 * 700 + 3) + 700 * 700
+
+
+def test_tied_adaptive_softmax_is_a_distribution_over_the_embeddings():
+    torch.manual_seed(0)
+    net = DEQTransformerLM(
+        n_token=100, d_model=16, n_head=2, d_head=8, d_inner=32, cutoffs=[10, 40]
+    ).double()
+    h, y = torch.randn(5, 7, 16, dtype=torch.float64), torch.randint(0, 100, (5, 7))
+    logp = net.logits(h)
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(5, 7, dtype=torch.float64))
+    nll = net.nll(h, y)
+    torch.testing.assert_close(nll, -logp.gather(-1, y[..., None]).squeeze(-1))
+    nll.sum().backward()  # gradients reach the shared embeddings and projections of every band
+    for emb in net.embed.emb:
+        assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in net.embed.proj[1:].parameters())

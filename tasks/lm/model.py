@@ -1,14 +1,19 @@
 """DEQ-Transformer language model (Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS
-2019): one weight-tied Transformer-XL block (Dai et al., 2019) as the equilibrium cell.
+2019): one weight-tied Transformer-XL block (Dai et al., 2019) as the equilibrium cell, as the
+reference code (locuslab/deq, DEQ-Sequence/models/deq_transformer.py) builds it.
 
     u      = inject(embed(x))                      once per segment: q, k, v offsets
-    f(z)   = LN2(a + FF(a)),  a = LN1(z + Attn(z, mem; u))      (post-LN; pre-LN optional)
+    f(z)   = LN(a + FF(a)),  a = LN(z + Attn(z, mem; u))      (post-LN; pre-LN optional)
 
 Attention is multi-head with Transformer-XL's relative positional encoding over the segment
-plus a memory of the previous segments' equilibrium states (detached), causally masked.
-Hidden dropout is variational (one mask per batch, held through the solve). Output: tied
-input/output embeddings, or adaptive input embeddings with an adaptive softmax for large
-vocabularies (Baevski & Auli, 2019; Grave et al., 2017).
+plus a memory of the previous segments, causally masked. The memory holds, for each past
+position, its equilibrium state and its injection (detached), so a memory position's keys and
+values are what they were in its own segment. Layer norms have no affine parameters, as in the
+reference. Hidden, attention, positional and embedding dropout are variational (one mask per
+batch, held through the solve). Output: tied input/output embeddings, or adaptive input
+embeddings (Baevski & Auli, 2019) tied to a projected adaptive softmax (Grave et al., 2017) as
+Transformer-XL ties them: every band's embedding matrix, and the projection of every band but
+the first (the reference's ``tie_weights``, ``tie_projs = [False, True, ...]``).
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ from torch import Tensor, nn
 
 from deqlab.dropout import VariationalDropout
 
+# The memory a segment leaves to the next: (states (B, M, D), injections (B, M, 3 H Dh)).
+Memory = tuple[Tensor, Tensor]
+
 
 @dataclass
 class Context:
     """What the cell needs besides z, computed once per segment."""
 
-    u: Tensor  # (B, L, 3 * H * Dh) injection into q, k, v
+    u: Tensor  # (B, M + L, 3 * H * Dh) injection into q, k, v of the memory and the segment
     mem: Tensor  # (B, M, D) previous equilibrium states, no grad
     pos: Tensor  # (M + L, D) sinusoidal embedding of distances M + L - 1 ... 0
     mask: Tensor  # (L, M + L) True where attention is not allowed (the future)
@@ -51,22 +59,26 @@ def rel_shift(x: Tensor) -> Tensor:
 
 
 class RelAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, d_head: int):
+    def __init__(self, d_model: int, n_head: int, d_head: int, dropatt: float = 0.0):
         super().__init__()
         self.n_head, self.d_head = n_head, d_head
         self.qkv = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
         self.r_net = nn.Linear(d_model, n_head * d_head, bias=False)
-        self.out = nn.Linear(n_head * d_head, d_model, bias=False)
+        self.out = nn.Linear(n_head * d_head, d_model)
         self.r_w_bias = nn.Parameter(torch.zeros(n_head, d_head))
         self.r_r_bias = nn.Parameter(torch.zeros(n_head, d_head))
         self.scale = 1.0 / math.sqrt(d_head)
+        # one mask per (sample, head, query, key), held through the solve
+        self.dropatt = VariationalDropout(dropatt)
 
-    def forward(self, z: Tensor, ctx: Context) -> Tensor:
-        b, length, _ = z.shape
+    def forward(self, z: Tensor, ctx: Context, pre_ln: bool = False) -> Tensor:
+        b, length, d = z.shape
         h, dh = self.n_head, self.d_head
         mem_len = ctx.mem.shape[1]
-        qkv = self.qkv(torch.cat([ctx.mem, z], dim=1))  # (B, M + L, 3 H Dh)
-        qkv = torch.cat([qkv[:, :mem_len], qkv[:, mem_len:] + ctx.u], dim=1)
+        cat = torch.cat([ctx.mem, z], dim=1)
+        if pre_ln:  # the reference normalizes the memory together with the segment
+            cat = F.layer_norm(cat, (d,))
+        qkv = self.qkv(cat) + ctx.u  # (B, M + L, 3 H Dh)
         q, k, v = qkv.view(b, mem_len + length, 3, h, dh).unbind(2)
         q = q[:, mem_len:]  # queries: the current segment only
         r = self.r_net(ctx.pos).view(-1, h, dh)  # (M + L, H, Dh)
@@ -74,14 +86,15 @@ class RelAttention(nn.Module):
         bd = rel_shift(torch.einsum("bihd,jhd->bhij", q + self.r_r_bias, r))
         scores = (ac + bd) * self.scale
         scores = scores.masked_fill(ctx.mask, float("-inf"))
-        attn = scores.softmax(dim=-1)
+        attn = self.dropatt(scores.softmax(dim=-1))
         out = torch.einsum("bhij,bjhd->bihd", attn, v).reshape(b, length, h * dh)
         return self.out(out)
 
 
 class DEQTransformerCell(nn.Module):
     """f(z; ctx): relative attention and a position-wise feed-forward, each with a residual
-    and LayerNorm (post-LN, as the DEQ-Transformer; ``pre_ln`` puts the norms first)."""
+    and a LayerNorm without affine parameters (post-LN, as the DEQ-Transformer; ``pre_ln``
+    normalizes the inputs instead)."""
 
     def __init__(
         self,
@@ -91,26 +104,33 @@ class DEQTransformerCell(nn.Module):
         d_inner: int,
         dropout: float = 0.0,
         pre_ln: bool = False,
+        dropatt: float = 0.0,
     ):
         super().__init__()
-        self.attn = RelAttention(d_model, n_head, d_head)
+        self.attn = RelAttention(d_model, n_head, d_head, dropatt)
         self.ff = nn.Sequential(nn.Linear(d_model, d_inner), nn.ReLU(), nn.Linear(d_inner, d_model))
-        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         # One mask per (sample, feature), shared over positions and held through the solve.
+        # Three masks, as the reference: attention output, FF hidden (d_inner), FF output.
         self.drop = VariationalDropout(dropout, shared_dims=(1,))
-        self.pre_ln = pre_ln
+        self.ff_drop = VariationalDropout(dropout, shared_dims=(1,))
+        self.ff_out_drop = VariationalDropout(dropout, shared_dims=(1,))
+        self.pre_ln, self.d_model = pre_ln, d_model
+
+    def feed_forward(self, a: Tensor) -> Tensor:
+        return self.ff_out_drop(self.ff[2](self.ff_drop(self.ff[1](self.ff[0](a)))))
 
     def forward(self, z: Tensor, ctx: Context) -> Tensor:
+        d = (self.d_model,)
         if self.pre_ln:
-            a = z + self.drop(self.attn(self.ln1(z), ctx))
-            return a + self.drop(self.ff(self.ln2(a)))
-        a = self.ln1(z + self.drop(self.attn(z, ctx)))
-        return self.ln2(a + self.drop(self.ff(a)))
+            a = z + self.drop(self.attn(z, ctx, pre_ln=True))
+            return a + self.feed_forward(F.layer_norm(a, d))
+        a = F.layer_norm(z + self.drop(self.attn(z, ctx)), d)
+        return F.layer_norm(a + self.feed_forward(a), d)
 
 
 class AdaptiveInput(nn.Module):
-    """Adaptive input embeddings (Baevski & Auli, 2019): frequency bands of the vocabulary get
-    embeddings of dimension d / div_val^i, each projected to d."""
+    """Adaptive input embeddings (Baevski & Auli, 2019): frequency band i of the vocabulary
+    (``cutoffs``) gets embeddings of dimension d // div_val^i, projected to d by ``proj[i]``."""
 
     def __init__(self, n_token: int, d_model: int, cutoffs: Sequence[int], div_val: float = 4.0):
         super().__init__()
@@ -133,11 +153,73 @@ class AdaptiveInput(nn.Module):
         return out
 
 
+class TiedAdaptiveSoftmax(nn.Module):
+    """Projected adaptive softmax (Grave et al., 2017) over the bands of an
+    :class:`AdaptiveInput`, whose parameters it shares: band i's logits are
+    (h P_i) E_i^T + b_i with E_i that band's embedding matrix and P_i its projection (tied for
+    i >= 1; the head's P_0 is its own). The head scores the first band and one logit per tail
+    cluster; a token of band i >= 1 has log p = log p_head(cluster i) + log p_i(token).
+    Only the parameters it owns are registered (biases, cluster logits, P_0)."""
+
+    def __init__(self, embed: AdaptiveInput):
+        super().__init__()
+        self.tied = [embed]  # a list: shared, not a second registration of the embedding
+        n_clusters = len(embed.emb) - 1
+        d0 = embed.emb[0].embedding_dim
+        self.bias = nn.Parameter(torch.zeros(embed.edges[-1]))
+        self.cluster = nn.Linear(d0, n_clusters)
+        self.head_proj = nn.Parameter(torch.empty(embed.d_model, d0))
+
+    def _logits(self, h: Tensor, i: int) -> Tensor:
+        embed = self.tied[0]
+        proj = self.head_proj if i == 0 else embed.proj[i].weight  # (D, d_i)
+        lo, hi = embed.edges[i], embed.edges[i + 1]
+        hp = h @ proj
+        logits = F.linear(hp, embed.emb[i].weight, self.bias[lo:hi])
+        if i == 0:
+            logits = torch.cat([logits, self.cluster(hp)], dim=-1)
+        return logits
+
+    def nll(self, h: Tensor, y: Tensor) -> Tensor:
+        """-log p(y | h) for rows h (N, D) and targets y (N,), computing each tail band only
+        for the tokens in it."""
+        edges = self.tied[0].edges
+        work = torch.promote_types(h.dtype, torch.float32)  # never below float32
+        head = self._logits(h, 0).to(work).log_softmax(-1)
+        n_head = edges[1]
+        out = torch.empty(len(y), dtype=head.dtype, device=h.device)
+        in_head = y < n_head
+        out[in_head] = -head[in_head].gather(1, y[in_head, None]).squeeze(1)
+        for i in range(1, len(edges) - 1):
+            sel = (y >= edges[i]) & (y < edges[i + 1])
+            if not sel.any():
+                continue
+            tail = self._logits(h[sel], i).to(work).log_softmax(-1)
+            token = tail.gather(1, (y[sel] - edges[i])[:, None]).squeeze(1)
+            out[sel] = -(head[sel, n_head + i - 1] + token)
+        return out
+
+    def log_prob(self, h: Tensor) -> Tensor:
+        """log p over the whole vocabulary, (N, n_token): for evaluation of small batches."""
+        edges = self.tied[0].edges
+        work = torch.promote_types(h.dtype, torch.float32)
+        head = self._logits(h, 0).to(work).log_softmax(-1)
+        parts = [head[:, : edges[1]]]
+        for i in range(1, len(edges) - 1):
+            tail = self._logits(h, i).to(work).log_softmax(-1)
+            parts.append(head[:, edges[1] + i - 1 : edges[1] + i] + tail)
+        return torch.cat(parts, dim=-1)
+
+
 class DEQTransformerLM(nn.Module):
     """Embedding -> DEQ(DEQTransformerCell) with segment memory -> (adaptive) softmax.
 
-    ``cutoffs`` empty: tied input/output embeddings. Otherwise adaptive input and adaptive
-    softmax with those cutoffs (token ids are frequency-ranked, see tasks/lm/data.py).
+    ``cutoffs`` empty: tied input/output embeddings. Otherwise adaptive input embeddings tied
+    to a projected adaptive softmax (token ids are frequency-ranked, see tasks/lm/data.py).
+    ``dropout``: hidden (attention and FF outputs, FF hidden), positional and output dropout;
+    ``dropatt``: attention probabilities; ``emb_dropout``: the embeddings. Weights start from
+    N(0, init_std), projections from N(0, proj_init_std), biases from 0 (the reference's
+    ``weights_init``).
     """
 
     def __init__(
@@ -149,42 +231,65 @@ class DEQTransformerLM(nn.Module):
         d_inner: int = 512,
         dropout: float = 0.1,
         emb_dropout: float = 0.1,
+        dropatt: float = 0.0,
         pre_ln: bool = False,
         cutoffs: Sequence[int] = (),
         div_val: float = 4.0,
+        init_std: float = 0.01,
+        proj_init_std: float = 0.01,
     ):
         super().__init__()
         cutoffs = [c for c in cutoffs if c < n_token]
         self.d_model = d_model
+        self.softmax: TiedAdaptiveSoftmax | None = None
         if cutoffs:
-            self.embed = AdaptiveInput(n_token, d_model, cutoffs, div_val)
-            self.softmax = nn.AdaptiveLogSoftmaxWithLoss(
-                d_model, n_token, cutoffs, div_value=div_val
-            )
+            self.embed: nn.Module = AdaptiveInput(n_token, d_model, cutoffs, div_val)
+            self.softmax = TiedAdaptiveSoftmax(self.embed)
             self.out_bias = None
         else:
             self.embed = nn.Embedding(n_token, d_model)
-            self.softmax = None
             self.out_bias = nn.Parameter(torch.zeros(n_token))
-            nn.init.normal_(self.embed.weight, std=0.02)
         self.inject_net = nn.Linear(d_model, 3 * n_head * d_head)
-        self.cell = DEQTransformerCell(d_model, n_head, d_head, d_inner, dropout, pre_ln)
+        self.cell = DEQTransformerCell(d_model, n_head, d_head, d_inner, dropout, pre_ln, dropatt)
         self.emb_drop = VariationalDropout(emb_dropout, shared_dims=(1,))
+        self.pos_drop = VariationalDropout(dropout)
         self.out_drop = VariationalDropout(dropout, shared_dims=(1,))
+        self.init_weights(init_std, proj_init_std)
 
-    def inject(self, x: Tensor, mem: Tensor | None = None) -> tuple[Context, Tensor]:
-        """Injection context and z0 for a segment x (B, L), given the memory (B, M, D)."""
+    @torch.no_grad()
+    def init_weights(self, std: float, proj_std: float) -> None:
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if ".proj." in name or leaf == "head_proj":  # the adaptive projections
+                p.normal_(0.0, proj_std)
+            elif leaf in ("bias", "out_bias"):
+                p.zero_()
+            else:  # weights, embeddings, the attention's r_w / r_r biases, cluster logits
+                p.normal_(0.0, std)
+
+    def inject(self, x: Tensor, mem: Memory | None = None) -> tuple[Context, Tensor]:
+        """Injection context and z0 for a segment x (B, L), given the memory."""
         b, length = x.shape
         e = self.emb_drop(self.embed(x) * math.sqrt(self.d_model))
+        u = self.inject_net(e)
         if mem is None:
-            mem = e.new_zeros(b, 0, self.d_model)
-        m = mem.shape[1]
+            mem = (e.new_zeros(b, 0, self.d_model), u.new_zeros(b, 0, u.shape[-1]))
+        z_mem, u_mem = mem
+        m = z_mem.shape[1]
         distances = torch.arange(m + length - 1, -1, -1, device=x.device)
         mask = torch.ones(length, m + length, dtype=torch.bool, device=x.device).triu_(1 + m)
-        ctx = Context(
-            self.inject_net(e), mem.to(e.dtype), sinusoid(distances, self.d_model).to(e.dtype), mask
-        )
+        pos = self.pos_drop(sinusoid(distances, self.d_model).to(e.dtype)[None])[0]
+        ctx = Context(torch.cat([u_mem.to(u.dtype), u], dim=1), z_mem.to(e.dtype), pos, mask)
         return ctx, torch.zeros_like(e)
+
+    @staticmethod
+    def next_memory(ctx: Context, z: Tensor, keep: int) -> Memory:
+        """The last ``keep`` positions of memory and segment, states and injections, detached:
+        what the next segment attends to."""
+        m = ctx.mem.shape[1]
+        states = torch.cat([ctx.mem, z.detach()], dim=1)[:, -keep:]
+        injections = ctx.u.detach()[:, -(m + z.shape[1]) :][:, -keep:]
+        return states, injections
 
     def head(self, z: Tensor) -> Tensor:
         return self.out_drop(z)
@@ -196,8 +301,7 @@ class DEQTransformerLM(nn.Module):
             return F.cross_entropy(
                 logits.flatten(0, 1).float(), y.reshape(-1), reduction="none"
             ).view_as(y)
-        logp = self.softmax.log_prob(h.reshape(-1, h.shape[-1]).float())
-        return -logp.gather(1, y.reshape(-1, 1)).view_as(y)
+        return self.softmax.nll(h.reshape(-1, h.shape[-1]), y.reshape(-1)).view_as(y)
 
     def logits(self, h: Tensor) -> Tensor:
         if self.softmax is None:

@@ -13,7 +13,7 @@ from torchmetrics import SumMetric
 from deqlab.core import DEQInfo
 from deqlab.lit import DEQLitModule
 
-from .model import DEQTransformerLM
+from .model import DEQTransformerLM, Memory
 
 
 def vocabulary_id(itos: list[str]) -> dict[str, Any]:
@@ -45,7 +45,7 @@ class LMModule(DEQLitModule):
             mem_len,
             eval_mem_len if eval_mem_len is not None else mem_len,
         )
-        self._mem: dict[str, Tensor | None] = {}
+        self._mem: dict[str, Memory | None] = {}
         self.vocab: dict[str, Any] | None = None
         self._split = "train"
         self.nll_sum = nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
@@ -73,18 +73,19 @@ class LMModule(DEQLitModule):
                 f"(sha1 {self.vocab['sha1'][:12]}): evaluate it on the corpus it was trained on"
             )
         super().on_load_checkpoint(checkpoint)
-        self._mem["train"] = checkpoint.get("deqlab_train_memory")
+        mem = checkpoint.get("deqlab_train_memory")
+        self._mem["train"] = None if mem is None else (mem[0], mem[1])
 
     def forward(self, x: Tensor, **solve: Any) -> tuple[list[Tensor], DEQInfo | None]:
         split = "train" if self.training else self._split
         mem = self._mem.get(split)
-        if mem is not None and mem.device != x.device:  # restored from a checkpoint on the CPU
-            mem = mem.to(x.device)
+        if mem is not None and mem[0].device != x.device:  # restored from a checkpoint on the CPU
+            mem = (mem[0].to(x.device), mem[1].to(x.device))
         ctx, z0 = self.net.inject(x, mem)
         states, info = self.equilibrium(lambda z: self.net.cell(z, ctx), z0, **solve)
         keep = self.mem_len if split == "train" else self.eval_mem_len
         if keep > 0:  # no gradient flows into the next segment through the memory
-            self._mem[split] = torch.cat([ctx.mem, states[-1].detach()], dim=1)[:, -keep:]
+            self._mem[split] = self.net.next_memory(ctx, states[-1], keep)
         return [self.net.head(s) for s in states], info
 
     def criterion(self, output: Tensor, target: Tensor) -> Tensor:
