@@ -432,19 +432,19 @@ def lm_memory(
     autograd keeps for one training step of the DEQ-Transformer layer (ift) against the same
     layer unrolled ``depth`` times with backprop (the activations of a weight-untied
     Transformer-XL of that depth: untying changes parameters, not activations) and unrolled
-    for the DEQ's forward ``budget``. Parameter storages are left out (the parameter,
-    gradient and optimizer memory of the untied stack is ``depth`` times the cell's, shown in
-    ``param_MB``). Default width: the medium model's (d_model 700, 10 x 70 heads, d_inner
+    for the DEQ's forward ``budget``. Parameter storages are left out; ``param_MB`` is the
+    layers' float32 parameters (the untied stack has ``depth`` copies; gradients and Adam's
+    moments triple that again). Default width: the medium model's (d_model 700, 10 x 70 heads, d_inner
     48000), segment 150 with memory 150; bytes are linear in ``batch``."""
     from torch.nn.utils import parametrize
 
-    from deqlab import apply_norm
     from deqlab.tasks.lm.model import DEQTransformerLM
 
     width = width or {"d_model": 700, "n_head": 10, "d_head": 70, "d_inner": 48000}
     torch.manual_seed(0)
+    # No weight norm here: its normalized weights are computed once per step and saved, which
+    # an untied stack would do once per layer; without it every saved byte is an activation.
     net = DEQTransformerLM(1000, **width, dropout=0.0, emb_dropout=0.0).to(device)
-    apply_norm(net.cell, "weight_norm")
     d, du = width["d_model"], 3 * width["n_head"] * width["d_head"]
     mem = (
         torch.randn(batch, mem_len, d, device=device),
