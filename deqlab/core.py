@@ -153,6 +153,11 @@ class DEQInfo(SolverResult):
     backward: list[SolverResult] = field(default_factory=list)
     sradius: Tensor | None = None
 
+    @classmethod
+    def from_result(cls, res: SolverResult, **extra: Any) -> DEQInfo:
+        """The forward solve's statistics, with ``extra`` DEQInfo fields."""
+        return cls(**{k.name: getattr(res, k.name) for k in fields(SolverResult)}, **extra)
+
 
 @runtime_checkable
 class Core(Protocol):
@@ -295,7 +300,7 @@ class DEQ(nn.Module):
         at = self.sample_steps(budget) if track else [budget]
         with parametrize.cached():
             res = self.run_solver(f, z0, budget, at[:-1])
-        info = DEQInfo(**{f.name: getattr(res, f.name) for f in fields(SolverResult)})
+        info = DEQInfo.from_result(res)
         if not track:
             info.states = [res.z]
             return res.z, info
@@ -343,8 +348,7 @@ class SlicedDEQ(DEQ):
             with parametrize.cached():
                 res = self.run_solver(f, z, budget, [])
             nfe, traces = nfe + res.nfe, [*traces, res.trace]
-            info = DEQInfo(**{f.name: getattr(res, f.name) for f in fields(SolverResult)})
-            info.backward = backward  # one list for every segment's backward solves
+            info = DEQInfo.from_result(res, backward=backward)  # one list for every segment
             with parametrize.cached():
                 out = self.attach(f, res.z, info, steps[i], i == len(segments) - 1, jac_vecs)
             states += out

@@ -81,11 +81,10 @@ class TorchDEQCore(nn.Module):
             raise ValueError(f"core=torchdeq: options.graph must be one of {GRAPHS}, got {graph!r}")
         if s.tol is None:
             raise ValueError("core=torchdeq: TorchDEQ always tests convergence; set solver.tol")
-        self.solver_kwargs = (
-            {k: getattr(s, k) for k in ("m", "lam", "tau")} if s.name == "anderson" else {}
-        )
-        if s.name == "fixed_point":
-            self.solver_kwargs = {"tau": s.tau}
+        # the options TorchDEQ's solvers share with ours (its Broyden has no memory option)
+        self.solver_kwargs = {
+            k: v for k, v in s.solver_kwargs().items() if k in ("m", "lam", "tau")
+        }
         onestep = g.name == "onestep"
         if g.name not in ("ift", "phantom", "onestep"):
             raise ValueError(f"core=torchdeq: gradient mode {g.name!r} has no TorchDEQ counterpart")
@@ -136,7 +135,7 @@ class TorchDEQCore(nn.Module):
         states, stats = self.deq(counted, z0, solver_kwargs=kwargs, backward_writer=writer)
         states = [s if isinstance(s, Tensor) else tuple(s) for s in states]
         z = states[-1]
-        info = DEQInfo(**vars(self._result(z, stats, nfe)), states=states, backward=backward)
+        info = DEQInfo.from_result(self._result(z, stats, nfe), states=states, backward=backward)
         if jac_vecs > 0 and torch.is_grad_enabled():
             zl = leaf(z, True)
             info.jac_loss = jacobian_loss(f(zl), zl, vecs=jac_vecs)
