@@ -39,9 +39,9 @@ from .state import State, leaf
 class SolverConfig:
     """Forward solver settings (the ``solver`` config group).
 
-    ``m``, ``lam``, ``tau`` and ``memory`` go to the solvers that take them (anderson: m, lam,
-    tau; fixed_point: tau; broyden: memory); ``options`` holds extra options for solvers
-    registered by the user. The budget in eval mode is ``eval_max_iter`` if set, else
+    The named options go to the solvers that take them (anderson: m, lam, lam_mode, tau;
+    fixed_point: tau; broyden: memory; all: return_final); ``options`` holds extra options for
+    solvers registered by the user. The budget in eval mode is ``eval_max_iter`` if set, else
     ``max_iter * eval_factor`` (TorchDEQ's two options). ``tol: null`` runs exactly
     ``max_iter`` steps with no convergence test (no host syncs).
     """
@@ -55,7 +55,9 @@ class SolverConfig:
     m: int = 5
     lam: float = 1e-4
     tau: float = 1.0
+    lam_mode: str = "relative"
     memory: int = 30
+    return_final: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,7 +84,8 @@ class SolverConfig:
     def solver_kwargs(self) -> dict[str, Any]:
         """The options the selected solver accepts, from the named fields and ``options``."""
         accepted = solver_options(self.name)
-        named = {k: getattr(self, k) for k in ("m", "lam", "tau", "memory") if k in accepted}
+        common = {f.name for f in fields(SolverConfig)} - {"options"}
+        named = {k: getattr(self, k) for k in accepted if k in common}
         return {**named, **self.options}
 
     def eval_budget(self) -> int:

@@ -29,9 +29,16 @@ def test_bad_values_are_named():
 
 
 def test_only_the_solvers_own_options_are_passed():
-    assert SolverConfig(name="anderson", m=3).solver_kwargs() == {"m": 3, "lam": 1e-4, "tau": 1.0}
-    assert SolverConfig(name="broyden", memory=7).solver_kwargs() == {"memory": 7}
-    assert SolverConfig(name="fixed_point", tau=0.5).solver_kwargs() == {"tau": 0.5}
+    common = {"return_final": False}
+    assert SolverConfig(name="anderson", m=3).solver_kwargs() == {
+        "m": 3,
+        "lam": 1e-4,
+        "lam_mode": "relative",
+        "tau": 1.0,
+        **common,
+    }
+    assert SolverConfig(name="broyden", memory=7).solver_kwargs() == {"memory": 7, **common}
+    assert SolverConfig(name="fixed_point", tau=0.5).solver_kwargs() == {"tau": 0.5, **common}
 
 
 def test_dataclass_and_mapping_configs_agree():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.baseline import tutorial_anderson
 from deqlab import get_solver, register_solver
 from deqlab.solvers import SolverResult, solver_options
 
@@ -366,7 +367,7 @@ def test_fixed_iteration_solve_under_torch_compile(name):
 def test_anderson_iterates_match_the_formula(tau):
     """Each iterate equals a direct transcription of the module docstring, one sample at a
     time: alpha minimises ||sum a_i g_i||^2 + lam_rel ||a||^2 with sum a_i = 1 over the last
-    m points, and z+ = tau sum a_i f_i + (1 - tau) sum a_i x_i."""
+    m points, and z+ = tau sum a_i f_i + (1 - tau) sum a_i x_i, after a plain first step."""
     w = contraction(10, 0.9)
     x = torch.randn(3, 10, dtype=torch.float64)
     f = lambda z: torch.tanh(z @ w.T + x)
@@ -386,7 +387,8 @@ def test_anderson_iterates_match_the_formula(tau):
             h = gram + (lam * gram.trace() / n + torch.finfo(gram.dtype).tiny) * torch.eye(n)
             a = torch.linalg.solve(h, torch.ones(n, dtype=torch.float64))
             a = a / a.sum()
-            xs.append(tau * a @ fk + (1 - tau) * a @ xk)
+            t = tau if len(xs) > 1 else 1.0  # z_1 = f(z_0)
+            xs.append(t * a @ fk + (1 - t) * a @ xk)
         for k in range(steps + 1):
             torch.testing.assert_close(res.saved[k][b], xs[k], rtol=1e-9, atol=1e-10)
 
@@ -480,3 +482,96 @@ def test_anderson_over_projection():
     torch.testing.assert_close(res.z, f(res.z), rtol=1e-8, atol=1e-8)
     with pytest.raises(ValueError, match="tau must be > 0"):
         get_solver("anderson")(f, torch.zeros_like(x), max_iter=5, tol=1e-3, tau=0.0)
+
+
+def _mixed_problem():
+    """f(z) = a_i z + c per sample: samples with |a_i| < 1 improve at every step, those with
+    |a_i| > 1 get worse, so per-sample best steps differ and the batch's best lies between."""
+    a = torch.tensor([[0.5], [1.15], [0.9], [-1.1], [0.7]], dtype=torch.float64)
+    c = torch.randn(5, 6, dtype=torch.float64)
+    return lambda z: a * z + c, c
+
+
+@pytest.mark.parametrize("stop_mode", ["batch_rel", "batch_abs"])
+def test_batch_modes_return_the_iterate_with_the_lowest_batch_residual(stop_mode):
+    """Per batch, the batch is one system (as in the reference code): one step for all
+    samples, the one whose whole-batch residual is lowest; statistics are at that step."""
+    f, x = _mixed_problem()
+    n = 12
+    res = get_solver("fixed_point")(
+        f, torch.zeros_like(x), max_iter=n, tol=None, stop_mode=stop_mode, save_at=range(n)
+    )
+    iterates = res.saved
+    batch_res = []
+    for z in iterates:
+        fz = f(z)
+        r = (fz - z).norm()
+        batch_res.append((r / fz.norm()).item() if stop_mode == "batch_rel" else r.item())
+    best = min(range(n), key=batch_res.__getitem__)
+    assert (res.best_step == best).all()
+    torch.testing.assert_close(res.z, iterates[best], rtol=0, atol=0)
+    rel, abs_ = rel_residual(f, res.z)
+    torch.testing.assert_close(res.rel_residual, rel)
+    torch.testing.assert_close(res.abs_residual, abs_)
+    per_sample = get_solver("fixed_point")(f, torch.zeros_like(x), max_iter=n, tol=None)
+    assert len(set(per_sample.best_step.tolist())) > 1  # the problem does tell them apart
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("stop_mode", ["rel", "batch_rel"])
+def test_return_final_returns_the_last_iterate(name, stop_mode):
+    f, x = _mixed_problem()
+    n = 9
+    res = get_solver(name)(
+        f,
+        torch.zeros_like(x),
+        max_iter=n,
+        tol=None,
+        stop_mode=stop_mode,
+        return_final=True,
+        save_at=[n - 1],
+    )
+    torch.testing.assert_close(res.z, res.saved[0], rtol=0, atol=0)
+    assert (res.best_step == n - 1).all()
+    rel, _ = rel_residual(f, res.z)
+    torch.testing.assert_close(res.rel_residual, rel)
+
+
+def test_return_final_keeps_a_converged_samples_iterate():
+    """Per sample, a sample that converged is frozen at the iterate it converged at."""
+    a = torch.tensor([[0.5], [0.6], [0.999]], dtype=torch.float64)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    f = lambda z: a * z + x
+    res = get_solver("fixed_point")(
+        f, torch.zeros_like(x), max_iter=40, tol=1e-6, return_final=True
+    )
+    assert res.converged[:2].all() and not res.converged[2]
+    assert (res.best_step[:2] < 39).all() and res.best_step[2] == 39
+
+
+def test_anderson_with_absolute_regularization_is_the_tutorials_anderson():
+    """lam_mode=absolute, batch_rel and return_final reproduce the implicit-layers tutorial's
+    Anderson iterate for iterate (benchmarks/baseline.py transcribes its code): its first two
+    plain iterations are deqlab's one-slot first step, its H = G G^T + lam I our Gram matrix."""
+    cell = ConvCell().double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    f = lambda z: cell(z, x)
+    with torch.no_grad():
+        for m, beta in ((5, 1.0), (3, 2.0)):
+            theirs, res = tutorial_anderson(
+                f, torch.zeros_like(x), m=m, lam=1e-4, max_iter=11, tol=0.0, beta=beta
+            )
+            ours = get_solver("anderson")(
+                f,
+                torch.zeros_like(x),
+                max_iter=11,
+                tol=None,
+                stop_mode="batch_rel",
+                m=m,
+                lam=1e-4,
+                lam_mode="absolute",
+                tau=beta,
+                return_final=True,
+            )
+            torch.testing.assert_close(ours.z, theirs, rtol=1e-10, atol=1e-12)
+            assert ours.nfe == 11 and len(res) == 9  # the tutorial traces steps 2..10

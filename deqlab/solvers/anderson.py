@@ -7,14 +7,18 @@ mixing weights
 
 i.e. alpha = H^-1 1 / (1^T H^-1 1) with H = G G^T + lam_rel I, and steps to
 
-    z_{k+1} = tau sum_i alpha_i f_i + (1 - tau) sum_i alpha_i x_i.
+    z_{k+1} = tau sum_i alpha_i f_i + (1 - tau) sum_i alpha_i x_i,
+
+except the first step, which is the plain z_1 = f(z_0), as in the implicit-layers tutorial,
+the DEQ reference code and TorchDEQ (their two plain starting iterations).
 
 tau < 1 damps the step; tau > 1 over-projects it (the implicit-layers tutorial's beta > 1),
 which puts a negative weight on the past iterates and can converge faster.
 
 The Gram matrix G G^T is updated one row per step (O(m D)) rather than recomputed (O(m^2 D)).
-The Tikhonov term is relative, lam_rel = lam * trace(G G^T) / n, so it keeps its meaning as the
-residuals shrink by orders of magnitude.
+The Tikhonov term is relative by default, lam_rel = lam * trace(G G^T) / n, so it keeps its
+meaning as the residuals shrink by orders of magnitude; ``lam_mode="absolute"`` adds lam itself,
+as the implicit-layers tutorial and the DEQ reference code (locuslab/deq, lib/solvers.py) do.
 """
 
 from __future__ import annotations
@@ -55,11 +59,14 @@ def anderson(
     tol: float | None,
     stop_mode: str = "rel",
     save_at: Sequence[int] = (),
+    return_final: bool = False,
     m: int = 5,
     lam: float = 1e-4,
     tau: float = 1.0,
+    lam_mode: str = "relative",
 ) -> SolverResult:
-    """Anderson acceleration with memory ``m``, regularisation ``lam`` and mixing ``tau``."""
+    """Anderson acceleration with memory ``m``, regularisation ``lam`` (``lam_mode``:
+    ``relative`` to the residuals' scale, or ``absolute``) and mixing ``tau``."""
     check_common(max_iter, tol, stop_mode)
     if m < 1:
         raise ValueError(f"anderson: memory m must be >= 1, got {m}")
@@ -69,12 +76,15 @@ def anderson(
         )
     if lam < 0:
         raise ValueError(f"anderson: regularisation lam must be >= 0, got {lam}")
+    if lam_mode not in ("relative", "absolute"):
+        raise ValueError(f"anderson: lam_mode must be relative or absolute, got {lam_mode!r}")
+    relative = lam_mode == "relative"
     state = FlatState(z0)
     f_flat = state.flat_fn(f)
     z = state.flatten(z0)
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
-    track = Tracker(z, max_iter, tol, stop_mode, save_at)
+    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final)
     gram = torch.empty(batch, m, m, dtype=dtype, device=device)
     ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
     tiny = torch.finfo(dtype).tiny
@@ -111,11 +121,14 @@ def anderson(
             gram_col[j][:, :n] = row
             h = gram_n.clone()
             h_diag = h.diagonal(dim1=1, dim2=2)
-            h_diag.add_(h_diag.sum(1, keepdim=True), alpha=lam / n).add_(tiny)
+            if relative:
+                h_diag.add_(h_diag.sum(1, keepdim=True), alpha=lam / n).add_(tiny)
+            else:
+                h_diag.add_(lam + tiny)
             x = torch.linalg.solve_ex(h, ones_n)[0]  # H is SPD: no error check (a sync)
             alpha = (x / x.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, n)
             z = torch.bmm(alpha, f_n)
-            if tau != 1.0:  # tau sum a_i f_i + (1 - tau) sum a_i x_i, with x_i = f_i - g_i
+            if tau != 1.0 and k > 0:  # tau sum a_i f_i + (1 - tau) sum a_i x_i, x_i = f_i - g_i
                 z = torch.baddbmm(z, alpha, g_n_t.transpose(1, 2), alpha=tau - 1.0)
             z = z.squeeze(1)
     return track.result(state, nfe, "anderson")

@@ -20,12 +20,14 @@ from torch import Tensor
 
 from ..state import State, as_tuple
 
-# When a solve stops. Per sample (abs, rel): each sample stops, and is frozen, once its own
-# residual ||f(z) - z|| (rel: divided by ||f(z)||) is below tol; the batch stops when every sample
-# has. Per batch (batch_abs, batch_rel): the norm is taken over the whole batch, as the
-# implicit-layers tutorial does, so the batch stops once the batch as a whole is below tol even if
-# a few samples are not. Per sample suits evaluation (each prediction is what solving that sample
-# alone gives); per batch trades a few unconverged samples for not waiting on the slowest one.
+# When a solve stops, and which iterate it returns. Per sample (abs, rel): each sample stops, and
+# is frozen, once its own residual ||f(z) - z|| (rel: divided by ||f(z)||) is below tol; the batch
+# stops when every sample has; each sample returns its own best iterate. Per batch (batch_abs,
+# batch_rel): the batch is one system, as in the implicit-layers tutorial and the DEQ reference
+# code: the norm is taken over the whole batch, the batch stops once it is below tol even if a few
+# samples are not, and the solve returns the iterate at which the whole batch's residual was lowest.
+# Per sample suits evaluation (each prediction is what solving that sample alone gives); per batch
+# trades a few unconverged samples for not waiting on the slowest one.
 STOP_MODES = ("abs", "rel", "batch_abs", "batch_rel")
 
 # Added to ||f(z)|| in the relative residual so that z* = 0 does not divide by zero.
@@ -197,6 +199,10 @@ class Tracker:
     solve improves every step (the usual case) no iterate is ever copied. Solvers must hand
     over a fresh tensor each step and not write into it afterwards.
 
+    ``return_final``: return the last iterate instead of the best (TorchDEQ's option of that
+    name, and the implicit-layers tutorial's Anderson); a converged sample still returns the
+    iterate it converged at, and a non-finite iterate is never returned.
+
     ``step`` returns True when the loop should stop. It makes at most one host read per
     iteration, and none on CUDA when ``tol is None`` (a fixed iteration count, for graph capture).
     """
@@ -208,11 +214,13 @@ class Tracker:
         tol: float | None,
         stop_mode: str,
         save_at: Sequence[int] = (),
+        return_final: bool = False,
     ):
         batch, dtype, device = z0.shape[0], z0.dtype, z0.device
         self.tol = tol
         self.use_rel = stop_mode in ("rel", "batch_rel")
         self.per_batch = stop_mode.startswith("batch")
+        self.return_final = return_final
         # Reading a flag back is free on the CPU; on CUDA only the convergence test may sync.
         # Under torch.compile a host read would break the graph: take the CUDA paths.
         compiling = torch.compiler.is_compiling()
@@ -229,6 +237,8 @@ class Tracker:
         self.latest_z: Tensor | None = None  # the last iterate, referenced, not copied
         self.latest_best = torch.zeros(batch, dtype=torch.bool, device=device)
         self.fz_norm = torch.ones(batch, dtype=dtype, device=device)  # of the latest f(z)
+        # per batch: the lowest batch-wide residual so far (the returned iterate's)
+        self.best_batch = torch.full((), float("inf"), dtype=dtype, device=device)
         self.save_at = set(save_at)
         self.saved: dict[int, Tensor] = {}
         self.steps = 0
@@ -256,14 +266,27 @@ class Tracker:
             self.saved[k] = z.clone()
 
         # NaN compares False, so a non-finite iterate is never taken as best.
-        improve = torch.lt(res, self.best_res, out=improved_row)
+        if self.per_batch:  # ||F(Z) - Z|| (/ ||F(Z)||) over the whole batch: one system
+            batch_res = abs_res.square().sum().sqrt()
+            if self.use_rel:
+                batch_res = batch_res / (denom - REL_EPS).square().sum().sqrt().add_(REL_EPS)
+            if self.return_final:  # every finite iterate replaces the last
+                improve = torch.isfinite(batch_res).expand_as(res)
+            else:
+                improve = torch.lt(batch_res, self.best_batch).expand_as(res)
+            improved_row.copy_(improve)
+            improve = improved_row
+            torch.fmin(self.best_batch, batch_res, out=self.best_batch)
+        elif self.return_final:  # every finite iterate until the sample converged
+            improve = torch.gt(self.best_res, float("-inf"), out=improved_row)
+            improve.logical_and_(torch.isfinite(res))
+        else:
+            improve = torch.lt(res, self.best_res, out=improved_row)
         torch.fmin(self.best_res, res, out=self.best_res)  # fmin ignores NaN
         checks = []
         if self.tol is not None:
-            if self.per_batch:  # ||F(Z) - Z|| (/ ||F(Z)||) over the whole batch
-                stop = abs_res.square().sum().sqrt()
-                if self.use_rel:
-                    stop = stop / (denom - REL_EPS).square().sum().sqrt().add_(REL_EPS)
+            if self.per_batch:
+                stop = batch_res
             else:  # all converged: every best_res -inf
                 self.best_res.masked_fill_(res <= self.tol, float("-inf"))
                 stop = self.best_res.amax()

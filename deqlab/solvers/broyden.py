@@ -73,6 +73,7 @@ def broyden(
     tol: float | None,
     stop_mode: str = "rel",
     save_at: Sequence[int] = (),
+    return_final: bool = False,
     memory: int = 30,
 ) -> SolverResult:
     """Good Broyden with the ``memory`` most recent rank-one updates."""
@@ -84,7 +85,7 @@ def broyden(
     z = state.flatten(z0)
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
-    track = Tracker(z, max_iter, tol, stop_mode, save_at)
+    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final)
     eps = torch.finfo(dtype).eps
     compiling = torch.compiler.is_compiling()  # Dynamo cannot trace out= into a view
     # At most max_iter - 2 updates happen (none after the first and the last evaluation).

@@ -18,6 +18,7 @@ def fixed_point(
     tol: float | None,
     stop_mode: str = "rel",
     save_at: Sequence[int] = (),
+    return_final: bool = False,
     tau: float = 1.0,
 ) -> SolverResult:
     """Iterate z <- tau f(z) + (1 - tau) z from z0 for at most ``max_iter`` f evaluations."""
@@ -27,7 +28,7 @@ def fixed_point(
     state = FlatState(z0)
     f_flat = state.flat_fn(f)
     z = state.flatten(z0)
-    track = Tracker(z, max_iter, tol, stop_mode, save_at)
+    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final)
     nfe = 0
     for k in range(max_iter):
         fz = f_flat(z)
