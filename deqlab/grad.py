@@ -7,6 +7,12 @@ f evaluation recorded on the autograd tape.
   solves the linear fixed point g = J_f(z*)^T g + u with a root solver, using vector-Jacobian
   products of the recorded fz, then sends g through fz to the parameters and inputs. The
   returned value is z* itself, so the forward statistics describe exactly what is returned.
+  The reference implementations differ in three details, each an option here so that a
+  published recipe can be reproduced: they return one more step, f(z*) (``output: fz``; the
+  DEQ and MDEQ code, TorchDEQ, the implicit-layers tutorial); the tutorial and TorchDEQ's
+  default evaluate the backward Jacobian at that f(z*) (``jacobian_at: fz``, one more f
+  evaluation in the backward pass); and all but the tutorial start the backward solve from 0
+  (``solve_from: zeros``) where deqlab starts from u, one fixed-point step further.
 - ``phantom``: k damped unrolled steps z <- tau f(z) + (1 - tau) z from z*, differentiated by
   ordinary backprop through those k steps only (Geng et al., 2021). Returns the k-th step.
 - ``onestep``: Jacobian-free backprop, one step of f at z* (Fung et al., 2022). Returns f(z*).
@@ -23,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .registry import Registry
-from .solvers import SolverResult, get_solver
+from .solvers import SolverResult, get_solver, solver_options
 from .solvers.base import check_common
 from .state import State, as_tuple, like, mix
 
@@ -36,11 +42,14 @@ class DivergenceWarning(UserWarning):
 class GradConfig:
     """Gradient mode settings (the ``grad`` config group).
 
-    ``solver``, ``max_iter``, ``tol`` and ``stop_mode`` configure the ``ift`` backward solve;
-    ``steps`` and ``tau`` configure ``phantom`` (and, under ift, the states a core samples
-    before the last, as in TorchDEQ). ``steps`` may be a list: one step count per sampled
-    state. ``sup_gap`` / ``sup_loc`` make phantom return intermediate steps too: every
-    ``sup_gap``-th step, or the steps listed in ``sup_loc`` (always ending with the last).
+    ``solver``, ``max_iter``, ``tol``, ``stop_mode`` and ``options`` (the backward solver's
+    own options, e.g. ``{memory: 40}``) configure the ``ift`` backward solve; ``output``,
+    ``jacobian_at`` and ``solve_from`` choose between deqlab's form and the references' (see
+    the module docstring). ``steps`` and ``tau`` configure ``phantom`` (and, under ift, the
+    states a core samples before the last, as in TorchDEQ). ``steps`` may be a list: one step
+    count per sampled state. ``sup_gap`` / ``sup_loc`` make phantom return intermediate steps
+    too: every ``sup_gap``-th step, or the steps listed in ``sup_loc`` (always ending with the
+    last).
     """
 
     name: str = "ift"
@@ -48,6 +57,10 @@ class GradConfig:
     max_iter: int = 30
     tol: float = 1e-4
     stop_mode: str = "rel"
+    options: dict[str, Any] = field(default_factory=dict)
+    output: str = "z"  # z | fz
+    jacobian_at: str = "z"  # z | fz
+    solve_from: str = "grad"  # grad | zeros
     steps: Any = 5  # int, or list[int]: one per sampled state
     tau: float = 0.5
     sup_gap: int = -1
@@ -55,7 +68,24 @@ class GradConfig:
 
     def __post_init__(self) -> None:
         GRAD_MODES.get(self.name)  # raises with the list of known modes
-        get_solver(self.solver)  # raises with the list of known solvers
+        accepted = solver_options(self.solver)  # raises with the list of known solvers
+        unknown = sorted(set(self.options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"grad.options: backward solver {self.solver!r} takes no option(s) {unknown}; "
+                f"its options are {sorted(accepted)}"
+            )
+        for key, allowed in (
+            ("output", ("z", "fz")),
+            ("jacobian_at", ("z", "fz")),
+            ("solve_from", ("grad", "zeros")),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"grad.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.jacobian_at == "fz" and self.output != "fz":
+            raise ValueError(
+                "grad.jacobian_at=fz evaluates J at the returned f(z*): set grad.output=fz"
+            )
         if not self.tol > 0:
             raise ValueError(f"grad.tol must be > 0, got {self.tol}")
         try:
@@ -153,24 +183,40 @@ def implicit(
     fz: State,
     cfg: GradConfig,
     on_backward: Callable[[SolverResult], None],
+    f: Callable[[State], State] | None = None,
 ) -> State:
-    """Attach the exact implicit gradient to z* (see module docstring).
+    """Attach the exact implicit gradient to z* (see module docstring): the returned state
+    has z*'s values (``cfg.output == "fz"``: fz's) and the IFT gradient.
 
     ``z`` must be a leaf that requires grad and ``fz = f(z)`` its recorded image;
-    ``on_backward`` receives the backward solve's statistics.
+    ``on_backward`` receives the backward solve's statistics. ``f`` is needed for
+    ``cfg.jacobian_at == "fz"`` (J is then taken at f(z*), recorded during the backward pass).
     """
     z_parts, fz_parts = as_tuple(z), as_tuple(fz)
     solve = get_solver(cfg.solver)
+    if cfg.jacobian_at == "fz" and f is None:
+        raise ValueError("implicit: jacobian_at=fz needs f")
 
     def backward_solve(grads: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
         u = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(z_parts, grads))
+        at, f_at = z_parts, fz_parts
+        if cfg.jacobian_at == "fz":  # J_f at f(z*): one more recorded evaluation
+            with torch.enable_grad():
+                at = tuple(p.detach().requires_grad_() for p in fz_parts)
+                f_at = as_tuple(f(like(z, at)))
 
         def vjp_plus_u(g: State) -> State:
-            jt_g = torch.autograd.grad(fz_parts, z_parts, as_tuple(g), retain_graph=True)
+            jt_g = torch.autograd.grad(f_at, at, as_tuple(g), retain_graph=True)
             return like(z, [a + b for a, b in zip(jt_g, u)])
 
+        start = u if cfg.solve_from == "grad" else tuple(torch.zeros_like(p) for p in u)
         res = solve(
-            vjp_plus_u, like(z, u), max_iter=cfg.max_iter, tol=cfg.tol, stop_mode=cfg.stop_mode
+            vjp_plus_u,
+            like(z, start),
+            max_iter=cfg.max_iter,
+            tol=cfg.tol,
+            stop_mode=cfg.stop_mode,
+            **cfg.options,
         )
         if res.nonfinite:
             warnings.warn(
@@ -183,7 +229,8 @@ def implicit(
         on_backward(res)
         return as_tuple(res.z)
 
-    out = _ImplicitGrad.apply(backward_solve, as_tuple(z_star), *fz_parts)
+    values = fz_parts if cfg.output == "fz" else as_tuple(z_star)
+    out = _ImplicitGrad.apply(backward_solve, tuple(v.detach() for v in values), *fz_parts)
     return like(z_star, out)
 
 
@@ -206,7 +253,7 @@ def phantom(
 
 
 def _ift(f, z, fz, cfg, steps, on_backward):  # type: ignore[no-untyped-def]
-    return [implicit(z, z, fz, cfg, on_backward)]
+    return [implicit(z, z, fz, cfg, on_backward, f)]
 
 
 def _phantom(f, z, fz, cfg, steps, on_backward):  # type: ignore[no-untyped-def]

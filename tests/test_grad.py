@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.baseline import TutorialDEQFixedPoint
 from deqlab import DEQ
 
 from .problems import GRADS, SOLVERS, ConvCell, LinearProblem, contraction
@@ -196,3 +197,72 @@ def test_no_grad_only_solves():
     with torch.no_grad():
         z, info = DEQ()(p.f, torch.zeros_like(p.x))
     assert not z.requires_grad and info.states == [z]
+
+
+def test_ift_reference_form_returns_one_more_step_with_the_implicit_gradient():
+    """output=fz, solve_from=zeros (the DEQ reference code's hook): an unconverged solve
+    returns f(z_k) for the solver's iterate z_k, and its gradient is the IFT vector
+    y = (I - W^T)^-1 dL/dout sent through f at z_k (closed form on a linear problem)."""
+    p = LinearProblem(batch=3, d=8, norm=0.9)
+    deq = DEQ(
+        solver={"name": "anderson", "max_iter": 4, "tol": None},
+        grad={"solver": "broyden", **TIGHT, "output": "fz", "solve_from": "zeros"},
+    )
+    out, info = deq(p.f, torch.zeros_like(p.x))
+    z_k = info.z
+    assert info.rel_residual.min() > 1e-3  # far from converged: the forms differ
+    torch.testing.assert_close(out.detach(), p.f(z_k).detach(), rtol=0, atol=0)
+    c = torch.randn_like(out)
+    (out * c).sum().backward()
+    W, U, x = p.W.detach(), p.U.detach(), p.x.detach()
+    y = c @ torch.linalg.inv(torch.eye(8, dtype=torch.float64) - W)
+    for got, want in ((p.x.grad, y @ U), (p.U.grad, y.T @ x), (p.W.grad, y.T @ z_k.detach())):
+        assert (got - want).norm() / want.norm() < 1e-9
+    assert info.backward[0].best_step.min() > 0  # started from 0, not from dL/dout
+
+
+def test_ift_jacobian_at_fz_is_the_tutorials_layer():
+    """output=fz, jacobian_at=fz, solve_from=grad with the tutorial's Anderson on both sides
+    (absolute lam, batch-wide rule, last iterate): the same output and the same gradients as
+    the implicit-layers tutorial's DEQFixedPoint (benchmarks/baseline.py) at a budget far
+    from convergence."""
+    torch.manual_seed(0)
+    cell = ConvCell().double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    budget = 6
+    anderson = {"m": 5, "lam": 1e-4, "lam_mode": "absolute", "return_final": True}
+    deq = DEQ(
+        solver={"name": "anderson", "max_iter": budget, "tol": None, "stop_mode": "batch_rel"}
+        | {k: v for k, v in anderson.items()},
+        grad={
+            "solver": "anderson",
+            "max_iter": budget,
+            "tol": 1e-300,
+            "stop_mode": "batch_rel",
+            "options": anderson,
+            "output": "fz",
+            "jacobian_at": "fz",
+            "solve_from": "grad",
+        },
+    )
+    params = [x, *cell.parameters()]
+    c = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    ours, info = deq(lambda z: cell(z, x), torch.zeros_like(x))
+    assert info.rel_residual.max() > 1e-4
+    g_ours = torch.autograd.grad((ours * c).sum(), params)
+
+    tutorial = TutorialDEQFixedPoint(cell, m=5, lam=1e-4, max_iter=budget, tol=0.0)
+    theirs = tutorial(x)
+    g_theirs = torch.autograd.grad((theirs * c).sum(), params)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_grad_options_are_checked():
+    with pytest.raises(ValueError, match="takes no option"):
+        DEQ(grad={"solver": "broyden", "options": {"m": 3}})
+    with pytest.raises(ValueError, match=r"grad\.output"):
+        DEQ(grad={"output": "f"})
+    with pytest.raises(ValueError, match=r"set grad\.output=fz"):
+        DEQ(grad={"jacobian_at": "fz"})
