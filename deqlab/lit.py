@@ -14,6 +14,7 @@ Data flows through return values: ``forward`` returns the outputs and the solve'
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,8 +56,12 @@ class JacRegConfig:
     """Jacobian regularization schedule (the ``jac_reg`` config group; Bai et al., 2021).
 
     The penalty weight * ||J_f(z*)||_F^2 / dim joins the loss on a random ``freq`` share of
-    training steps, estimated with ``vecs`` Hutchinson probes. With ``incremental > 0`` the
-    weight grows by ``increment`` every ``incremental`` steps; from ``stop_epoch`` on it is off.
+    the equilibrium-training steps (none during unrolled pre-training), estimated with ``vecs``
+    Hutchinson probes. With ``incremental > 0`` the weight grows by ``increment`` every
+    ``incremental`` steps, counted as the references count them: ``incremental_from: start``
+    at every multiple of ``incremental`` global steps past pre-training (locuslab/deq's
+    DEQ-Sequence), ``deq`` every ``incremental`` steps from the end of pre-training
+    (MDEQ-Vision). From ``stop_epoch`` on it is off.
     """
 
     name: str = "none"  # none | hutchinson
@@ -65,6 +70,7 @@ class JacRegConfig:
     vecs: int = 1
     incremental: int = 0
     increment: float = 0.1
+    incremental_from: str = "start"  # start | deq
     stop_epoch: int | None = None
 
     def __post_init__(self) -> None:
@@ -72,13 +78,25 @@ class JacRegConfig:
             raise ValueError(f"jac_reg.name must be 'none' or 'hutchinson', got {self.name!r}")
         if not 0 <= self.freq <= 1:
             raise ValueError(f"jac_reg.freq is a probability in [0, 1], got {self.freq}")
+        if self.incremental_from not in ("start", "deq"):
+            raise ValueError(
+                f"jac_reg.incremental_from must be start or deq, got {self.incremental_from!r}"
+            )
+        if self.vecs < 1:
+            raise ValueError(f"jac_reg.vecs must be >= 1, got {self.vecs}")
 
-    def weight_at(self, step: int, epoch: int) -> float:
-        if self.name == "none" or (self.stop_epoch is not None and epoch >= self.stop_epoch):
+    def weight_at(self, step: int, epoch: int, pretrain_steps: int = 0) -> float:
+        """The weight at global step ``step`` (steps done so far) of epoch ``epoch``."""
+        off = self.stop_epoch is not None and epoch >= self.stop_epoch
+        if self.name == "none" or off or step < pretrain_steps:
             return 0.0
-        if self.incremental > 0:
-            return self.weight + self.increment * (step // self.incremental)
-        return self.weight
+        if self.incremental <= 0:
+            return self.weight
+        if self.incremental_from == "deq":
+            grown = (step - pretrain_steps) // self.incremental
+        else:  # the multiples of `incremental` in (pretrain_steps, step]
+            grown = step // self.incremental - pretrain_steps // self.incremental
+        return self.weight + self.increment * grown
 
 
 @dataclass
@@ -88,7 +106,10 @@ class OptimConfig:
     ``optimizer``: a ``torch.optim`` class (or yours) as a Hydra ``_partial_`` node, called
     with the parameter groups. The schedule, stepped every optimizer step, is torch's own:
     ``warmup_steps`` of linear warmup (``LinearLR``), then ``cosine`` decay to ``min_lr`` over
-    the remaining steps (``CosineAnnealingLR``) or ``constant``. ``decay_norms_and_biases``:
+    the remaining steps (``CosineAnnealingLR``) or ``constant``. ``anneal_over: all`` runs the
+    cosine over all steps instead, the warmup replacing its start (step t >= warmup at
+    min_lr + (lr - min_lr)(1 + cos(pi t / T)) / 2, as locuslab/deq's train_transformer.py
+    anneals). ``decay_norms_and_biases``:
     false puts biases, normalization layers' parameters and weight/spectral-norm scales in a
     group without weight decay (the common practice); true decays every parameter, as the
     published DEQ/MDEQ recipes do.
@@ -100,6 +121,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 0
     min_lr: float = 0.0
+    anneal_over: str = "rest"  # rest | all
     decay_norms_and_biases: bool = False
 
     def __post_init__(self) -> None:
@@ -111,6 +133,8 @@ class OptimConfig:
             )
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+        if self.anneal_over not in ("rest", "all"):
+            raise ValueError(f"optim.anneal_over must be rest or all, got {self.anneal_over!r}")
         if self.warmup_steps < 0 or self.min_lr < 0:
             raise ValueError("optim.warmup_steps and optim.min_lr must be >= 0")
 
@@ -121,6 +145,20 @@ class OptimConfig:
             make = hydra.utils.instantiate(dict(make), _convert_="all")
         opt = make(parameter_groups(module, self.decay_norms_and_biases))
         warmup = min(self.warmup_steps, max(0, total_steps - 1))
+        if self.schedule == "cosine" and self.anneal_over == "all" and warmup > 0:
+            base = [g["lr"] for g in opt.param_groups]
+
+            def factor(lr: float) -> Callable[[int], float]:
+                low = self.min_lr / lr if lr > 0 else 0.0
+
+                def at(t: int) -> float:
+                    if t < warmup:
+                        return (t + 1) / warmup
+                    return low + (1 - low) * (1 + math.cos(math.pi * t / total_steps)) / 2
+
+                return at
+
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, [factor(lr) for lr in base])
         if self.schedule == "constant":
             main: Any = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
         else:
@@ -162,29 +200,48 @@ class FitConfig:
 
     pretrain_steps / pretrain_unroll: for the first steps, run the cell as a weight-tied
     network of ``pretrain_unroll`` layers with ordinary backprop (Bai et al., 2019, 2020).
-    jitter: the forward budget of each step is drawn uniformly from max_iter +- jitter
-    (``jitter_mode: both``) or from max_iter - jitter .. max_iter (``below``, as the
-    DEQ-Transformer reference draws it: ``rand_f_thres_delta``).
-    fp_weight, fp_gamma: how fixed-point correction weighs the states the core samples
-    (``core.n_states`` / ``core.indexing``); with one state there is no correction.
+    jitter: the forward budget of a step is max_iter + k, k drawn uniformly from -jitter ..
+    jitter (an int) or from low .. high (a list [low, high], both included): the
+    DEQ-Transformer reference draws from [-delta, 0] (``rand_f_thres_delta``), MDEQ-Vision
+    from [-delta, 1] (``RAND_F_THRES_DELTA``, torch.randint's exclusive end). ``jitter_on``:
+    ``every_step``, or ``jac_steps`` (only the steps that take the Jacobian loss, as
+    MDEQ-Vision).
+    fp_weight, fp_gamma, fp_bias, fp_normalize: how fixed-point correction weighs the states
+    the core samples (``core.n_states`` / ``core.indexing``; see
+    :func:`deqlab.regularize.fp_correction`); with one state there is no correction.
     sradius_iters: power-method steps for ``deq/sradius`` at validation (0: off).
     trace_samples: samples drawn in the validation residual-trace figure (0: off).
     """
 
     pretrain_steps: int = 0
     pretrain_unroll: int = 0
-    jitter: int = 0
-    jitter_mode: str = "both"
+    jitter: Any = 0  # int k: -k..k; [low, high]
+    jitter_on: str = "every_step"  # every_step | jac_steps
     fp_weight: str = "exp"
-    fp_gamma: float = 0.8
+    fp_gamma: float | None = None  # None: TorchDEQ's default (exp 0.8, linear 0.9)
+    fp_bias: float = 0.0
+    fp_normalize: bool = False
     sradius_iters: int = 0
     trace_samples: int = 4
 
     def __post_init__(self) -> None:
         if self.pretrain_steps > 0 and self.pretrain_unroll < 1:
             raise ValueError("fit.pretrain_steps > 0 needs fit.pretrain_unroll >= 1")
-        if self.jitter_mode not in ("both", "below"):
-            raise ValueError(f"fit.jitter_mode must be both or below, got {self.jitter_mode!r}")
+        low, high = self.jitter_range()
+        if low > high:
+            raise ValueError(f"fit.jitter [low, high] needs low <= high, got {self.jitter}")
+        if self.jitter_on not in ("every_step", "jac_steps"):
+            raise ValueError(
+                f"fit.jitter_on must be every_step or jac_steps, got {self.jitter_on!r}"
+            )
+
+    def jitter_range(self) -> tuple[int, int]:
+        """The inclusive range of budget offsets."""
+        if isinstance(self.jitter, int):
+            return -abs(self.jitter), abs(self.jitter)
+        if isinstance(self.jitter, (list, tuple)) and len(self.jitter) == 2:
+            return int(self.jitter[0]), int(self.jitter[1])
+        raise ValueError(f"fit.jitter is an int or a [low, high] pair, got {self.jitter!r}")
 
 
 def _plain(value: Any) -> bool:
@@ -279,10 +336,9 @@ class DEQLitModule(L.LightningModule):
         kwargs: dict[str, Any] = {}
         if self.training and torch.is_grad_enabled():
             budget = self.deq.max_iter_for_training()
-            if t.jitter > 0:
-                low = max(1, budget - t.jitter)
-                high = budget if t.jitter_mode == "below" else budget + t.jitter
-                budget = int(torch.randint(low, high + 1, ()).item())
+            low, high = t.jitter_range()
+            if (low, high) != (0, 0) and (t.jitter_on == "every_step" or jac_vecs > 0):
+                budget = int(torch.randint(max(1, budget + low), budget + high + 1, ()).item())
             kwargs = {"max_iter": budget, "jac_vecs": jac_vecs}
         z, info = self.deq(f, z0, **kwargs)
         if sradius_iters > 0:
@@ -365,7 +421,8 @@ class DEQLitModule(L.LightningModule):
     def jacobian_weight(self) -> float:
         """This step's Jacobian-loss weight: the schedule's, on a random ``freq`` share of
         steps, else 0."""
-        weight = self.jac_cfg.weight_at(self.global_step, self.current_epoch)
+        pretrain = self.fit_cfg.pretrain_steps
+        weight = self.jac_cfg.weight_at(self.global_step, self.current_epoch, pretrain)
         return weight if weight > 0 and bool(torch.rand(()) < self.jac_cfg.freq) else 0.0
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
@@ -374,7 +431,9 @@ class DEQLitModule(L.LightningModule):
         outputs, info = self(x, jac_vecs=self.jac_cfg.vecs if jac_weight > 0 else 0)
         t = self.fit_cfg
         if len(outputs) > 1:
-            loss = fp_correction(self.criterion, outputs, y, t.fp_weight, t.fp_gamma)
+            loss = fp_correction(
+                self.criterion, outputs, y, t.fp_weight, t.fp_gamma, t.fp_bias, t.fp_normalize
+            )
         else:
             loss = self.criterion(outputs[-1], y)
         self.log("train/loss", loss, prog_bar=True)

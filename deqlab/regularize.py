@@ -65,23 +65,31 @@ def fp_correction(
     states: Sequence[State],
     target: Tensor,
     weight: str = "exp",
-    gamma: float = 0.8,
+    gamma: float | None = None,
+    bias: float = 0.0,
+    normalize: bool = False,
 ) -> Tensor:
-    """Weighted mean of ``criterion(state, target)`` over trajectory states.
+    """Weighted sum of ``criterion(state, target)`` over trajectory states, as TorchDEQ's
+    ``fp_correction`` weighs them (Bai et al., 2022; Geng & Kolter, 2023).
 
-    Weights for state i of n: ``exp``: gamma^(n-1-i) (later states count more), ``linear``:
-    (i+1)/n, ``const``: 1. They are normalized to sum to one.
+    Weights w_i for state i of n (the last, i = n - 1, is the equilibrium): ``exp``:
+    gamma^(n-1-i), gamma 0.8 by default; ``linear``: 1 - (n-1-i)/n * gamma + bias, gamma 0.9 by
+    default; ``const``: 1. The loss is sum_i w_i L_i, or with ``normalize`` the weighted mean
+    sum_i w_i L_i / sum_i w_i (deqlab's earlier convention, which keeps the loss on the
+    criterion's scale whatever n is).
     """
     n = len(states)
     if n == 0:
         raise ValueError("fp_correction needs at least one state")
     if weight == "exp":
-        w = [gamma ** (n - 1 - i) for i in range(n)]
+        g = 0.8 if gamma is None else gamma
+        w = [g ** (n - 1 - i) for i in range(n)]
     elif weight == "linear":
-        w = [(i + 1) / n for i in range(n)]
+        g = 0.9 if gamma is None else gamma
+        w = [1 - (n - 1 - i) / n * g + bias for i in range(n)]
     elif weight == "const":
         w = [1.0] * n
     else:
         raise ValueError(f"fp_correction weight must be 'exp', 'linear' or 'const', got {weight!r}")
-    total = sum(w)
+    total = sum(w) if normalize else 1.0
     return sum(wi / total * criterion(s, target) for wi, s in zip(w, states))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import lightning as L
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from deqlab import apply_norm
-from deqlab.lit import DEQLitModule, JacRegConfig, OptimConfig
+from deqlab.lit import DEQLitModule, FitConfig, JacRegConfig, OptimConfig
 
 
 class TanhNet(nn.Module):
@@ -113,6 +114,25 @@ def test_budget_jitter_is_random_and_reproducible():
     assert budgets == [r["nfe"][0] for r in b.rows]
 
 
+def test_budget_jitter_ranges_and_jacobian_steps_only():
+    """[low, high] draws from max_iter + low .. max_iter + high (the references' one-sided
+    ranges); jitter_on=jac_steps leaves the steps without the Jacobian loss at max_iter."""
+    below = {"fit": {"jitter": [-2, 0]}, "solver": {"max_iter": 6, "tol": None}}
+    _, rec = fit(Synthetic(**below), steps=12)
+    assert {r["nfe"][0] for r in rec.rows} == {4, 5, 6}
+    jac = {
+        "fit": {"jitter": [-2, 1], "jitter_on": "jac_steps"},
+        "solver": {"max_iter": 6, "tol": None},
+        "jac_reg": {"name": "hutchinson", "weight": 1.0, "freq": 0.5},
+    }
+    _, rec = fit(Synthetic(**jac), steps=16)
+    plain = {r["nfe"][0] for r in rec.rows if not r["jac"]}
+    jittered = {r["nfe"][0] for r in rec.rows if r["jac"]}
+    assert plain == {6} and jittered <= {4, 5, 6, 7} and len(jittered) > 1
+    with pytest.raises(ValueError, match="low <= high"):
+        FitConfig(jitter=[1, -1])
+
+
 def test_fixed_point_correction_reads_every_sampled_state():
     module = Synthetic(core={"n_states": 3}, solver={"max_iter": 6, "tol": None})
     fit(module, steps=2)
@@ -124,6 +144,14 @@ def test_jacobian_regularization_schedule():
     assert cfg.weight_at(0, 0) == 0.5 and cfg.weight_at(25, 1) == pytest.approx(0.7)
     assert cfg.weight_at(25, 3) == 0.0
     assert JacRegConfig(name="none", weight=1.0).weight_at(0, 0) == 0.0
+    # no penalty during unrolled pre-training; then the two references' ways of counting:
+    # DEQ-Sequence adds 0.1 at every multiple of `incremental` past pre-training (at 10, 20
+    # here), MDEQ-Vision every `incremental` steps from the DEQ phase's start (at 17, 27)
+    assert cfg.weight_at(6, 0, pretrain_steps=7) == 0.0
+    start = [cfg.weight_at(t, 0, 7) for t in (7, 9, 10, 19, 20)]
+    assert start == pytest.approx([0.5, 0.5, 0.6, 0.6, 0.7])
+    deq = JacRegConfig(name="hutchinson", weight=0.5, incremental=10, incremental_from="deq")
+    assert [deq.weight_at(t, 0, 7) for t in (7, 16, 17, 27)] == pytest.approx([0.5, 0.5, 0.6, 0.7])
     with pytest.raises(ValueError, match="probability"):
         JacRegConfig(name="hutchinson", freq=2.0)
 
@@ -151,6 +179,25 @@ def test_warmup_then_cosine_to_min_lr():
     assert lrs[0] == pytest.approx(0.1)  # warmup 0.05 -> 0.1
     assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
     assert lrs[-1] == pytest.approx(0.01)
+
+
+def test_cosine_over_all_steps_as_the_deq_sequence_reference():
+    """anneal_over=all: after the warmup the rate is the cosine of the absolute step over the
+    whole run, lr (1 + cos(pi t / T)) / 2 (train_transformer.py: scheduler.step(train_step)
+    on CosineAnnealingLR(optimizer, max_step)), not a cosine restarted after the warmup."""
+    net = nn.Linear(2, 2)
+    adam = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1.0}
+    opt, sched = OptimConfig(optimizer=adam, warmup_steps=4, anneal_over="all").build(net, 20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    for t in range(4, 20):
+        assert lrs[t] == pytest.approx((1 + math.cos(math.pi * t / 20)) / 2)
+    with pytest.raises(ValueError, match="anneal_over"):
+        OptimConfig(anneal_over="some")
 
 
 def test_bad_training_settings_are_named():

@@ -48,17 +48,34 @@ def test_spectral_radius_tuple_state():
 
 
 @pytest.mark.parametrize(
-    "weight,expected",
+    "weight,gamma,expected",
     [
-        ("const", [1 / 3] * 3),
-        ("linear", [1 / 6, 2 / 6, 3 / 6]),
-        ("exp", [0.25 / 1.75, 0.5 / 1.75, 1 / 1.75]),
+        ("const", None, [1.0, 1.0, 1.0]),
+        ("linear", 0.5, [1 - 2 / 3 * 0.5, 1 - 1 / 3 * 0.5, 1.0]),
+        ("linear", None, [1 - 2 / 3 * 0.9, 1 - 1 / 3 * 0.9, 1.0]),  # TorchDEQ's default 0.9
+        ("exp", 0.5, [0.25, 0.5, 1.0]),
+        ("exp", None, [0.64, 0.8, 1.0]),  # TorchDEQ's default 0.8
     ],
 )
-def test_fp_correction_weights(weight, expected):
+def test_fp_correction_weights(weight, gamma, expected):
+    """TorchDEQ's weights, unnormalized by default; normalize=True divides by their sum."""
     states = [torch.tensor(float(i)) for i in (1, 10, 100)]
-    loss = fp_correction(lambda s, t: s - t, states, torch.tensor(0.0), weight=weight, gamma=0.5)
+    crit = lambda s, t: s - t
+    loss = fp_correction(crit, states, torch.tensor(0.0), weight=weight, gamma=gamma)
     want = sum(e * s for e, s in zip(expected, (1, 10, 100)))
     assert abs(loss.item() - want) < 1e-5
+    mean = fp_correction(crit, states, torch.tensor(0.0), weight, gamma, normalize=True)
+    assert abs(mean.item() - want / sum(expected)) < 1e-5
     with pytest.raises(ValueError, match="weight"):
         fp_correction(lambda s, t: s, states, torch.tensor(0.0), weight="square")
+
+
+@pytest.mark.parametrize("weight", ["exp", "linear"])
+def test_fp_correction_matches_torchdeq(weight):
+    td_loss = pytest.importorskip("torchdeq.loss")
+    states = [torch.randn(4, 3) for _ in range(4)]
+    target = torch.randn(4, 3)
+    crit = lambda s, t: ((s - t) ** 2).mean()
+    ours = fp_correction(crit, states, target, weight=weight)
+    theirs = td_loss.fp_correction(crit, (states, target), weight_func=weight)
+    torch.testing.assert_close(ours, theirs)
