@@ -55,7 +55,7 @@ class GradConfig:
     name: str = "ift"
     solver: str = "anderson"
     max_iter: int = 30
-    tol: float = 1e-4
+    tol: float | None = 1e-4  # None: exactly max_iter backward steps
     stop_mode: str = "rel"
     options: dict[str, Any] = field(default_factory=dict)
     output: str = "z"  # z | fz
@@ -86,8 +86,10 @@ class GradConfig:
             raise ValueError(
                 "grad.jacobian_at=fz evaluates J at the returned f(z*): set grad.output=fz"
             )
-        if not self.tol > 0:
-            raise ValueError(f"grad.tol must be > 0, got {self.tol}")
+        if self.tol is not None and not self.tol > 0:
+            raise ValueError(
+                f"grad.tol must be > 0 (or null: exactly max_iter steps), got {self.tol}"
+            )
         try:
             check_common(self.max_iter, self.tol, self.stop_mode)
         except ValueError as e:

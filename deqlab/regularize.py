@@ -28,10 +28,18 @@ def jacobian_loss(fz: State, z: State, vecs: int = 1) -> Tensor:
     if not all(p.requires_grad for p in z_parts):
         raise ValueError("jacobian_loss needs z to require grad and fz = f(z) recorded from it")
     total = fz_parts[0].new_zeros(())
+    batch = fz_parts[0].shape[0]
+    sizes = [p[0].numel() for p in fz_parts]
     for _ in range(vecs):
-        v = tuple(torch.randn_like(p) for p in fz_parts)
+        # one (batch, dim) draw per probe, split over the parts: the draws of the reference
+        # code, which flattens a multi-scale state into one vector first
+        flat = torch.randn(batch, sum(sizes), dtype=fz_parts[0].dtype, device=fz_parts[0].device)
+        v = tuple(c.reshape(p.shape) for c, p in zip(flat.split(sizes, dim=1), fz_parts))
         vj = torch.autograd.grad(fz_parts, z_parts, v, retain_graph=True, create_graph=True)
-        total = total + sum(t.float().pow(2).sum() for t in vj)
+        # at least float32 (a bf16 cell's squares overflow), never below the state's precision
+        total = total + sum(
+            t.to(torch.promote_types(t.dtype, torch.float32)).pow(2).sum() for t in vj
+        )
     numel = sum(p.numel() for p in z_parts)
     return total / (vecs * numel)
 

@@ -7,14 +7,17 @@ compare results and speed (``pip install -e '.[torchdeq]'``). What maps onto wha
     solver.name fixed_point | anderson | broyden  ->  f_solver fixed_point_iter | anderson | broyden
     solver.max_iter, tol, stop_mode (abs, rel)     ->  f_max_iter, f_tol, f_stop_mode
     solver eval budget                             ->  eval_f_max_iter
-    solver.m, lam, tau (anderson)                  ->  the solver's m, lam, tau
+    solver.m, lam, tau (anderson), return_final    ->  the solver's m, lam, tau, return_final
     grad.name ift                                  ->  ift=True, b_solver, b_max_iter, b_tol, b_stop_mode
     grad.steps, tau, sup_gap, sup_loc              ->  grad, tau, sup_gap, sup_loc
     grad.name onestep                              ->  grad=1, tau=1.0
     core.n_states, indexing                        ->  n_states, indexing
     core.options.graph indexing | sliced           ->  TorchDEQ's core (default indexing)
 
-TorchDEQ has no per-batch stop modes and no ``tol: null``; those are refused by name.
+TorchDEQ has no per-batch stop modes and no ``tol: null``; those are refused by name. Its own
+forms apply whatever deqlab's options say: Anderson's lam is absolute (``solver.lam_mode``), and
+its ift returns f(z*) with the backward Jacobian at f(z*), solved from 0 (``grad.output``,
+``jacobian_at``, ``solve_from``).
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class TorchDEQCore(nn.Module):
             raise ValueError("core=torchdeq: TorchDEQ always tests convergence; set solver.tol")
         # the options TorchDEQ's solvers share with ours (its Broyden has no memory option)
         self.solver_kwargs = {
-            k: v for k, v in s.solver_kwargs().items() if k in ("m", "lam", "tau")
+            k: v for k, v in s.solver_kwargs().items() if k in ("m", "lam", "tau", "return_final")
         }
         onestep = g.name == "onestep"
         if g.name not in ("ift", "phantom", "onestep"):
