@@ -200,3 +200,36 @@ def remove_norm(module: nn.Module) -> nn.Module:
         ):
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     return module
+
+
+def weight_norm_entries(
+    prefix: str, g: Tensor, v: Tensor, target: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """State-dict entries for the layer ``prefix`` from a weight-normalized pair w = g v / ||v||
+    (per output unit: PyTorch's and the DEQ reference code's ``weight_norm``, dim 0).
+
+    ``target`` is the receiving model's state dict: if it weight-normalizes the layer, v and g
+    become its V and scale (the same parametrization, so gradients and optimizer steps match);
+    otherwise the plain weight. Shapes follow ``target``.
+    """
+    original = f"{prefix}.parametrizations.weight.original"
+    if original in target:
+        scale = f"{prefix}.parametrizations.weight.0.scale"
+        if scale not in target:
+            raise ValueError(f"{prefix}: a weight-normalized weight cannot load into {original}")
+        return {
+            original: v.reshape(target[original].shape),
+            scale: g.reshape(target[scale].shape),
+        }
+    norm = torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True)
+    weight = g.reshape(norm.shape) * v / norm
+    return {f"{prefix}.weight": weight.reshape(target[f"{prefix}.weight"].shape)}
+
+
+def weight_entries(prefix: str, w: Tensor, target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """State-dict entries for the layer ``prefix`` from a plain weight ``w``: the weight, or,
+    if ``target`` weight-normalizes the layer, V = w with scale ||w|| (the same function)."""
+    if f"{prefix}.parametrizations.weight.original" in target:
+        norm = torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())), keepdim=True)
+        return weight_norm_entries(prefix, norm, w, target)
+    return {f"{prefix}.weight": w.reshape(target[f"{prefix}.weight"].shape)}

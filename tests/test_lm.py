@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import deqlab.data
 from deqlab import DEQ
 from deqlab.tasks.lm import data as lm_data
 from deqlab.tasks.lm.data import EOS, UNK, BPTTStream, Corpus, corpus_files
@@ -71,24 +72,32 @@ def test_missing_split_names_the_expected_files(tmp_path):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_bptt_batches_cover_every_token_exactly_once(world, monkeypatch):
+    """The batch is global, as the reference's: 4 streams whatever the number of processes,
+    each process reading its 4 / world contiguous ones (DataParallel's split)."""
     data = torch.arange(1000, dtype=torch.int32)
-    seen_x, seen_y = [], []
+    seen_x, seen_y, rows = [], [], []
     for rank in range(world):
-        monkeypatch.setattr(lm_data, "rank_and_world", lambda rank=rank: (rank, world))
+        where = lambda rank=rank: (rank, world)
+        monkeypatch.setattr(lm_data, "rank_and_world", where)
+        monkeypatch.setattr(deqlab.data, "rank_and_world", where)
         stream = BPTTStream(data, batch_size=4, tgt_len=7)
         batches = list(stream)
         assert len(batches) == len(stream)
         for x, y in batches:
-            assert x.shape == y.shape and x.shape[0] == 4 and x.shape[1] <= 7
+            assert x.shape == y.shape and x.shape[0] == 4 // world and x.shape[1] <= 7
             assert torch.equal(y[:, :-1], x[:, 1:])  # y is x shifted by one
             seen_x.append(x.flatten())
             seen_y.append(y.flatten())
         # Segments of a stream are consecutive: batch k+1 continues batch k.
         assert torch.equal(batches[1][0][:, 0], batches[0][0][:, -1] + 1)
-    n = 1000 // (4 * world) * (4 * world)
-    streams = torch.arange(n).view(4 * world, -1)
+        rows.append(batches[0][0][:, 0])
+    streams = torch.arange(1000).view(4, -1)
+    assert torch.equal(torch.cat(rows), streams[:, 0])  # rank r holds streams r*4/w ...
     assert torch.equal(torch.cat(seen_x).sort().values, streams[:, :-1].flatten().sort().values)
     assert torch.equal(torch.cat(seen_y).sort().values, streams[:, 1:].flatten().sort().values)
+    monkeypatch.setattr(deqlab.data, "rank_and_world", lambda: (0, 3))
+    with pytest.raises(ValueError, match="split evenly over the 3 processes"):
+        BPTTStream(data, batch_size=4, tgt_len=7).streams()
 
 
 def test_rel_shift_aligns_distances():
@@ -255,8 +264,9 @@ def test_real_ptb_standard_counts_and_short_training(tmp_path):
 # Built with the reference code itself (locuslab/deq at 1fb7059, DEQ-Sequence/models/
 # deq_transformer.py, the arguments of wt103_deq_transformer.sh, on the meta device):
 # sum(p.numel() for p in model.parameters()) = 97,851,488. Its tie_projs ties the three tail
-# projections by `.weight.data =`, so they stay separate Parameters and are listed twice:
-# 700 x (175 + 43 + 10) = 159,600. Outside word_emb and crit: 71,225,100.
+# projections by `.weight.data =`, so they stay separate Parameters over one storage and are
+# listed twice: 700 x (175 + 43 + 10) = 159,600. Outside word_emb and crit: 71,225,100. The
+# experiments reproduce that tie (proj_tying: storage): the same Parameters, the same storage.
 REFERENCE_LISTED = 97_851_488
 REFERENCE_DOUBLE_LISTED = 700 * (175 + 43 + 10)
 WT103_VOCAB = 267_735
@@ -282,13 +292,18 @@ def test_published_deq_transformer_has_the_reference_size(experiment, tmp_path):
     with torch.device("meta"):
         net = hydra.utils.instantiate(cfg.task.module.net)(n_token=WT103_VOCAB)
         apply_norm(net.cell, cfg.norm.kind)
-    total = sum(p.numel() for p in net.parameters())
+    listed = sum(p.numel() for p in net.parameters())
+    distinct = {id(p): p for p in net.parameters()}
+    tails = net.softmax.tail_proj  # the storage-tied copies of embed.proj[1:]
+    assert listed == REFERENCE_LISTED
+    assert sum(p.numel() for p in tails) == REFERENCE_DOUBLE_LISTED
+    assert sum(p.numel() for p in distinct.values()) == listed
+    assert listed - sum(p.numel() for p in tails) == 97_691_888
     non_embedding = sum(p.numel() for p in [*net.inject_net.parameters(), *net.cell.parameters()])
-    assert total == REFERENCE_LISTED - REFERENCE_DOUBLE_LISTED == 97_691_888
     assert non_embedding == 71_225_100
-    # the softmax owns only its biases, cluster logits and head projection: the rest is tied
+    # the softmax owns its biases, cluster logits, head projection and the tied tails
     owned = sum(p.numel() for p in net.softmax.parameters())
-    assert owned == WT103_VOCAB + (3 * 700 + 3) + 700 * 700
+    assert owned == WT103_VOCAB + (3 * 700 + 3) + 700 * 700 + REFERENCE_DOUBLE_LISTED
 
 
 def test_tied_adaptive_softmax_is_a_distribution_over_the_embeddings():

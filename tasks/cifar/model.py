@@ -8,6 +8,8 @@ Johnson, NeurIPS 2020 tutorial, chapter 4), split into inject / cell / head for 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -66,6 +68,32 @@ class TutorialDEQ(nn.Module):
             nn.Flatten(),
             nn.Linear(channels * 4 * 4, num_classes),
         )
+
+    # The tutorial's model: nn.Sequential(conv, BN, DEQFixedPoint(f, ...), BN, AvgPool2d,
+    # Flatten, Linear), its cell's layers under the DEQ layer's `f`.
+    REFERENCE: ClassVar[dict[str, str]] = {
+        "0": "stem.0",
+        "1": "stem.1",
+        "2.f": "cell",
+        "3": "classifier.0",
+        "6": "classifier.3",
+    }
+
+    @classmethod
+    def is_reference_state(cls, state: dict[str, Tensor]) -> bool:
+        return any(k.startswith("2.f.") for k in state) and all(
+            any(k.startswith(p + ".") for p in cls.REFERENCE) for k in state
+        )
+
+    def convert_reference_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The tutorial's ``nn.Sequential`` model's state dict as this network's."""
+        out = {}
+        for key, value in state.items():
+            prefix = next((p for p in self.REFERENCE if key.startswith(p + ".")), None)
+            if prefix is None:
+                raise ValueError(f"{key} is not a tensor of the implicit-layers tutorial's model")
+            out[self.REFERENCE[prefix] + key[len(prefix) :]] = value
+        return out
 
     def inject(self, x: Tensor) -> tuple[Tensor, Tensor]:
         u = self.stem(x)

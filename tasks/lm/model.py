@@ -3,14 +3,18 @@
 reference code (locuslab/deq, DEQ-Sequence/models/deq_transformer.py) builds it.
 
     u      = inject(embed(x))                      once per segment: q, k, v offsets
-    f(z)   = LN(a + FF(a)),  a = LN(z + Attn(z, mem; u))      (post-LN; pre-LN optional)
+    f(z)   = LN(a + FF(a)),  a = LN(z + Attn(z, mem; u))      (post-LN)
+    f(z)   = n + FF(n),      n = LN(z + Attn(LN(z), LN(mem); u))   (pre-LN, ``pre_ln``)
 
 Attention is multi-head with Transformer-XL's relative positional encoding over the segment
 plus a memory of the previous segments, causally masked. The memory holds, for each past
 position, its equilibrium state and its injection (detached), so a memory position's keys and
 values are what they were in its own segment. Layer norms have no affine parameters, as in the
-reference. Hidden, attention, positional and embedding dropout are variational (one mask per
-batch, held through the solve). Output: tied input/output embeddings, or adaptive input
+reference. Dropout is variational (one mask per batch, held through the solve) with the
+reference's sharing at every site: the embeddings, the attention and feed-forward outputs and
+the feed-forward hidden units drop features (one mask per sample and feature, shared over
+positions); the positional encodings drop features shared over positions and samples; the
+output drops whole positions; the attention probabilities drop each entry. Output: tied input/output embeddings, or adaptive input
 embeddings (Baevski & Auli, 2019) tied to a projected adaptive softmax (Grave et al., 2017) as
 Transformer-XL ties them: every band's embedding matrix, and the projection of every band but
 the first (the reference's ``tie_weights``, ``tie_projs = [False, True, ...]``).
@@ -71,13 +75,14 @@ class RelAttention(nn.Module):
         # one mask per (sample, head, query, key), held through the solve
         self.dropatt = VariationalDropout(dropatt)
 
-    def forward(self, z: Tensor, ctx: Context, pre_ln: bool = False) -> Tensor:
-        b, length, d = z.shape
+    def forward(self, z: Tensor, ctx: Context, norm: nn.Module | None = None) -> Tensor:
+        """``norm``: pre-LN, normalize the memory and the segment before the projections."""
+        b, length, _ = z.shape
         h, dh = self.n_head, self.d_head
         mem_len = ctx.mem.shape[1]
         cat = torch.cat([ctx.mem, z], dim=1)
-        if pre_ln:  # the reference normalizes the memory together with the segment
-            cat = F.layer_norm(cat, (d,))
+        if norm is not None:  # the reference normalizes the memory together with the segment
+            cat = norm(cat)
         qkv = self.qkv(cat) + ctx.u  # (B, M + L, 3 H Dh)
         q, k, v = qkv.view(b, mem_len + length, 3, h, dh).unbind(2)
         q = q[:, mem_len:]  # queries: the current segment only
@@ -93,8 +98,8 @@ class RelAttention(nn.Module):
 
 class DEQTransformerCell(nn.Module):
     """f(z; ctx): relative attention and a position-wise feed-forward, each with a residual
-    and a LayerNorm without affine parameters (post-LN, as the DEQ-Transformer; ``pre_ln``
-    normalizes the inputs instead)."""
+    and a LayerNorm, without affine parameters as the reference's (``ln_affine`` adds them);
+    post-LN, as the DEQ-Transformer, or ``pre_ln``, which normalizes the inputs instead."""
 
     def __init__(
         self,
@@ -105,6 +110,7 @@ class DEQTransformerCell(nn.Module):
         dropout: float = 0.0,
         pre_ln: bool = False,
         dropatt: float = 0.0,
+        ln_affine: bool = False,
     ):
         super().__init__()
         self.attn = RelAttention(d_model, n_head, d_head, dropatt)
@@ -115,17 +121,18 @@ class DEQTransformerCell(nn.Module):
         self.ff_drop = VariationalDropout(dropout, shared_dims=(1,))
         self.ff_out_drop = VariationalDropout(dropout, shared_dims=(1,))
         self.pre_ln, self.d_model = pre_ln, d_model
+        self.norm_attn = nn.LayerNorm(d_model, elementwise_affine=ln_affine)
+        self.norm_ff = nn.LayerNorm(d_model, elementwise_affine=ln_affine)
 
     def feed_forward(self, a: Tensor) -> Tensor:
         return self.ff_out_drop(self.ff[2](self.ff_drop(self.ff[1](self.ff[0](a)))))
 
     def forward(self, z: Tensor, ctx: Context) -> Tensor:
-        d = (self.d_model,)
-        if self.pre_ln:
-            a = z + self.drop(self.attn(z, ctx, pre_ln=True))
-            return a + self.feed_forward(F.layer_norm(a, d))
-        a = F.layer_norm(z + self.drop(self.attn(z, ctx)), d)
-        return F.layer_norm(a + self.feed_forward(a), d)
+        if self.pre_ln:  # the residual adds the normalized input, as the reference's FF does
+            n = self.norm_ff(z + self.drop(self.attn(z, ctx, self.norm_attn)))
+            return n + self.feed_forward(n)
+        a = self.norm_attn(z + self.drop(self.attn(z, ctx)))
+        return self.norm_ff(a + self.feed_forward(a))
 
 
 class AdaptiveInput(nn.Module):
@@ -159,20 +166,35 @@ class TiedAdaptiveSoftmax(nn.Module):
     (h P_i) E_i^T + b_i with E_i that band's embedding matrix and P_i its projection (tied for
     i >= 1; the head's P_0 is its own). The head scores the first band and one logit per tail
     cluster; a token of band i >= 1 has log p = log p_head(cluster i) + log p_i(token).
-    Only the parameters it owns are registered (biases, cluster logits, P_0)."""
+    Only the parameters it owns are registered (biases, cluster logits, P_0).
 
-    def __init__(self, embed: AdaptiveInput):
+    ``proj_tying``: ``parameter`` ties each tail projection as one Parameter (one optimizer
+    update per step); ``storage`` gives the softmax Parameters of its own over the embedding
+    projections' storage (``tail_proj``), each with its own gradient and optimizer state, so
+    the shared values are updated twice per step, once per use: what the reference's
+    ``out_projs[i].weight.data = emb_projs[i].weight.data`` does (its first Adam step moves
+    them by up to 2 lr)."""
+
+    def __init__(self, embed: AdaptiveInput, proj_tying: str = "parameter"):
         super().__init__()
+        if proj_tying not in ("parameter", "storage"):
+            raise ValueError(f"proj_tying must be parameter or storage, got {proj_tying!r}")
         self.tied = [embed]  # a list: shared, not a second registration of the embedding
         n_clusters = len(embed.emb) - 1
         d0 = embed.emb[0].embedding_dim
         self.bias = nn.Parameter(torch.zeros(embed.edges[-1]))
         self.cluster = nn.Linear(d0, n_clusters)
         self.head_proj = nn.Parameter(torch.empty(embed.d_model, d0))
+        self.tail_proj = nn.ParameterList(
+            nn.Parameter(p.weight.data) for p in embed.proj[1:] if proj_tying == "storage"
+        )
 
     def _logits(self, h: Tensor, i: int) -> Tensor:
         embed = self.tied[0]
-        proj = self.head_proj if i == 0 else embed.proj[i].weight  # (D, d_i)
+        if i == 0:
+            proj = self.head_proj  # (D, d_0)
+        else:
+            proj = self.tail_proj[i - 1] if len(self.tail_proj) else embed.proj[i].weight
         lo, hi = embed.edges[i], embed.edges[i + 1]
         hp = h @ proj
         logits = F.linear(hp, embed.emb[i].weight, self.bias[lo:hi])
@@ -219,7 +241,13 @@ class DEQTransformerLM(nn.Module):
     ``dropout``: hidden (attention and FF outputs, FF hidden), positional and output dropout;
     ``dropatt``: attention probabilities; ``emb_dropout``: the embeddings. Weights start from
     N(0, init_std), projections from N(0, proj_init_std), biases from 0 (the reference's
-    ``weights_init``).
+    ``weights_init``), except the weights of the layers under the module names in
+    ``default_init``, which keep PyTorch's default: the reference initializes after weight
+    normalization, which recomputes the weight-normalized layers (the whole cell) from g and v
+    and so discards the draws (``default_init: [cell]`` reproduces that). ``proj_tying``: see
+    :class:`TiedAdaptiveSoftmax`. ``ln_affine``: affine layer norms (the reference has none);
+    ``memory_injections``: memory positions keep the injection of their own segment, as the
+    reference's (false: none, their keys and values from the state alone).
     """
 
     def __init__(
@@ -235,8 +263,12 @@ class DEQTransformerLM(nn.Module):
         pre_ln: bool = False,
         cutoffs: Sequence[int] = (),
         div_val: float = 4.0,
+        proj_tying: str = "parameter",
+        ln_affine: bool = False,
+        memory_injections: bool = True,
         init_std: float = 0.01,
         proj_init_std: float = 0.01,
+        default_init: Sequence[str] = (),
     ):
         super().__init__()
         cutoffs = [c for c in cutoffs if c < n_token]
@@ -244,26 +276,57 @@ class DEQTransformerLM(nn.Module):
         self.softmax: TiedAdaptiveSoftmax | None = None
         if cutoffs:
             self.embed: nn.Module = AdaptiveInput(n_token, d_model, cutoffs, div_val)
-            self.softmax = TiedAdaptiveSoftmax(self.embed)
+            self.softmax = TiedAdaptiveSoftmax(self.embed, proj_tying)
             self.out_bias = None
         else:
             self.embed = nn.Embedding(n_token, d_model)
             self.out_bias = nn.Parameter(torch.zeros(n_token))
         self.inject_net = nn.Linear(d_model, 3 * n_head * d_head)
-        self.cell = DEQTransformerCell(d_model, n_head, d_head, d_inner, dropout, pre_ln, dropatt)
+        self.cell = DEQTransformerCell(
+            d_model, n_head, d_head, d_inner, dropout, pre_ln, dropatt, ln_affine
+        )
+        self.memory_injections = memory_injections
+        # (B, L, D) embeddings: one mask per (sample, feature); (1, K, D) positional
+        # encodings: one per feature; (B, L, D) output: one per (sample, position)
         self.emb_drop = VariationalDropout(emb_dropout, shared_dims=(1,))
-        self.pos_drop = VariationalDropout(dropout)
-        self.out_drop = VariationalDropout(dropout, shared_dims=(1,))
-        self.init_weights(init_std, proj_init_std)
+        self.pos_drop = VariationalDropout(dropout, shared_dims=(1,))
+        self.out_drop = VariationalDropout(dropout, shared_dims=(2,))
+        self.init_weights(init_std, proj_init_std, default_init)
+
+    @staticmethod
+    def is_reference_state(state: dict[str, Tensor]) -> bool:
+        from .convert import is_locuslab_deq
+
+        return is_locuslab_deq(state)
+
+    def convert_reference_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A locuslab/deq DEQTransformerLM state dict as this network's (tasks/lm/convert.py):
+        what ``init_from`` loads a released reference model through."""
+        from .convert import from_locuslab_deq
+
+        return from_locuslab_deq(state, self)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # A dtype or device conversion gives every Parameter a tensor of its own: re-share
+        # the storage-tied projections (proj_tying=storage), as the reference, which builds
+        # its model on the GPU, never converts them.
+        out = super()._apply(fn, recurse)
+        if self.softmax is not None:
+            for tail, proj in zip(self.softmax.tail_proj, self.embed.proj[1:]):
+                tail.data = proj.weight.data
+        return out
 
     @torch.no_grad()
-    def init_weights(self, std: float, proj_std: float) -> None:
+    def init_weights(self, std: float, proj_std: float, default_init: Sequence[str] = ()) -> None:
+        kept = tuple(default_init)
         for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if ".proj." in name or leaf == "head_proj":  # the adaptive projections
+            module, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            if ".proj." in name or "_proj" in module or leaf == "head_proj":  # projections
                 p.normal_(0.0, proj_std)
             elif leaf in ("bias", "out_bias"):
                 p.zero_()
+            elif leaf == "weight" and any(module == k or module.startswith(k + ".") for k in kept):
+                continue  # PyTorch's default, as the layer was built
             else:  # weights, embeddings, the attention's r_w / r_r biases, cluster logits
                 p.normal_(0.0, std)
 
@@ -275,6 +338,8 @@ class DEQTransformerLM(nn.Module):
         if mem is None:
             mem = (e.new_zeros(b, 0, self.d_model), u.new_zeros(b, 0, u.shape[-1]))
         z_mem, u_mem = mem
+        if not self.memory_injections:  # memory positions without their injections
+            u_mem = torch.zeros_like(u_mem)
         m = z_mem.shape[1]
         distances = torch.arange(m + length - 1, -1, -1, device=x.device)
         mask = torch.ones(length, m + length, dtype=torch.bool, device=x.device).triu_(1 + m)
