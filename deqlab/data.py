@@ -40,6 +40,18 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def per_process(batch: int, what: str) -> int:
+    """A global batch's share on this process: batch sizes in configs are global (what one
+    optimizer step sees, as in the reference scripts), split evenly over the DDP processes."""
+    world = rank_and_world()[1]
+    if batch % world:
+        raise ValueError(
+            f"{what}={batch} is the global batch: it must split evenly over the {world} "
+            f"processes (make it a multiple of {world})"
+        )
+    return batch // world
+
+
 class EpochShuffle(DistributedSampler):
     """A shuffle that depends only on (seed, epoch), split over the DDP ranks.
 

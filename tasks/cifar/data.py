@@ -26,6 +26,7 @@ from deqlab.data import (
     ResumableDataModule,
     ResumableLoader,
     load_cache,
+    per_process,
     rank_and_world,
     save_atomic,
 )
@@ -37,13 +38,20 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class CifarTensors(Dataset):
-    """uint8 images (N, 3, 32, 32) and labels, served normalized (augmentation is batched: see
-    :func:`random_crop_flip`)."""
+    """uint8 images (N, 3, 32, 32) and labels, served in [0, 1] and then normalized by
+    ``mean`` / ``std`` per channel (no normalization when they are None; augmentation is
+    batched: see :func:`random_crop_flip`)."""
 
-    def __init__(self, images: Tensor, labels: Tensor):
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        mean: tuple[float, ...] | None = MEAN,
+        std: tuple[float, ...] | None = STD,
+    ):
         self.images, self.labels = images, labels
-        self.mean = torch.tensor(MEAN).view(3, 1, 1)
-        self.std = torch.tensor(STD).view(3, 1, 1)
+        self.mean = torch.tensor(mean or (0.0, 0.0, 0.0)).view(3, 1, 1)
+        self.std = torch.tensor(std or (1.0, 1.0, 1.0)).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,12 +60,19 @@ class CifarTensors(Dataset):
         return (self.images[i].float().div_(255) - self.mean) / self.std, self.labels[i]
 
 
-def random_crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+def random_crop_flip(
+    x: Tensor,
+    generator: torch.Generator,
+    pad: int = 4,
+    mean: tuple[float, ...] | None = MEAN,
+    std: tuple[float, ...] | None = STD,
+) -> Tensor:
     """The standard CIFAR augmentation on a normalized batch (B, C, H, W): a random crop of the
     image padded with ``pad`` black pixels, then a horizontal flip with probability 1/2, drawn
     per sample from ``generator``. Black is 0 before normalization, -mean/std after it."""
     b, c, h, w = x.shape
-    black = (-torch.tensor(MEAN, device=x.device) / torch.tensor(STD, device=x.device)).to(x.dtype)
+    m = torch.tensor(mean or (0.0, 0.0, 0.0), device=x.device)
+    black = (-m / torch.tensor(std or (1.0, 1.0, 1.0), device=x.device)).to(x.dtype)
     padded = black.view(1, c, 1, 1).expand(b, c, h + 2 * pad, w + 2 * pad).clone()
     padded[:, :, pad : pad + h, pad : pad + w] = x
     dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), generator=generator, device=x.device)
@@ -179,8 +194,14 @@ class CifarDataModule(ResumableDataModule):
         pin_memory: bool = False,
         seed: int = 0,
         subset: int | None = None,
+        mean: list[float] | None = MEAN,
+        std: list[float] | None = STD,
     ):
         super().__init__()
+        if (mean is None) != (std is None):
+            raise ValueError("task.datamodule.mean and std are both set or both null")
+        self.mean = None if mean is None else tuple(mean)
+        self.std = None if std is None else tuple(std)
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError("task.datamodule.batch_size and eval_batch_size must be >= 1")
         if subset is not None and subset < 2:
@@ -227,24 +248,29 @@ class CifarDataModule(ResumableDataModule):
         val, train = pool[in_val[pool]], pool[~in_val[pool]]
         if n_val > 0:
             val = val[stratified(labels[val], len(val), g)]  # interleaved classes
-        if len(train) < self.batch_size * rank_and_world()[1]:
+        per_process(self.batch_size, "task.datamodule.batch_size")  # splits evenly
+        per_process(self.eval_batch_size, "task.datamodule.eval_batch_size")
+        if len(train) < self.batch_size:
             raise ValueError(
                 f"the training split has {len(train)} images, fewer than one batch of "
-                f"{self.batch_size} per process: lower task.datamodule.batch_size or val_size"
+                f"{self.batch_size}: lower task.datamodule.batch_size or val_size"
             )
-        self.train_set = CifarTensors(images[train], labels[train])
+        norm = {"mean": self.mean, "std": self.std}
+        self.train_set = CifarTensors(images[train], labels[train], **norm)
         test_images, test_labels = load_split(self.data_dir, False)
         n_test = min(self.subset or len(test_labels), len(test_labels))
         test = stratified(test_labels, n_test, torch.Generator().manual_seed(self.seed))
-        self.test_set = CifarTensors(test_images[test], test_labels[test])
-        self.val_set = self.test_set if n_val == 0 else CifarTensors(images[val], labels[val])
+        self.test_set = CifarTensors(test_images[test], test_labels[test], **norm)
+        self.val_set = (
+            self.test_set if n_val == 0 else CifarTensors(images[val], labels[val], **norm)
+        )
 
     def make_train_loader(self) -> ResumableLoader:
         world = rank_and_world()[1]
         order = {"seed": self.seed, "images": len(self.train_set), "batch": self.batch_size}
         return ResumableLoader(
             self.train_set,
-            self.batch_size,
+            per_process(self.batch_size, "task.datamodule.batch_size"),
             sampler=EpochShuffle(len(self.train_set), self.seed),
             drop_last=True,
             order={**order, "processes": world},
@@ -252,10 +278,13 @@ class CifarDataModule(ResumableDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.eval_batch_size, **self.loader_kw)
+        return DataLoader(self.val_set, self._eval_batch(), **self.loader_kw)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, self.eval_batch_size, **self.loader_kw)
+        return DataLoader(self.test_set, self._eval_batch(), **self.loader_kw)
+
+    def _eval_batch(self) -> int:
+        return per_process(self.eval_batch_size, "task.datamodule.eval_batch_size")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment training batches on their device, with randomness drawn from
@@ -266,4 +295,4 @@ class CifarDataModule(ResumableDataModule):
         x, y = batch
         key = (self.seed * 1_000_003 + trainer.global_rank) * 1_000_033 + trainer.global_step
         g = torch.Generator(device=x.device).manual_seed(key)
-        return random_crop_flip(x, g), y
+        return random_crop_flip(x, g, mean=self.mean, std=self.std), y

@@ -30,6 +30,7 @@ from deqlab.data import (
     ResumableDataModule,
     ResumableLoader,
     load_cache,
+    per_process,
     rank_and_world,
     save_atomic,
 )
@@ -142,9 +143,11 @@ class Corpus:
 
 
 class BPTTStream(IterableDataset):
-    """Ordered truncated-BPTT batches: the split is cut into ``batch_size * world`` equal
-    streams, this rank reads its own ``batch_size`` contiguous ones, ``tgt_len`` tokens at a
-    time, so segment k+1 of each stream continues segment k (the model carries memory).
+    """Ordered truncated-BPTT batches: the split is cut into ``batch_size`` equal streams (the
+    global batch, as the reference's LMOrderedIterator cuts it), each of the ``world`` ranks
+    reads its own ``batch_size / world`` contiguous ones (the reference's DataParallel split),
+    ``tgt_len`` tokens at a time, so segment k+1 of each stream continues segment k (the model
+    carries memory).
 
     Yields ``(x, y)`` of shape (batch, <= tgt_len): y is x shifted by one token. The last
     segment may be shorter, so every token of the streams is read exactly once. ``skip(k)``
@@ -160,16 +163,16 @@ class BPTTStream(IterableDataset):
         self._skip = segments
 
     def streams(self) -> Tensor:
-        rank, world = rank_and_world()
-        n = len(self.data) // (self.batch_size * world)
+        rank = rank_and_world()[0]
+        local = per_process(self.batch_size, f"the {self.name} batch size")
+        n = len(self.data) // self.batch_size
         if n < 2:
             raise ValueError(
                 f"the {self.name} split ({len(self.data)} tokens) is too short for "
-                f"{self.batch_size * world} streams ({self.batch_size} per process x {world}) of "
-                "at least 2 tokens: lower its batch size"
+                f"{self.batch_size} streams of at least 2 tokens: lower its batch size"
             )
-        all_streams = self.data[: n * self.batch_size * world].view(self.batch_size * world, n)
-        return all_streams[rank * self.batch_size : (rank + 1) * self.batch_size].long()
+        all_streams = self.data[: n * self.batch_size].view(self.batch_size, n)
+        return all_streams[rank * local : (rank + 1) * local].long()
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         s = self.streams()
