@@ -104,3 +104,53 @@ def check_compatible(
         f"{first}: {_describe(saved.get(first))} in the checkpoint, {_describe(here.get(first))} "
         "here; use the network settings (net, norm) the checkpoint was trained with"
     )
+
+
+def network_state(
+    checkpoint: dict[str, Any], net: torch.nn.Module, path: str | Path
+) -> dict[str, Any]:
+    """The network's tensors in ``checkpoint``: a deqlab checkpoint's ``net.*`` entries, a plain
+    state dict, or a reference implementation's state dict (bare or under ``state_dict``, as
+    the DEQ and MDEQ training scripts save them), which a network that knows the format
+    (``net.is_reference_state`` / ``net.convert_reference_state``) converts."""
+    state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"init_from={path}: no state dict of tensors in it")
+    if any(k.startswith("net.") for k in state):  # a deqlab (Lightning) checkpoint
+        return {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    is_reference = getattr(net, "is_reference_state", None)
+    if is_reference is None or not is_reference(state):
+        return state
+    try:
+        return net.convert_reference_state(state)
+    except ValueError as e:
+        raise CheckpointError(f"init_from={path}: {e}") from None
+
+
+def load_initial_weights(path: str | Path, net: torch.nn.Module, strict: bool = True) -> str:
+    """Start ``net`` from the weights in ``path`` (see :func:`network_state`): every tensor
+    with ``strict``, else those whose names and shapes match. Returns a one-paragraph report of
+    what was loaded, skipped (in the file, not usable here) and left new (not in the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"init_from={path}: no such file")
+    state = network_state(read_checkpoint(path), net, path)
+    ours = net.state_dict()
+    usable = {k: v for k, v in state.items() if k in ours and ours[k].shape == v.shape}
+    skipped = sorted(set(state) - set(usable))
+    new = sorted(set(ours) - set(usable))
+    if strict and (skipped or new):
+        first = (skipped or new)[0]
+        raise CheckpointError(
+            f"init_from={path}: {len(skipped)} tensor(s) of the file do not fit this network "
+            f"and {len(new)} of the network are not in the file (e.g. {first}: "
+            f"{_describe(tuple(state[first].shape) if first in state else None)} in the file, "
+            f"{_describe(tuple(ours[first].shape) if first in ours else None)} here). Build the "
+            "network the weights were trained with, or load what fits with init_from_strict=false"
+        )
+    net.load_state_dict(usable, strict=False)
+    lines = [f"init_from {path}: loaded {len(usable)} tensors"]
+    for what, names in (("skipped (not usable here)", skipped), ("new (not in the file)", new)):
+        if names:
+            lines.append(f"  {what}: {', '.join(names)}")
+    return "\n".join(lines)

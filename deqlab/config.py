@@ -84,6 +84,8 @@ class RootConfig:
     seed: int = 0
     data_dir: str = "data"
     ckpt_path: str | None = None
+    init_from: str | None = None
+    init_from_strict: bool = True
     mode: Mode = Mode.train
     test_ckpt: TestCheckpoint = TestCheckpoint.best
     output_dir: str = "outputs"
@@ -190,8 +192,10 @@ def validate(cfg: DictConfig) -> None:
             "task.datamodule.val_size=0 validates on the test split, so the best checkpoint "
             "would be chosen by test accuracy: set test_ckpt=last"
         )
-    if cfg.mode == "test" and not cfg.ckpt_path:
-        raise ConfigError("mode=test evaluates a checkpoint: pass ckpt_path=<file.ckpt>")
+    if cfg.mode == "test" and not (cfg.ckpt_path or cfg.get("init_from")):
+        raise ConfigError(
+            "mode=test evaluates a checkpoint: pass ckpt_path=<file.ckpt> (or init_from=<weights>)"
+        )
 
 
 def compose(overrides: list[str], output_dir: str | Path, keep_hydra: bool = False) -> DictConfig:

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import check_compatible
+from .checkpoint import check_compatible, load_initial_weights
 from .core import CoreConfig, DEQInfo, GradConfig, SolverConfig, build_core, to_config
 from .dropout import reset_dropout
 from .initial_state import InitConfig
@@ -270,6 +270,8 @@ class DEQLitModule(L.LightningModule):
         fit: Mapping[str, Any] | FitConfig | None = None,
         init: Mapping[str, Any] | InitConfig | None = None,
         seed: int = 0,
+        init_from: str | None = None,
+        init_from_strict: bool = True,
     ):
         super().__init__()
         # Built objects (a core from a _target_, an instantiated optimizer factory) are not
@@ -283,6 +285,8 @@ class DEQLitModule(L.LightningModule):
         self.optim_cfg = to_config(OptimConfig, optim, "optim")
         self.fit_cfg = to_config(FitConfig, fit, "fit")
         self.seed = seed
+        self.init_from, self.init_from_strict = init_from, init_from_strict
+        self._weights_loaded = False
         self.net = None
         if net is not None:
             self.attach_net(net)
@@ -306,6 +310,15 @@ class DEQLitModule(L.LightningModule):
             clip=n.clip,
             clip_value=n.clip_value,
         )
+
+    def setup(self, stage: str) -> None:
+        """Start from ``init_from``'s weights (once; a resumed run's checkpoint, restored after
+        setup, takes precedence). Tasks that build their network in ``setup`` call this after."""
+        if self.init_from and not self._weights_loaded and self.net is not None:
+            report = load_initial_weights(self.init_from, self.net, self.init_from_strict)
+            if self.global_rank == 0:
+                print(f"deqlab: {report}")
+            self._weights_loaded = True
 
     # -- the solve ---------------------------------------------------------------------------
 
@@ -438,13 +451,14 @@ class DEQLitModule(L.LightningModule):
             loss = self.criterion(outputs[-1], y)
         self.log("train/loss", loss, prog_bar=True)
         self.update_metrics("train", outputs[-1].detach(), y)
+        task_loss = loss.detach()  # the criterion's, without the Jacobian term
         if info is None:  # unrolled pre-training
-            return {"loss": loss, "info": None}
+            return {"loss": loss, "task_loss": task_loss, "info": None}
         self.log_solver_stats("fwd", info)
         if info.jac_loss is not None:
             self.log("deq/jac_loss", info.jac_loss.detach())
             loss = loss + jac_weight * info.jac_loss
-        return {"loss": loss, "info": info}
+        return {"loss": loss, "task_loss": task_loss, "info": info}
 
     def log_solver_stats(self, prefix: str, info: DEQInfo, **kw: Any) -> None:
         self.log(f"deq/{prefix}_nfe", float(info.nfe), **kw)

@@ -56,6 +56,7 @@ class LMModule(DEQLitModule):
         self.vocab = vocabulary_id(corpus.itos)
         if self.net is None:
             self.attach_net(self.net_factory(n_token=len(corpus)))
+        super().setup(stage)
 
     # The weights are tied to the vocabulary's order, and a resumed run must continue from the
     # memory the interrupted one had reached.
