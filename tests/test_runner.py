@@ -200,8 +200,9 @@ def test_wandb_offline_writes_a_local_run(data_dir, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
     out = tmp_path / "ddp"
+    batch = "task.datamodule.batch_size=16"  # the global batch: 8 per process
     proc = run_cli(
-        [f"data_dir={data_dir}", f"hydra.run.dir={out}", *TINY, "trainer=ddp_cpu"], tmp_path
+        [f"data_dir={data_dir}", f"hydra.run.dir={out}", *TINY, batch, "trainer=ddp_cpu"], tmp_path
     )
     assert "deqlab: train done" in proc.stdout
     rows = metrics(out)
@@ -211,3 +212,43 @@ def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
     # Logs and figures come from rank 0 alone: no second version folder from rank 1.
     assert sorted(p.name for p in (out / "csv").iterdir()) == ["version_0"]
     assert list((out / "csv" / "version_0" / "figures").glob("*.png"))
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(data_dir, tmp_path, capsys):
+    """init_from: the weights only; the run starts at step 0 with its own optimizer. mode=test
+    evaluates such weights directly, and a network of other widths loads only with
+    init_from_strict=false, which names what it loaded, skipped and left new."""
+    from hydra.utils import instantiate
+
+    _train(data_dir, tmp_path / "a", 1)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    cfg = compose_cfg([f"data_dir={data_dir}", *TINY, f"init_from={ckpt}"], tmp_path / "b")
+    module = instantiate(cfg.task.module)
+    module.setup("fit")
+    for name, value in module.net.state_dict().items():
+        torch.testing.assert_close(value, trained[f"net.{name}"], rtol=0, atol=0)
+    tested = run(
+        compose_cfg(
+            [f"data_dir={data_dir}", *TINY, "mode=test", f"init_from={ckpt}"], tmp_path / "c"
+        )
+    )
+    reference = run(
+        compose_cfg(
+            [f"data_dir={data_dir}", *TINY, "mode=test", f"ckpt_path={ckpt}"], tmp_path / "d"
+        )
+    )
+    assert tested == reference  # the same weights, the same test accuracy
+
+    wider = [f"data_dir={data_dir}", *TINY, "task.module.net.inner=12", f"init_from={ckpt}"]
+    with pytest.raises(ValueError, match=r"(?s)do not fit this network.*init_from_strict=false"):
+        instantiate(compose_cfg(wider, tmp_path / "e").task.module).setup("fit")
+    module = instantiate(
+        compose_cfg([*wider, "init_from_strict=false"], tmp_path / "f").task.module
+    )
+    module.setup("fit")
+    report = capsys.readouterr()
+    text = report.out + report.err
+    assert "skipped (not usable here): cell.conv1.weight, cell.conv2.weight" in text
+    assert "new (not in the file): cell.conv1.weight, cell.conv2.weight" in text
+    torch.testing.assert_close(module.net.stem[0].weight, trained["net.stem.0.weight"])
