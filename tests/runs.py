@@ -53,17 +53,22 @@ TINY_LM = [
 ]
 
 
-def write_ptb_folder(root: Path, lines: int = 300) -> Path:
+def write_ptb_folder(root: Path, lines: int = 300, learnable: bool = False) -> Path:
     """A Penn-Treebank-shaped corpus (ptb/ptb.{train,valid,test}.txt) of random sentences
-    over 30 words."""
+    over 30 words (``learnable``: each sentence counts up from a random word, w_i w_i+1 ...,
+    so that after its first word a model can predict it exactly)."""
     (root / "ptb").mkdir(parents=True, exist_ok=True)
     words = [f"w{i}" for i in range(30)]
     g = torch.Generator().manual_seed(0)
+
+    def sentence() -> list[int]:
+        if learnable:
+            first = int(torch.randint(0, 30, (), generator=g))
+            return [(first + k) % 30 for k in range(8)]
+        return torch.randint(0, 30, (8,), generator=g).tolist()
+
     for split, n in (("train", lines), ("valid", 60), ("test", 60)):
-        sentences = [
-            " ".join(words[j] for j in torch.randint(0, 30, (8,), generator=g).tolist())
-            for _ in range(n)
-        ]
+        sentences = [" ".join(words[j] for j in sentence()) for _ in range(n)]
         (root / "ptb" / f"ptb.{split}.txt").write_text("\n".join(sentences) + "\n")
     return root
 

@@ -15,27 +15,38 @@ from deqlab.config import CONF_DIR
 from .runs import compose_cfg
 
 GROUPS = [
+    "core",
     "solver",
     "grad",
+    "init",
     "norm",
     "jac_reg",
+    "optim",
     "task",
+    "net",
     "trainer",
     "logger",
     "callbacks",
+    "debug",
+    "hparams_search",
     "experiment",
 ]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+# an option that needs another choice to make sense: the network of another task
+WITH = {("net", "deq_transformer"): ["task=ptb"]}
 
 
-def test_every_group_has_files():
+def test_every_group_is_composed():
+    """Every config group of conf/ (but hydra's own and the schema-only `module`) is listed."""
+    present = {d.name for d in CONF_DIR.iterdir() if d.is_dir()} - {"hydra", "module", "local"}
+    assert present == set(GROUPS)
     assert {g for g, _ in OPTIONS} == set(GROUPS)
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_config_composes_and_instantiates(group, option, tmp_path):
     override = f"experiment={option}" if group == "experiment" else f"{group}={option}"
-    cfg = compose_cfg([override], tmp_path)
+    cfg = compose_cfg([*WITH.get((group, option), []), override], tmp_path)
     module = instantiate(cfg.task.module)
     if module.net is None:  # built once the data is known (e.g. a vocabulary size)
         module.attach_net(module.net_factory(n_token=1000))

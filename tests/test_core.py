@@ -63,6 +63,20 @@ def test_eval_budget_and_call_override():
     assert info.nfe == 2
 
 
+def test_eval_budget_is_max_iter_times_eval_factor():
+    """TorchDEQ's eval_factor: in eval mode the budget is int(max_iter * eval_factor) f
+    evaluations; eval_max_iter, when set, wins."""
+    p = LinearProblem(norm=0.99)
+    deq = DEQ(solver={"max_iter": 4, "eval_factor": 2.5, "tol": None}).eval()
+    with torch.no_grad():
+        assert deq(p.f, torch.zeros_like(p.x))[1].nfe == 10
+    deq.train()
+    assert deq(p.f, torch.zeros_like(p.x))[1].nfe == 4
+    both = DEQ(solver={"max_iter": 4, "eval_factor": 2.5, "eval_max_iter": 7, "tol": None}).eval()
+    with torch.no_grad():
+        assert both(p.f, torch.zeros_like(p.x))[1].nfe == 7
+
+
 def test_sampled_states_carry_gradients():
     w = contraction(6, 0.9).requires_grad_()
     x = torch.randn(2, 6, dtype=torch.float64)

@@ -64,6 +64,18 @@ def test_n_states_follows_torchdeqs_spacing():
     assert SlicedDEQ(indexing=[2, 5]).segments(12) == [2, 3, 7]
 
 
+def test_n_states_are_all_returned_when_the_solve_converges_first():
+    """The states sampled at steps the solve never reached (it converged at ~15 of 60) are the
+    equilibrium: n_states=3 returns 3 states (TorchDEQ returns fewer)."""
+    _, x, f = problem(norm=0.3)
+    solver = {"name": "anderson", "max_iter": 60, "tol": 1e-10}
+    _, info = DEQ(solver, {"name": "onestep"}, n_states=3)(f, torch.zeros_like(x))
+    assert info.nfe < 20 and info.converged.all()  # before the first sampled step (20)
+    assert len(info.states) == 3
+    for state in info.states:  # one step of f from the equilibrium
+        torch.testing.assert_close(state, f(info.z), rtol=0, atol=0)
+
+
 def test_ift_core_gives_earlier_states_a_phantom_gradient():
     w, x, f = problem()
     grad = {"name": "ift", "steps": 2, "tau": 0.5, "tol": 1e-12, "max_iter": 100}
@@ -82,7 +94,8 @@ def test_ift_core_gives_earlier_states_a_phantom_gradient():
 
 
 @pytest.mark.parametrize(
-    "sup_gap,sup_loc,want", [(2, [], [2, 4, 5]), (-1, [1, 3], [1, 3, 5]), (5, [], [5])]
+    "sup_gap,sup_loc,want",
+    [(2, [], [2, 4, 5]), (-1, [1, 3], [1, 3, 5]), (5, [], [5]), (-1, [2, 5], [2, 5])],
 )
 def test_phantom_sup_gap_and_sup_loc_return_the_intermediate_steps(sup_gap, sup_loc, want):
     _, x, f = problem()

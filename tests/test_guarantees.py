@@ -101,10 +101,21 @@ def test_data_order_is_sharded_seeded_and_resumable(monkeypatch):
     assert list(sampler) != orders[1]
 
     monkeypatch.undo()
-    loader = ResumableLoader(range(10), batch_size=3, sampler=EpochShuffle(10, 0), order={"n": 10})
+
+    class Counted(list):  # a dataset that counts the samples it loads
+        loaded = 0
+
+        def __getitem__(self, i):
+            Counted.loaded += 1
+            return super().__getitem__(i)
+
+    data = Counted(range(10))
+    loader = ResumableLoader(data, batch_size=3, sampler=EpochShuffle(10, 0), order={"n": 10})
     full = [b.tolist() for b in loader]
     loader.load_state_dict({"batches": 2, "order": {"n": 10}})
+    Counted.loaded = 0
     assert [b.tolist() for b in loader] == full[2:] and loader.state_dict()["batches"] == 4
+    assert Counted.loaded == 4  # the 6 samples of the 2 batches already trained on: never loaded
     with pytest.raises(ValueError, match="data order"):
         loader.load_state_dict({"batches": 1, "order": {"n": 12}})
 
@@ -190,6 +201,17 @@ def test_root_keys_are_typed_at_composition(tmp_path):
         assert f"expected one of {allowed}" in str(failure.value.__cause__)
 
 
+def test_no_model_data_or_logger_is_built_before_the_config_is_checked(tmp_path, monkeypatch):
+    import deqlab.__main__ as entry
+
+    def built(*args, **kwargs):
+        raise AssertionError("something was built before the config was checked")
+
+    monkeypatch.setattr(entry, "instantiate", built)
+    with pytest.raises(ConfigError, match=r"solver\.tol"):
+        run(compose_cfg([*TINY, NO_DATA, "solver.tol=-1"], tmp_path / "run"))
+
+
 def test_rejected_config_leaves_no_run_folder(tmp_path):
     out = tmp_path / "run"
     proc = run_cli([*TINY, NO_DATA, "solver.tol=-1", f"hydra.run.dir={out}"], tmp_path, check=False)
@@ -265,6 +287,44 @@ def test_cache_is_never_left_half_written(tmp_path, monkeypatch):
         load_split(tmp_path, train=False)
     assert list((tmp_path / "cifar10").glob("*.pt")) == []  # neither the cache nor a temporary
     assert not list((tmp_path / "cifar10").glob(".*"))
+
+
+def test_checkpoint_is_never_left_half_written(tmp_path, monkeypatch):
+    """A write interrupted half-way leaves the previous checkpoint whole and no temporary."""
+    from deqlab.checkpoint import AtomicCheckpointIO
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(3)}}, path)
+
+    def killed_while_writing(obj, target, *args, **kwargs):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_training_time_is_carried_across_a_resume():
+    """train/elapsed_s counts the training time of every launch: the checkpoint carries it,
+    and a resumed run continues from it rather than from zero."""
+    import time
+
+    from deqlab.lit import DEQLitModule
+
+    first = DEQLitModule(None)
+    first._fit_t0 = time.perf_counter() - 100.0  # 100 s of training so far
+    checkpoint: dict = {}
+    first.on_save_checkpoint(checkpoint)
+    resumed = DEQLitModule(None)
+    resumed.on_load_checkpoint({**checkpoint, "state_dict": {}})
+    resumed.on_fit_start()  # a resumed run keeps the restored start
+    elapsed = time.perf_counter() - resumed._fit_t0
+    assert 100.0 <= elapsed < 105.0
 
 
 # -- checkpoints are checked on load ----------------------------------------------------------

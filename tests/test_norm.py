@@ -123,9 +123,38 @@ def test_remove_norm_bakes_weights(kind):
     torch.testing.assert_close(cell(x, x), before)
 
 
-def test_weight_norm_gradient_matches_manual_formula():
+def test_weight_norm_gradient_matches_its_closed_form():
+    """W = s v / ||v|| per row: dL/dv = s (C - (C . v^) v^) / ||v|| and dL/ds = C . v^ for
+    L = <C, W>, v^ = v / ||v||, checked against autograd through the parametrization (a norm
+    detached from the graph gets dL/dv wrong) and by gradcheck."""
+    torch.manual_seed(0)
     v = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     p = WeightNorm(v.detach(), 0).double()
-    w = p(v)
-    manual = p.scale * v / v.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(w, manual)
+    with torch.no_grad():
+        p.scale.mul_(torch.tensor([[0.5], [2.0], [3.0]], dtype=torch.float64))
+    c = torch.randn(3, 4, dtype=torch.float64)
+    (p(v) * c).sum().backward()
+    n = v.detach().norm(dim=1, keepdim=True)
+    unit = v.detach() / n
+    want_v = p.scale.detach() * (c - (c * unit).sum(1, keepdim=True) * unit) / n
+    torch.testing.assert_close(v.grad, want_v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p.scale.grad, (c * unit).sum(1, keepdim=True), rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda v_: p(v_), (v.detach().requires_grad_(),))
+
+
+def test_frozen_scale_keeps_the_layers_function_and_its_row_norms():
+    """learn_scale=False: the layer computes what it did before normalization, and however V
+    is trained, the rows of W keep their initial norms (the scale is a buffer, not trained)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 3)
+    x = torch.randn(5, 6)
+    before, norms = lin(x).detach(), lin.weight.detach().norm(dim=1)
+    apply_norm(lin, "weight_norm", learn_scale=False)
+    torch.testing.assert_close(lin(x), before)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        (lin(x) ** 2).sum().backward()
+        opt.step()
+    assert not torch.allclose(lin(x), before)  # it trained
+    torch.testing.assert_close(lin.weight.detach().norm(dim=1), norms)

@@ -158,19 +158,29 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     assert steps_resumed[-1] == steps_full[-1] == 9
 
 
-def test_test_mode_evaluates_a_checkpoint(data_dir, tmp_path):
-    _train(data_dir, tmp_path / "a", 1)
+def test_test_mode_evaluates_a_checkpoint(data_dir, tmp_path, monkeypatch):
+    """A training run tests its best checkpoint (its last with test_ckpt=last), and mode=test
+    scores that checkpoint as the training run scored it."""
+    import lightning as L
+
+    tested = []
+    real_test = L.Trainer.test
+
+    def recording_test(self, *args, **kwargs):
+        tested.append(kwargs.get("ckpt_path"))
+        return real_test(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "test", recording_test)
+    rows = _train(data_dir, tmp_path / "a", 2)
+    best = tmp_path / "a" / "checkpoints" / "best.ckpt"
+    assert tested == [str(best)]
+    _train(data_dir, tmp_path / "last", 2, ["test_ckpt=last"])
+    assert tested[-1] is None  # the weights in memory: the last ones
     cfg = compose_cfg(
-        [
-            f"data_dir={data_dir}",
-            *TINY,
-            "mode=test",
-            f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'best.ckpt'}",
-        ],
-        tmp_path / "b",
+        [f"data_dir={data_dir}", *TINY, "mode=test", f"ckpt_path={best}"], tmp_path / "b"
     )
     score = run(cfg)
-    assert score is not None and 0 <= score <= 1
+    assert score == pytest.approx(last_value(rows, "test/acc"), abs=1e-7)
     with pytest.raises(ValueError, match="ckpt_path"):
         run(compose_cfg(["mode=test"], tmp_path / "c"))
 
@@ -178,7 +188,8 @@ def test_test_mode_evaluates_a_checkpoint(data_dir, tmp_path):
 def test_wandb_offline_writes_a_local_run(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    cfg = compose_cfg([f"data_dir={data_dir}", *TINY, "logger=many"], tmp_path)
+    norm = ["norm=weight_norm", "jac_reg=hutchinson"]
+    cfg = compose_cfg([f"data_dir={data_dir}", *TINY, *norm, "logger=many"], tmp_path)
     run(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -189,7 +200,8 @@ def test_wandb_offline_writes_a_local_run(data_dir, tmp_path, monkeypatch):
     assert wandb_records.exit_code(records) == 0
     assert {"val/acc", "deq/fwd_nfe", "train/loss"} <= wandb_records.logged_keys(records)
     assert json.loads(wandb_records.config(records)["solver"])["max_iter"] == 4
-    assert {"solver=anderson", "grad=ift"} <= set(wandb_records.tags(records))
+    tags = {"solver=anderson", "grad=ift", "norm=weight_norm", "jac_reg=hutchinson"}
+    assert tags <= set(wandb_records.tags(records))
     images = runs[0] / "files" / "media" / "images"
     assert wait_for(lambda: list(images.rglob("*.png")))  # the residual trace
     assert (tmp_path / "tensorboard").is_dir() and (

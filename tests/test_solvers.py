@@ -227,17 +227,30 @@ def test_saved_iterates(name):
         torch.testing.assert_close(res.saved[1], z)
 
 
-@pytest.mark.parametrize("name", ["anderson", "broyden"])
-def test_memory_is_bounded(name):
-    """Buffers scale with m / memory, not with max_iter: a long solve with small memory works
-    and still converges."""
+@pytest.mark.parametrize(
+    "name,opts,slots", [("anderson", {"m": 2}, 4), ("broyden", {"memory": 3}, 6)]
+)
+def test_memory_is_bounded(name, opts, slots, monkeypatch):
+    """The history holds 2 m (Anderson) or 2 memory (Broyden) state-sized slots whatever
+    max_iter is, and a 400-step solve with that little memory still converges."""
+    import importlib
+
+    module = importlib.import_module(f"deqlab.solvers.{name}")
+    shapes = []
+    original = module.scratch
+
+    def recorded(shape, *args):
+        shapes.append(shape)
+        return original(shape, *args)
+
+    monkeypatch.setattr(module, "scratch", recorded)
     w = contraction(32, 0.9)
     x = torch.randn(4, 32, dtype=torch.float64)
-    opts = {"m": 2} if name == "anderson" else {"memory": 3}
     res = get_solver(name)(
         lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x), max_iter=400, tol=1e-10, **opts
     )
-    assert res.converged.all()
+    assert res.converged.all() and res.nfe > 2 * slots
+    assert shapes == [(4, slots, 32)]
 
 
 @pytest.mark.parametrize("memory", [5, 10, 30])
@@ -575,3 +588,42 @@ def test_anderson_with_absolute_regularization_is_the_tutorials_anderson():
             )
             torch.testing.assert_close(ours.z, theirs, rtol=1e-10, atol=1e-12)
             assert ours.nfe == 11 and len(res) == 9  # the tutorial traces steps 2..10
+
+
+def test_fixed_point_damping_follows_its_formula():
+    """z_{k+1} = tau f(z_k) + (1 - tau) z_k, iterate by iterate, on an f whose trajectory
+    depends on tau."""
+    w = contraction(8, 0.9)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    res = get_solver("fixed_point")(
+        f, torch.zeros_like(x), max_iter=6, tol=None, tau=0.4, save_at=range(6)
+    )
+    z = torch.zeros_like(x)
+    for k in range(6):
+        torch.testing.assert_close(res.saved[k], z, rtol=1e-14, atol=1e-14)
+        z = 0.4 * f(z) + 0.6 * z
+
+
+@pytest.mark.parametrize("name,history", [("anderson", (2, 10, 64)), ("broyden", (2, 6, 64))])
+def test_cpu_solves_recycle_their_history_buffers(name, history):
+    """A solver's history on the CPU comes from the scratch pool: a second solve of the same
+    shape allocates none (README: histories recycled across solves)."""
+    w = contraction(64, 0.5, dtype=torch.float32)
+    x = torch.randn(2, 64)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    shapes = []
+    original = torch.empty
+
+    def counting_empty(*args, **kwargs):
+        out = original(*args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    get_solver(name)(f, torch.zeros_like(x), max_iter=5, tol=None)  # warms the pool
+    torch.empty = counting_empty
+    try:
+        get_solver(name)(f, torch.zeros_like(x), max_iter=5, tol=None)
+    finally:
+        torch.empty = original
+    assert history not in shapes  # (batch, 2 slots, dim): from the pool, not allocated
