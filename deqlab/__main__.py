@@ -5,6 +5,7 @@ python -m deqlab experiment=cifar_tutorial logger=wandb
 python -m deqlab -m solver=anderson,broyden grad=ift,phantom      # a local sweep
 python -m deqlab mode=test ckpt_path=outputs/runs/<run>/checkpoints/best.ckpt
 python -m deqlab hydra.run.dir=outputs/runs/<run> ckpt_path=last  # resume a killed run
+python -m deqlab report outputs/multiruns/<sweep>                  # as `deqlab report`
 """
 
 from __future__ import annotations
@@ -161,5 +162,7 @@ def main(cfg: DictConfig) -> float | None:
     return run(cfg)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m deqlab ...` is the `deqlab` command, subcommands too
+    from deqlab.cli import main as command
+
+    command()

@@ -120,6 +120,41 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
     OmegaConf.register_new_resolver("job_name", job_name, replace=True)
     OmegaConf.register_new_resolver("run_group", run_group, replace=True)
+    OmegaConf.register_new_resolver("deqlab_help", help_text, replace=True)
+
+
+# Groups that are not choices: the shared module block and Hydra's own.
+INTERNAL_GROUPS = ("module", "hydra")
+
+
+def help_text() -> str:
+    """``deqlab --help``: the commands, every config group with its options (the schemas,
+    which only type the files, left out), the composed config and Hydra's flags."""
+    groups = []
+    for folder in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
+        options = sorted(f.stem for f in folder.glob("*.yaml"))
+        if folder.name not in INTERNAL_GROUPS and options:
+            groups.append(f"  {folder.name}: {', '.join(options)}")
+    return "\n".join(
+        [
+            "deqlab: train and test Deep Equilibrium models.",
+            "",
+            "  deqlab [group=option ...] [key=value ...]   train (mode=train) or test (mode=test)",
+            "  deqlab -m group=a,b ...                     a sweep, one job per combination",
+            "  deqlab report FOLDER                        compare the runs of a sweep",
+            "  deqlab dashboard --project P --entity E     the W&B workspace",
+            "",
+            "(python -m deqlab ... is the same command.)",
+            "",
+            "== Config groups (group=option) ==",
+            *groups,
+            "",
+            "== Config (override any key: key=value) ==",
+            "$CONFIG",
+            "== Hydra's flags ==",
+            "$FLAGS_HELP",
+        ]
+    )
 
 
 def _hydra() -> DictConfig | None:

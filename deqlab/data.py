@@ -40,6 +40,15 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def mix_seed(*parts: int) -> int:
+    """One seed from several integers (a run's seed, a rank, an epoch, a step), the same on
+    every machine and run: what every randomness a resumed run must repeat is drawn from."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % (1 << 62)
+    return seed
+
+
 def per_process(batch: int, what: str) -> int:
     """A global batch's share on this process: batch sizes in configs are global (what one
     optimizer step sees, as in the reference scripts), split evenly over the DDP processes."""
@@ -71,7 +80,7 @@ class EpochShuffle(DistributedSampler):
         self._skip = samples
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         order = torch.randperm(self.n, generator=g)[: self.per_rank * self.num_replicas]
         mine = order[self.rank :: self.num_replicas].tolist()
         start, self._skip = self._skip, 0

@@ -61,13 +61,17 @@ class GradConfig:
     output: str = "z"  # z | fz
     jacobian_at: str = "z"  # z | fz
     solve_from: str = "grad"  # grad | zeros
-    steps: Any = 5  # int, or list[int]: one per sampled state
-    tau: float = 0.5
+    steps: Any = None  # int, or list[int]: one per sampled state; None: the mode's default
+    tau: float | None = None  # None: the mode's default
     sup_gap: int = -1
     sup_loc: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        GRAD_MODES.get(self.name)  # raises with the list of known modes
+        mode = GRAD_MODES.get(self.name)  # raises with the list of known modes
+        if self.steps is None:
+            self.steps = mode.defaults.get("steps", 1)
+        if self.tau is None:
+            self.tau = mode.defaults.get("tau", 1.0)
         accepted = solver_options(self.solver)  # raises with the list of known solvers
         unknown = sorted(set(self.options) - set(accepted))
         if unknown:
@@ -138,11 +142,14 @@ class GradFn(Protocol):
 class GradMode:
     """A registered gradient mode. ``needs_z_grad``: z must require grad (the mode
     differentiates f at z). ``at_equilibrium``: only valid at a fixed point (ift's linear
-    solve); states sampled earlier on the trajectory get a phantom gradient instead."""
+    solve); states sampled earlier on the trajectory get a phantom gradient instead.
+    ``defaults``: the mode's own values of ``GradConfig`` fields left unset (``steps``,
+    ``tau``), so ``grad={"name": m}`` in Python and ``grad=m`` on the command line agree."""
 
     fn: GradFn
     needs_z_grad: bool = False
     at_equilibrium: bool = False
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_mode(name: str, mode: Any) -> None:
@@ -159,10 +166,17 @@ GRAD_MODES: Registry[GradMode] = Registry(
 
 
 def register_grad(
-    name: str, fn: GradFn, *, needs_z_grad: bool = False, at_equilibrium: bool = False
+    name: str,
+    fn: GradFn,
+    *,
+    needs_z_grad: bool = False,
+    at_equilibrium: bool = False,
+    defaults: dict[str, Any] | None = None,
 ) -> GradMode:
-    """Make ``fn`` available as ``grad.name=<name>`` (see :class:`GradFn` for its contract)."""
-    return GRAD_MODES.register(name, GradMode(fn, needs_z_grad, at_equilibrium))
+    """Make ``fn`` available as ``grad.name=<name>`` (see :class:`GradFn` for its contract);
+    ``defaults``: its values for the ``GradConfig`` fields a config leaves unset."""
+    mode = GradMode(fn, needs_z_grad, at_equilibrium, dict(defaults or {}))
+    return GRAD_MODES.register(name, mode)
 
 
 class _ImplicitGrad(torch.autograd.Function):
@@ -266,6 +280,9 @@ def _onestep(f, z, fz, cfg, steps, on_backward):  # type: ignore[no-untyped-def]
     return [fz]
 
 
-register_grad("ift", _ift, needs_z_grad=True, at_equilibrium=True)
-register_grad("phantom", _phantom)
+# ift's states sampled before the equilibrium get TorchDEQ's default: one undamped step.
+register_grad(
+    "ift", _ift, needs_z_grad=True, at_equilibrium=True, defaults={"steps": 1, "tau": 1.0}
+)
+register_grad("phantom", _phantom, defaults={"steps": 5, "tau": 0.5})
 register_grad("onestep", _onestep)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .checkpoint import check_compatible, load_initial_weights
 from .core import CoreConfig, DEQInfo, GradConfig, SolverConfig, build_core, to_config
+from .data import mix_seed
 from .dropout import reset_dropout
 from .initial_state import InitConfig
 from .loggers import log_figure, residual_trace_figure
@@ -65,8 +66,8 @@ class JacRegConfig:
     """
 
     name: str = "none"  # none | hutchinson
-    weight: float = 0.0
-    freq: float = 1.0
+    weight: float = 0.5
+    freq: float = 0.5
     vecs: int = 1
     incremental: int = 0
     increment: float = 0.1
@@ -426,7 +427,7 @@ class DEQLitModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Each step's randomness (dropout masks, budget jitter, whether to regularize) is a
         # function of (seed, rank, step) alone, so a resumed run repeats it exactly.
-        torch.manual_seed(self.seed * 1_000_003 + self.global_rank * 7_919 + self.global_step)
+        torch.manual_seed(mix_seed(self.seed, self.global_rank, self.global_step))
         reset_dropout(self)
         # this step's learning rate (every parameter group follows the same schedule)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

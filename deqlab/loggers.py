@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import netrc
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -45,21 +45,13 @@ def wandb_mode() -> str:
     return "online" if wandb_credentials() else "offline"
 
 
-def summary_of(metric: str, monitor: str, monitor_mode: str) -> str:
-    """How a dashboard sums up a validation metric: its best value."""
-    if metric == monitor:
-        return monitor_mode
-    return "max" if "acc" in metric.rsplit("/", 1)[-1] else "min"
-
-
 def wandb_logger(
     project: str = "deqlab",
     save_dir: str = ".",
     name: str | None = None,
     group: str | None = None,
     tags: Sequence[str] = (),
-    monitor: str | None = None,
-    monitor_mode: str = "min",
+    summaries: Mapping[str, str] | None = None,
     log_model: bool = False,
     **kwargs: Any,
 ) -> WandbLogger:
@@ -67,9 +59,9 @@ def wandb_logger(
 
     Online when the user is logged in (:func:`wandb_credentials`) or ``WANDB_MODE=online``;
     otherwise offline, never prompting, writing a local run under ``save_dir/wandb`` that
-    ``wandb sync`` uploads later. The run's summary holds each ``val/*`` metric's best value
-    (the monitored one by ``monitor_mode``), not its last; ``log_model`` uploads the
-    checkpoints as an artifact when training ends.
+    ``wandb sync`` uploads later. The run's summary holds each metric of ``summaries`` at its
+    best value (``min`` or ``max``, as the task's config says), not its last; ``log_model``
+    uploads the checkpoints as an artifact when training ends.
     """
     offline = wandb_mode() == "offline"
     if offline and log_model:
@@ -92,10 +84,11 @@ def wandb_logger(
         **kwargs,
     )
     run = logger.experiment  # starts the run (a no-op stand-in on ranks other than 0)
-    if monitor is not None and hasattr(run, "define_metric"):
-        metrics = {monitor, "val/loss", "val/acc", "val/ppl", "val/nll"}
-        for metric in sorted(m for m in metrics if m.startswith("val/")):
-            run.define_metric(metric, summary=summary_of(metric, monitor, monitor_mode))
+    if hasattr(run, "define_metric"):
+        for metric, mode in sorted((summaries or {}).items()):
+            if mode not in ("min", "max"):
+                raise ValueError(f"the summary of {metric} must be min or max, got {mode!r}")
+            run.define_metric(metric, summary=mode)
     return logger
 
 

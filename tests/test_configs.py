@@ -142,3 +142,33 @@ def test_experiment_files_hold_only_differences():
         text = Path(path).read_text()
         assert "# @package _global_" in text, path
         assert "_target_" not in text, f"{path} redefines a node instead of overriding it"
+
+
+SCHEMA_OPTIONS = [
+    (group, p.stem)
+    for group in ("core", "solver", "grad", "norm", "jac_reg", "init", "optim")
+    for p in sorted((CONF_DIR / group).glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize(
+    "group,option", SCHEMA_OPTIONS, ids=[f"{g}={o}" for g, o in SCHEMA_OPTIONS]
+)
+def test_every_option_file_agrees_with_its_schema(group, option, tmp_path):
+    """`group=option` on the command line builds the same settings as the Python API given the
+    option's name alone (the optimizer's class for optim): one source for every default."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from deqlab.config import SCHEMAS
+    from deqlab.core import to_config
+
+    schema = SCHEMAS[group]
+    node = OmegaConf.to_container(compose_cfg([f"{group}={option}"], tmp_path)[group], resolve=True)
+    if group == "optim":
+        python = schema(optimizer=node["optimizer"])
+    else:
+        key = "kind" if group == "norm" else "name"
+        python = to_config(schema, {key: node[key]}, group)
+    assert dataclasses.asdict(to_config(schema, node, group)) == dataclasses.asdict(python)

@@ -182,3 +182,18 @@ def test_log_model_without_a_login_fails_by_name(data_dir, tmp_path, monkeypatch
     args = [f"data_dir={data_dir}", *TINY, "logger=wandb", "logger.wandb.log_model=true"]
     with pytest.raises(Exception, match=r"log_model=true uploads the checkpoints.*wandb login"):
         run(compose_cfg(args, tmp_path))
+
+
+def test_python_m_deqlab_is_the_deqlab_command(data_dir, tmp_path):
+    """`python -m deqlab report FOLDER` is `deqlab report FOLDER`; `--help` names deqlab and
+    lists real options only (no schema), with the subcommands."""
+    from .runs import run_cli
+
+    run(compose_cfg([f"data_dir={data_dir}", *TINY], tmp_path / "one"))
+    proc = run_cli(["report", str(tmp_path)], tmp_path)
+    assert "| completed |" in proc.stdout and (tmp_path / "report.md").is_file()
+    help_text = run_cli(["--help"], tmp_path).stdout
+    ours = help_text.split("== Hydra's flags ==")[0]  # Hydra's own flags follow
+    assert ours.startswith("deqlab: train and test") and "deqlab report FOLDER" in ours
+    assert "solver: anderson, broyden, fixed_point\n" in ours
+    assert "schema" not in ours and "__main__" not in ours

@@ -26,6 +26,7 @@ from deqlab.data import (
     ResumableDataModule,
     ResumableLoader,
     load_cache,
+    mix_seed,
     per_process,
     rank_and_world,
     save_atomic,
@@ -293,6 +294,6 @@ class CifarDataModule(ResumableDataModule):
         if not (self.augment and trainer is not None and trainer.training):
             return batch
         x, y = batch
-        key = (self.seed * 1_000_003 + trainer.global_rank) * 1_000_033 + trainer.global_step
+        key = mix_seed(self.seed, trainer.global_rank, trainer.global_step)
         g = torch.Generator(device=x.device).manual_seed(key)
         return random_crop_flip(x, g, mean=self.mean, std=self.std), y
