@@ -537,7 +537,7 @@ def end_to_end(device: torch.device, data_dir: str, steps: int = 30) -> list[dic
     import hydra.utils
     import lightning as L
 
-    from deqlab.config import compose
+    from deqlab.runner.config import compose
 
     trainer_kind = "gpu" if device.type == "cuda" else "cpu"
     rows = []
@@ -590,7 +590,7 @@ def tutorial_recipe(
     import hydra.utils
     import lightning as L
 
-    from deqlab.config import compose
+    from deqlab.runner.config import compose
 
     cfg = compose(
         [

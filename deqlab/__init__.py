@@ -1,13 +1,14 @@
 """deqlab: Deep Equilibrium models in PyTorch.
 
-The engine (this package minus ``lit`` and ``__main__``) is pure PyTorch:
+The engine is this package (minus :mod:`deqlab.runner`, the Lightning/Hydra/W&B runner, and
+:mod:`deqlab.tasks`), pure PyTorch: importing it loads none of them.
 
     from deqlab import DEQ
     deq = DEQ(solver={"name": "anderson", "max_iter": 30}, grad={"name": "ift"})
     z_star, info = deq(lambda z: cell(z, x), torch.zeros_like(x))
 """
 
-from .core import DEQ, Core, CoreConfig, DEQInfo, SlicedDEQ, SolverConfig, build_core, register_core
+from .core import DEQ, Core, CoreConfig, DEQInfo, SlicedDEQ, build_core, register_core
 from .dropout import (
     VariationalDropout,
     VariationalDropout1d,
@@ -20,7 +21,7 @@ from .grad import DivergenceWarning, GradConfig, GradMode, register_grad
 from .initial_state import InitConfig, mixed_init, zeros_init
 from .norm import NormConfig, apply_norm, remove_norm
 from .regularize import fp_correction, jacobian_loss, spectral_radius
-from .solvers import SolverResult, get_solver, register_solver
+from .solvers import SolverConfig, SolverResult, get_solver, register_solver
 
 __all__ = [
     "DEQ",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -30,68 +30,9 @@ from torch.nn.utils import parametrize
 from .grad import GRAD_MODES, DivergenceWarning, GradConfig
 from .registry import Registry
 from .regularize import jacobian_loss
-from .solvers import SolverResult, get_solver, solver_options
-from .solvers.base import check_common
+from .settings import to_config
+from .solvers import SolverConfig, SolverResult, get_solver
 from .state import State, leaf
-
-
-@dataclass
-class SolverConfig:
-    """Forward solver settings (the ``solver`` config group).
-
-    The named options go to the solvers that take them (anderson: m, lam, lam_mode, tau;
-    fixed_point: tau; broyden: memory; all: return_final); ``options`` holds extra options for
-    solvers registered by the user. The budget in eval mode is ``eval_max_iter`` if set, else
-    ``max_iter * eval_factor`` (TorchDEQ's two options). ``tol: null`` runs exactly
-    ``max_iter`` steps with no convergence test (no host syncs).
-    """
-
-    name: str = "anderson"
-    max_iter: int = 30
-    tol: float | None = 1e-3
-    stop_mode: str = "rel"
-    eval_max_iter: int | None = None
-    eval_factor: float = 1.0
-    m: int = 5
-    lam: float = 1e-4
-    tau: float = 1.0
-    lam_mode: str = "relative"
-    memory: int = 30
-    return_final: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        accepted = solver_options(self.name)  # raises for an unknown solver name
-        if self.tol is not None and not self.tol > 0:
-            raise ValueError(
-                f"solver.tol must be > 0 (or null: exactly max_iter steps), got {self.tol}"
-            )
-        try:
-            check_common(self.max_iter, self.tol, self.stop_mode)
-            if self.eval_max_iter is not None:
-                check_common(self.eval_max_iter, self.tol, self.stop_mode)
-        except ValueError as e:
-            raise ValueError(f"solver.{e}") from None
-        if not self.eval_factor > 0:
-            raise ValueError(f"solver.eval_factor must be > 0, got {self.eval_factor}")
-        unknown = sorted(set(self.options) - set(accepted))
-        if unknown:
-            raise ValueError(
-                f"solver {self.name!r} takes no option(s) {unknown}; its options are "
-                f"{sorted(accepted)}"
-            )
-
-    def solver_kwargs(self) -> dict[str, Any]:
-        """The options the selected solver accepts, from the named fields and ``options``."""
-        accepted = solver_options(self.name)
-        common = {f.name for f in fields(SolverConfig)} - {"options"}
-        named = {k: getattr(self, k) for k in accepted if k in common}
-        return {**named, **self.options}
-
-    def eval_budget(self) -> int:
-        if self.eval_max_iter is not None:
-            return self.eval_max_iter
-        return max(1, int(self.max_iter * self.eval_factor))
 
 
 @dataclass
@@ -121,24 +62,6 @@ class CoreConfig:
     def sampled(self) -> int:
         """How many states are sampled (the equilibrium included)."""
         return self.n_states if self.n_states > 1 else len(self.indexing) + 1
-
-
-C = TypeVar("C")
-
-
-def to_config(cls: type[C], value: C | Mapping[str, Any] | None, what: str) -> C:
-    """Build a config dataclass from a mapping, rejecting unknown keys by name."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{what} must be a mapping or {cls.__name__}, got {type(value).__name__}")
-    valid = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    for key in value:
-        if key not in valid:
-            raise ValueError(f"unknown {what} key {key!r}; valid keys: {', '.join(valid)}")
-    return cls(**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in value.items()})
 
 
 @dataclass

@@ -42,14 +42,15 @@ class DivergenceWarning(UserWarning):
 class GradConfig:
     """Gradient mode settings (the ``grad`` config group).
 
-    ``solver``, ``max_iter``, ``tol``, ``stop_mode`` and ``options`` (the backward solver's
-    own options, e.g. ``{memory: 40}``) configure the ``ift`` backward solve; ``output``,
+    ``solver``, ``max_iter``, ``tol``, ``stop_mode`` and ``solver_options`` (the backward
+    solver's own options, e.g. ``{memory: 40}``) configure the ``ift`` backward solve; ``output``,
     ``jacobian_at`` and ``solve_from`` choose between deqlab's form and the references' (see
     the module docstring). ``steps`` and ``tau`` configure ``phantom`` (and, under ift, the
     states a core samples before the last, as in TorchDEQ). ``steps`` may be a list: one step
     count per sampled state. ``sup_gap`` / ``sup_loc`` make phantom return intermediate steps
     too: every ``sup_gap``-th step, or the steps listed in ``sup_loc`` (always ending with the
-    last).
+    last). ``options``: a user's gradient mode's own settings (it reads ``cfg.options``), so a
+    new mode needs no field here.
     """
 
     name: str = "ift"
@@ -57,7 +58,7 @@ class GradConfig:
     max_iter: int = 30
     tol: float | None = 1e-4  # None: exactly max_iter backward steps
     stop_mode: str = "rel"
-    options: dict[str, Any] = field(default_factory=dict)
+    solver_options: dict[str, Any] = field(default_factory=dict)
     output: str = "z"  # z | fz
     jacobian_at: str = "z"  # z | fz
     solve_from: str = "grad"  # grad | zeros
@@ -65,6 +66,7 @@ class GradConfig:
     tau: float | None = None  # None: the mode's default
     sup_gap: int = -1
     sup_loc: list[int] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         mode = GRAD_MODES.get(self.name)  # raises with the list of known modes
@@ -73,10 +75,10 @@ class GradConfig:
         if self.tau is None:
             self.tau = mode.defaults.get("tau", 1.0)
         accepted = solver_options(self.solver)  # raises with the list of known solvers
-        unknown = sorted(set(self.options) - set(accepted))
+        unknown = sorted(set(self.solver_options) - set(accepted))
         if unknown:
             raise ValueError(
-                f"grad.options: backward solver {self.solver!r} takes no option(s) {unknown}; "
+                f"grad.solver_options: backward solver {self.solver!r} takes no option(s) {unknown}; "
                 f"its options are {sorted(accepted)}"
             )
         for key, allowed in (
@@ -232,7 +234,7 @@ def implicit(
             max_iter=cfg.max_iter,
             tol=cfg.tol,
             stop_mode=cfg.stop_mode,
-            **cfg.options,
+            **cfg.solver_options,
         )
         if res.nonfinite:
             warnings.warn(

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from deqlab.config import compose as compose_cfg
+from deqlab.runner.config import compose as compose_cfg
 from deqlab.tasks.cifar.data import CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +139,7 @@ def short_real_cifar_run(
 ) -> float:
     """Best validation accuracy of ``epochs`` epochs of ``experiment`` on 3500 real training
     images."""
-    from deqlab.__main__ import run
+    from deqlab.runner.main import run
 
     overrides = [
         f"experiment={experiment}",

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
-from deqlab.config import CONF_DIR
+from deqlab.runner.config import CONF_DIR
 
 from .runs import compose_cfg
 
@@ -105,7 +105,7 @@ def test_command_line_mistakes_fail_with_a_clear_message(override, exc, match, t
 @pytest.mark.parametrize("override", ["+solver.max_itr=5", "++grad.step=2"])
 def test_appended_unknown_key_is_rejected_before_any_work(override, tmp_path):
     """Hydra's `+key=` appends even to structured nodes; the runner's schema check stops it."""
-    from deqlab.__main__ import run
+    from deqlab.runner.main import run
 
     cfg = compose_cfg([override], tmp_path)
     with pytest.raises(
@@ -161,8 +161,8 @@ def test_every_option_file_agrees_with_its_schema(group, option, tmp_path):
 
     from omegaconf import OmegaConf
 
-    from deqlab.config import SCHEMAS
     from deqlab.core import to_config
+    from deqlab.runner.config import SCHEMAS
 
     schema = SCHEMAS[group]
     node = OmegaConf.to_container(compose_cfg([f"{group}={option}"], tmp_path)[group], resolve=True)

@@ -60,7 +60,7 @@ def test_bf16_autocast_training_step():
 
 
 def test_runner_on_gpu(tmp_path):
-    from deqlab.__main__ import run
+    from deqlab.runner.main import run
 
     from .runs import TINY, compose_cfg, write_cifar_folder
 

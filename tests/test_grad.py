@@ -239,7 +239,7 @@ def test_ift_jacobian_at_fz_is_the_tutorials_layer():
             "max_iter": budget,
             "tol": 1e-300,
             "stop_mode": "batch_rel",
-            "options": anderson,
+            "solver_options": anderson,
             "output": "fz",
             "jacobian_at": "fz",
             "solve_from": "grad",
@@ -261,7 +261,7 @@ def test_ift_jacobian_at_fz_is_the_tutorials_layer():
 
 def test_grad_options_are_checked():
     with pytest.raises(ValueError, match="takes no option"):
-        DEQ(grad={"solver": "broyden", "options": {"m": 3}})
+        DEQ(grad={"solver": "broyden", "solver_options": {"m": 3}})
     with pytest.raises(ValueError, match=r"grad\.output"):
         DEQ(grad={"output": "f"})
     with pytest.raises(ValueError, match=r"set grad\.output=fz"):

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deqlab.__main__ import run
-from deqlab.checkpoint import CheckpointError
-from deqlab.config import ConfigError
-from deqlab.data import EpochShuffle, ResumableLoader
+from deqlab.runner.checkpoint import CheckpointError
+from deqlab.runner.config import ConfigError
+from deqlab.runner.data import EpochShuffle, ResumableLoader
+from deqlab.runner.main import run
 from deqlab.tasks.cifar.data import CifarDataModule, load_split
 from deqlab.tasks.lm import data as lm_data
 from deqlab.tasks.lm.data import Corpus, LMDataModule
@@ -89,7 +89,7 @@ def test_last_checkpoint_follows_every_validation_improved_or_not(data_dir, tmp_
 def test_data_order_is_sharded_seeded_and_resumable(monkeypatch):
     orders = []
     for rank in (0, 1):
-        monkeypatch.setattr("deqlab.data.rank_and_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr("deqlab.runner.data.rank_and_world", lambda rank=rank: (rank, 2))
         sampler = EpochShuffle(11, seed=3)
         sampler.set_epoch(4)
         orders.append(list(sampler))
@@ -202,7 +202,7 @@ def test_root_keys_are_typed_at_composition(tmp_path):
 
 
 def test_no_model_data_or_logger_is_built_before_the_config_is_checked(tmp_path, monkeypatch):
-    import deqlab.__main__ as entry
+    import deqlab.runner.main as entry
 
     def built(*args, **kwargs):
         raise AssertionError("something was built before the config was checked")
@@ -291,7 +291,7 @@ def test_cache_is_never_left_half_written(tmp_path, monkeypatch):
 
 def test_checkpoint_is_never_left_half_written(tmp_path, monkeypatch):
     """A write interrupted half-way leaves the previous checkpoint whole and no temporary."""
-    from deqlab.checkpoint import AtomicCheckpointIO
+    from deqlab.runner.checkpoint import AtomicCheckpointIO
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     io = AtomicCheckpointIO()
@@ -314,7 +314,7 @@ def test_training_time_is_carried_across_a_resume():
     and a resumed run continues from it rather than from zero."""
     import time
 
-    from deqlab.lit import DEQLitModule
+    from deqlab.runner.module import DEQLitModule
 
     first = DEQLitModule(None)
     first._fit_t0 = time.perf_counter() - 100.0  # 100 s of training so far
@@ -397,7 +397,7 @@ def test_subsets_are_stratified_and_every_prefix_sees_all_classes(tmp_path):
 
 
 def test_validating_on_the_test_split_must_test_the_last_checkpoint(tmp_path):
-    from deqlab.config import ConfigError, compose, validate
+    from deqlab.runner.config import ConfigError, compose, validate
 
     cfg = compose(["experiment=cifar_tutorial", "test_ckpt=best"], tmp_path)
     with pytest.raises(ConfigError, match="set test_ckpt=last"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .runs import ROOT, write_cifar_folder
+from .runs import ROOT, TINY_LM, write_cifar_folder, write_ptb_folder
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,11 @@ def test_wheel_installs_and_runs_from_any_folder(tmp_path):
     )
     (wheel,) = dist.glob("deqlab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "deqlab/conf/train.yaml" in names and "deqlab/tasks/cifar/module.py" in names
+    tasks = sorted(p.parent.name for p in (ROOT / "tasks").glob("*/__init__.py"))
+    assert tasks == ["cifar", "lm"]
+    assert "deqlab/conf/train.yaml" in names and "deqlab/runner/main.py" in names
+    for task in tasks:  # every task package goes in, found without a hand-written list
+        assert f"deqlab/tasks/{task}/module.py" in names, task
     assert not [n for n in names if n.split("/")[0] in ("tasks", "benchmarks", "conf", "tests")]
 
     # A fresh environment: the wheel, and this environment's dependencies (no network) through
@@ -94,7 +98,19 @@ def test_wheel_installs_and_runs_from_any_folder(tmp_path):
         ).strip()
     )
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    sh(python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel, cwd=tmp_path)
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no repository copy
+    sh(
+        python,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-index",
+        "-q",
+        wheel,
+        cwd=tmp_path,
+        env=clean,
+    )
 
     work = tmp_path / "elsewhere"
     write_cifar_folder(work / "data")
@@ -121,6 +137,9 @@ def test_wheel_installs_and_runs_from_any_folder(tmp_path):
     )
     assert "deqlab: train done" in out
     assert list((work / "outputs" / "runs").iterdir())  # results land where the user is
+    write_ptb_folder(work / "data")  # and a tiny job of the other task
+    out = sh(venv / "bin" / "deqlab", *TINY_LM, "debug=fdr", "data_dir=data", cwd=work, env=env)
+    assert "deqlab: train done" in out
 
     env["PYTHONPATH"] = str(work)  # the user's own package
     out = sh(

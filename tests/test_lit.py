@@ -13,7 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from deqlab import apply_norm
-from deqlab.lit import DEQLitModule, FitConfig, JacRegConfig, OptimConfig
+from deqlab.runner.fit import FitConfig, JacRegConfig
+from deqlab.runner.module import DEQLitModule
+from deqlab.runner.optim import OptimConfig
 
 
 class TanhNet(nn.Module):
@@ -210,7 +212,7 @@ def test_bad_training_settings_are_named():
 
 
 def test_no_weight_decay_on_biases_norms_and_scales():
-    from deqlab.lit import parameter_groups
+    from deqlab.runner.optim import parameter_groups
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Linear(4, 2), nn.Embedding(5, 4))
     apply_norm(net[2], "weight_norm")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import deqlab.data
+import deqlab.runner.data
 from deqlab import DEQ
 from deqlab.tasks.lm import data as lm_data
 from deqlab.tasks.lm.data import EOS, UNK, BPTTStream, Corpus, corpus_files
@@ -80,7 +80,7 @@ def test_bptt_batches_cover_every_token_exactly_once(world, monkeypatch):
     for rank in range(world):
         where = lambda rank=rank: (rank, world)
         monkeypatch.setattr(lm_data, "rank_and_world", where)
-        monkeypatch.setattr(deqlab.data, "rank_and_world", where)
+        monkeypatch.setattr(deqlab.runner.data, "rank_and_world", where)
         stream = BPTTStream(data, batch_size=4, tgt_len=7)
         batches = list(stream)
         assert len(batches) == len(stream)
@@ -96,7 +96,7 @@ def test_bptt_batches_cover_every_token_exactly_once(world, monkeypatch):
     assert torch.equal(torch.cat(rows), streams[:, 0])  # rank r holds streams r*4/w ...
     assert torch.equal(torch.cat(seen_x).sort().values, streams[:, :-1].flatten().sort().values)
     assert torch.equal(torch.cat(seen_y).sort().values, streams[:, 1:].flatten().sort().values)
-    monkeypatch.setattr(deqlab.data, "rank_and_world", lambda: (0, 3))
+    monkeypatch.setattr(deqlab.runner.data, "rank_and_world", lambda: (0, 3))
     with pytest.raises(ValueError, match="split evenly over the 3 processes"):
         BPTTStream(data, batch_size=4, tgt_len=7).streams()
 
@@ -234,7 +234,7 @@ def test_pre_ln_cell_runs():
 def test_runner_trains_on_a_tiny_corpus(tmp_path):
     """Sentences that count up from a random word: an untrained model scores the uniform
     perplexity (~32 over 30 words, <eos> and <unk>), a trained one far less (floor ~1.5)."""
-    from deqlab.__main__ import run
+    from deqlab.runner.main import run
 
     root = write_ptb_folder(tmp_path / "data", learnable=True)
     fast = ["optim.optimizer.lr=1e-2", "trainer.max_epochs=2"]
@@ -249,7 +249,7 @@ def test_real_ptb_standard_counts_and_short_training(tmp_path):
     assert len(corpus.splits["train"]) == 929_589 and len(corpus) == 10_000
     wt2_valid = sum(len(t) for t in lm_data._tokens(REAL_DATA / "wikitext-2" / "wiki.valid.tokens"))
     assert wt2_valid == 217_646
-    from deqlab.__main__ import run
+    from deqlab.runner.main import run
 
     cfg = compose_cfg(
         [
@@ -290,7 +290,7 @@ def test_published_deq_transformer_has_the_reference_size(experiment, tmp_path):
     import hydra.utils
 
     from deqlab import apply_norm
-    from deqlab.config import compose
+    from deqlab.runner.config import compose
 
     cfg = compose([f"experiment={experiment}"], tmp_path)
     with torch.device("meta"):

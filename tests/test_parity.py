@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 import deqlab.core
 from benchmarks.baseline import TutorialDEQFixedPoint, tutorial_anderson
-from deqlab.config import compose
+from deqlab.runner.config import compose
 from deqlab.tasks.cifar.convert import _layer_map, from_locuslab_mdeq
 from deqlab.tasks.lm.convert import LAYERS, from_locuslab_deq
 
@@ -141,7 +141,7 @@ def lm_overrides(fx: dict, *extra: str) -> list[str]:
         "solver.tol=null",
         f"grad.max_iter={c['b_thres'] + 1}",
         "grad.tol=null",
-        f"grad.options.memory={c['b_thres']}",
+        f"grad.solver_options.memory={c['b_thres']}",
         "jac_reg=none",
         "task.module.fit.jitter=0",
         *extra,
@@ -359,7 +359,7 @@ def mdeq_module(name: str, tmp_path, *extra: str):
         f"solver.memory={f_thres}",
         f"grad.max_iter={b_thres + 1}",
         "grad.tol=null",
-        f"grad.options.memory={b_thres}",
+        f"grad.solver_options.memory={b_thres}",
         *extra,
     ]
     cfg = compose([f"experiment={experiment}", *overrides], tmp_path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deqlab.__main__ import run
+from deqlab.runner.main import run
 
 from . import wandb_records
 from .problems import GRADS, SOLVERS

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from deqlab import loggers
-from deqlab.__main__ import run
-from deqlab.report import report
-from deqlab.sweep import read_manifest
+from deqlab.runner.main import run
+from deqlab.runner.report import report
+from deqlab.runner.sweep import read_manifest
 
 from . import wandb_records
 from .runs import TINY, compose_cfg, run_cli, write_cifar_folder
@@ -142,7 +142,7 @@ def test_wandb_is_online_for_a_user_who_ran_wandb_login(tmp_path, monkeypatch):
 
 def test_dashboard_workspace_has_the_deqlab_panels():
     pytest.importorskip("wandb_workspaces")
-    from deqlab.dashboard import build_workspace
+    from deqlab.runner.dashboard import build_workspace
 
     workspace = build_workspace("deqlab", "me", monitor="val/ppl")
     assert (workspace.project, workspace.entity) == ("deqlab", "me")

@@ -1,4 +1,4 @@
-"""Root solvers for z = f(z), and their registry.
+"""Root solvers for z = f(z), their registry and their settings.
 
 Every solver is called as ``solver(f, z0, *, max_iter, tol, stop_mode="rel", save_at=(),
 **options) -> SolverResult``; see :mod:`deqlab.solvers.base` for what the result holds.
@@ -6,65 +6,23 @@ Every solver is called as ``solver(f, z0, *, max_iter, tol, stop_mode="rel", sav
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-
-from ..registry import Registry
 from .anderson import anderson
 from .base import STOP_MODES, FlatState, SolverResult, State
 from .broyden import broyden
+from .config import SolverConfig
 from .fixed_point import fixed_point
-
-Solver = Callable[..., SolverResult]
-
-# Arguments every solver takes; everything else keyword-only is a solver option.
-COMMON_ARGS = ("max_iter", "tol", "stop_mode", "save_at")
-
-
-def _check_solver(name: str, fn: Solver) -> None:
-    if not callable(fn):
-        raise TypeError(f"solver {name!r} must be a function, got {type(fn).__name__}")
-    try:
-        params = inspect.signature(fn).parameters
-    except ValueError:  # a builtin without a Python signature
-        params = {}  # type: ignore[assignment]
-    missing = [a for a in COMMON_ARGS if a not in params]
-    if missing:
-        raise TypeError(f"solver {name!r} must accept the keyword arguments {missing}")
-
-
-SOLVERS: Registry[Solver] = Registry(
-    "solver", "add your own with deqlab.register_solver", _check_solver
-)
-
-
-def register_solver(name: str, fn: Solver) -> Solver:
-    """Make ``fn`` available as ``get_solver(name)`` (and as ``solver.name`` in configs)."""
-    return SOLVERS.register(name, fn)
-
-
-def get_solver(name: str) -> Solver:
-    """The solver registered as ``name``, or the function at import path ``pkg.mod:fn``."""
-    return SOLVERS.get(name)
-
-
-def solver_options(name: str) -> dict[str, object]:
-    """The options (keyword-only arguments beyond the common ones) of a solver, with defaults."""
-    params = inspect.signature(get_solver(name)).parameters.values()
-    return {
-        p.name: p.default
-        for p in params
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in COMMON_ARGS
-    }
-
+from .registry import COMMON_ARGS, SOLVERS, Solver, get_solver, register_solver, solver_options
 
 for _name, _fn in (("fixed_point", fixed_point), ("anderson", anderson), ("broyden", broyden)):
     register_solver(_name, _fn)
 
 __all__ = [
+    "COMMON_ARGS",
     "SOLVERS",
     "STOP_MODES",
     "FlatState",
+    "Solver",
+    "SolverConfig",
     "SolverResult",
     "State",
     "anderson",

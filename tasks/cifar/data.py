@@ -3,7 +3,7 @@
 Two on-disk layouts under ``data_dir`` are recognised:
 
 - torchvision's ``cifar-10-batches-py/`` (fetched with ``download=true`` when online);
-- an image folder ``cifar10/{train,test}/<class>/*.jpg|png`` (e.g. ``../shared/data/prepare.py``).
+- an image folder ``cifar10/{train,test}/<class>/*.jpg|png`` (e.g. a JPEG copy of the release).
 
 Either way the images become one uint8 tensor per split, kept in memory (the image folder is
 decoded once and cached beside the data as ``cifar10/<split>.decoded.pt``). Augmentation and
@@ -21,16 +21,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from deqlab.data import (
+from deqlab.runner.data import (
     EpochShuffle,
     ResumableDataModule,
     ResumableLoader,
-    load_cache,
     mix_seed,
     per_process,
     rank_and_world,
-    save_atomic,
 )
+from deqlab.runner.files import load_cache, save_atomic
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -164,8 +163,8 @@ def load_split(data_dir: str | Path, train: bool, download: bool = False) -> tup
     raise FileNotFoundError(
         f"CIFAR-10 not found under {data_dir.resolve()}: looked for {folder} (image folder) and "
         f"{data_dir / 'cifar-10-batches-py'} (torchvision). Get it with `data_dir=... "
-        "task.datamodule.download=true` (online), or unpack an image-folder copy there "
-        "(`python ../shared/data/prepare.py data`)."
+        "task.datamodule.download=true` (online), or put an image-folder copy there "
+        "(cifar10/{train,test}/<class>/*.png|jpg)."
     )
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from deqlab.lit import DEQLitModule
+from deqlab.runner.module import DEQLitModule
 
 
 class CifarModule(DEQLitModule):

@@ -26,14 +26,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from deqlab.data import (
+from deqlab.runner.data import (
     ResumableDataModule,
     ResumableLoader,
-    load_cache,
     per_process,
     rank_and_world,
-    save_atomic,
 )
+from deqlab.runner.files import load_cache, save_atomic
 
 from .download import HUB_CONFIGS, HUB_SOURCE, download_wikitext
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 
 from deqlab.core import DEQInfo
-from deqlab.lit import DEQLitModule
+from deqlab.runner.module import DEQLitModule
 
 from .model import DEQTransformerLM, Memory
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from .data import save_atomic
+from .files import save_atomic
 
 
 class CheckpointError(ValueError):

@@ -14,26 +14,26 @@ Data flows through return values: ``forward`` returns the outputs and the solve'
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import hydra.utils
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..core import CoreConfig, DEQInfo, GradConfig, SolverConfig, build_core
+from ..dropout import reset_dropout
+from ..initial_state import InitConfig
+from ..norm import NormConfig, apply_norm
+from ..regularize import fp_correction, spectral_radius
+from ..settings import to_config
+from ..state import State
 from .checkpoint import check_compatible, load_initial_weights
-from .core import CoreConfig, DEQInfo, GradConfig, SolverConfig, build_core, to_config
 from .data import mix_seed
-from .dropout import reset_dropout
-from .initial_state import InitConfig
+from .fit import FitConfig, JacRegConfig
 from .loggers import log_figure, residual_trace_figure
-from .norm import NormConfig, apply_norm
-from .regularize import fp_correction, spectral_radius
-from .state import State
+from .optim import OptimConfig
 
 
 class DEQNet(Protocol):
@@ -50,199 +50,6 @@ class DEQNet(Protocol):
     def inject(self, x: Any) -> tuple[Any, State]: ...
 
     def head(self, z: State) -> Tensor: ...
-
-
-@dataclass
-class JacRegConfig:
-    """Jacobian regularization schedule (the ``jac_reg`` config group; Bai et al., 2021).
-
-    The penalty weight * ||J_f(z*)||_F^2 / dim joins the loss on a random ``freq`` share of
-    the equilibrium-training steps (none during unrolled pre-training), estimated with ``vecs``
-    Hutchinson probes. With ``incremental > 0`` the weight grows by ``increment`` every
-    ``incremental`` steps, counted as the references count them: ``incremental_from: start``
-    at every multiple of ``incremental`` global steps past pre-training (locuslab/deq's
-    DEQ-Sequence), ``deq`` every ``incremental`` steps from the end of pre-training
-    (MDEQ-Vision). From ``stop_epoch`` on it is off.
-    """
-
-    name: str = "none"  # none | hutchinson
-    weight: float = 0.5
-    freq: float = 0.5
-    vecs: int = 1
-    incremental: int = 0
-    increment: float = 0.1
-    incremental_from: str = "start"  # start | deq
-    stop_epoch: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.name not in ("none", "hutchinson"):
-            raise ValueError(f"jac_reg.name must be 'none' or 'hutchinson', got {self.name!r}")
-        if not 0 <= self.freq <= 1:
-            raise ValueError(f"jac_reg.freq is a probability in [0, 1], got {self.freq}")
-        if self.incremental_from not in ("start", "deq"):
-            raise ValueError(
-                f"jac_reg.incremental_from must be start or deq, got {self.incremental_from!r}"
-            )
-        if self.vecs < 1:
-            raise ValueError(f"jac_reg.vecs must be >= 1, got {self.vecs}")
-
-    def weight_at(self, step: int, epoch: int, pretrain_steps: int = 0) -> float:
-        """The weight at global step ``step`` (steps done so far) of epoch ``epoch``."""
-        off = self.stop_epoch is not None and epoch >= self.stop_epoch
-        if self.name == "none" or off or step < pretrain_steps:
-            return 0.0
-        if self.incremental <= 0:
-            return self.weight
-        if self.incremental_from == "deq":
-            grown = (step - pretrain_steps) // self.incremental
-        else:  # the multiples of `incremental` in (pretrain_steps, step]
-            grown = step // self.incremental - pretrain_steps // self.incremental
-        return self.weight + self.increment * grown
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer and learning-rate schedule (the ``optim`` config group).
-
-    ``optimizer``: a ``torch.optim`` class (or yours) as a Hydra ``_partial_`` node, called
-    with the parameter groups. The schedule, stepped every optimizer step, is torch's own:
-    ``warmup_steps`` of linear warmup (``LinearLR``), then ``cosine`` decay to ``min_lr`` over
-    the remaining steps (``CosineAnnealingLR``) or ``constant``. ``anneal_over: all`` runs the
-    cosine over all steps instead, the warmup replacing its start (step t >= warmup at
-    min_lr + (lr - min_lr)(1 + cos(pi t / T)) / 2, as locuslab/deq's train_transformer.py
-    anneals). ``decay_norms_and_biases``:
-    false puts biases, normalization layers' parameters and weight/spectral-norm scales in a
-    group without weight decay (the common practice); true decays every parameter, as the
-    published DEQ/MDEQ recipes do.
-    """
-
-    optimizer: Any = field(
-        default_factory=lambda: {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
-    )
-    schedule: str = "cosine"  # cosine | constant
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    anneal_over: str = "rest"  # rest | all
-    decay_norms_and_biases: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.optimizer, Mapping) and "_target_" not in self.optimizer:
-            raise ValueError("optim.optimizer needs a _target_ (e.g. torch.optim.AdamW)")
-        if not (isinstance(self.optimizer, Mapping) or callable(self.optimizer)):
-            raise ValueError(
-                f"optim.optimizer must be a config or a callable, got {self.optimizer!r}"
-            )
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
-        if self.anneal_over not in ("rest", "all"):
-            raise ValueError(f"optim.anneal_over must be rest or all, got {self.anneal_over!r}")
-        if self.warmup_steps < 0 or self.min_lr < 0:
-            raise ValueError("optim.warmup_steps and optim.min_lr must be >= 0")
-
-    def build(self, module: nn.Module, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-        """The optimizer over ``module``'s trainable parameters and its scheduler."""
-        make = self.optimizer
-        if isinstance(make, Mapping):
-            make = hydra.utils.instantiate(dict(make), _convert_="all")
-        opt = make(parameter_groups(module, self.decay_norms_and_biases))
-        warmup = min(self.warmup_steps, max(0, total_steps - 1))
-        if self.schedule == "cosine" and self.anneal_over == "all" and warmup > 0:
-            base = [g["lr"] for g in opt.param_groups]
-
-            def factor(lr: float) -> Callable[[int], float]:
-                low = self.min_lr / lr if lr > 0 else 0.0
-
-                def at(t: int) -> float:
-                    if t < warmup:
-                        return (t + 1) / warmup
-                    return low + (1 - low) * (1 + math.cos(math.pi * t / total_steps)) / 2
-
-                return at
-
-            return opt, torch.optim.lr_scheduler.LambdaLR(opt, [factor(lr) for lr in base])
-        if self.schedule == "constant":
-            main: Any = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-        else:
-            main = torch.optim.lr_scheduler.CosineAnnealingLR(
-                opt, T_max=max(1, total_steps - warmup), eta_min=self.min_lr
-            )
-        if warmup == 0:
-            return opt, main
-        ramp = torch.optim.lr_scheduler.LinearLR(opt, 1.0 / warmup, 1.0, total_iters=warmup - 1)
-        return opt, torch.optim.lr_scheduler.SequentialLR(opt, [ramp, main], milestones=[warmup])
-
-
-# Parameters that set a scale or an offset rather than a feature: no weight decay on them.
-_NO_DECAY_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
-
-
-def parameter_groups(module: nn.Module, decay_all: bool) -> list[dict[str, Any]]:
-    """Trainable parameters in one group, or, unless ``decay_all``, two: weights with the
-    optimizer's weight decay, and biases, normalization layers' parameters and weight/spectral
-    norm scales with none. Embeddings keep decay (they are features)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    if decay_all:
-        return [{"params": params}]
-    no_decay: set[int] = set()
-    for layer in module.modules():
-        for name, p in layer.named_parameters(recurse=False):
-            is_norm = isinstance(layer, _NO_DECAY_LAYERS) and not isinstance(layer, nn.Embedding)
-            if is_norm or name == "bias" or name == "scale":
-                no_decay.add(id(p))
-    return [
-        {"params": [p for p in params if id(p) not in no_decay]},
-        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
-    ]
-
-
-@dataclass
-class FitConfig:
-    """How the equilibrium is trained.
-
-    pretrain_steps / pretrain_unroll: for the first steps, run the cell as a weight-tied
-    network of ``pretrain_unroll`` layers with ordinary backprop (Bai et al., 2019, 2020).
-    jitter: the forward budget of a step is max_iter + k, k drawn uniformly from -jitter ..
-    jitter (an int) or from low .. high (a list [low, high], both included): the
-    DEQ-Transformer reference draws from [-delta, 0] (``rand_f_thres_delta``), MDEQ-Vision
-    from [-delta, 1] (``RAND_F_THRES_DELTA``, torch.randint's exclusive end). ``jitter_on``:
-    ``every_step``, or ``jac_steps`` (only the steps that take the Jacobian loss, as
-    MDEQ-Vision).
-    fp_weight, fp_gamma, fp_bias, fp_normalize: how fixed-point correction weighs the states
-    the core samples (``core.n_states`` / ``core.indexing``; see
-    :func:`deqlab.regularize.fp_correction`); with one state there is no correction.
-    sradius_iters: power-method steps for ``deq/sradius`` at validation (0: off).
-    trace_samples: samples drawn in the validation residual-trace figure (0: off).
-    """
-
-    pretrain_steps: int = 0
-    pretrain_unroll: int = 0
-    jitter: Any = 0  # int k: -k..k; [low, high]
-    jitter_on: str = "every_step"  # every_step | jac_steps
-    fp_weight: str = "exp"
-    fp_gamma: float | None = None  # None: TorchDEQ's default (exp 0.8, linear 0.9)
-    fp_bias: float = 0.0
-    fp_normalize: bool = False
-    sradius_iters: int = 0
-    trace_samples: int = 4
-
-    def __post_init__(self) -> None:
-        if self.pretrain_steps > 0 and self.pretrain_unroll < 1:
-            raise ValueError("fit.pretrain_steps > 0 needs fit.pretrain_unroll >= 1")
-        low, high = self.jitter_range()
-        if low > high:
-            raise ValueError(f"fit.jitter [low, high] needs low <= high, got {self.jitter}")
-        if self.jitter_on not in ("every_step", "jac_steps"):
-            raise ValueError(
-                f"fit.jitter_on must be every_step or jac_steps, got {self.jitter_on!r}"
-            )
-
-    def jitter_range(self) -> tuple[int, int]:
-        """The inclusive range of budget offsets."""
-        if isinstance(self.jitter, int):
-            return -abs(self.jitter), abs(self.jitter)
-        if isinstance(self.jitter, (list, tuple)) and len(self.jitter) == 2:
-            return int(self.jitter[0]), int(self.jitter[1])
-        raise ValueError(f"fit.jitter is an int or a [low, high] pair, got {self.jitter!r}")
 
 
 def _plain(value: Any) -> bool:

@@ -4,7 +4,7 @@ Each line holds the job's number, overrides, status (``completed`` or ``failed``
 error), the value the run returned (the task's best monitored metric) and its output folder.
 Lines are appended whole, so jobs ending at the same time on a cluster's shared file system do
 not overwrite each other, and a sweep cut short still says what ran. After each line the
-sweep's report (:mod:`deqlab.report`) is written anew, so every sweep ends with one.
+sweep's report (:mod:`deqlab.runner.report`) is written anew, so every sweep ends with one.
 """
 
 from __future__ import annotations

@@ -27,15 +27,18 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .core import CoreConfig, SolverConfig, to_config
-from .grad import GradConfig
-from .initial_state import InitConfig
-from .lit import FitConfig, JacRegConfig, OptimConfig
-from .norm import NormConfig
+from ..core import CoreConfig
+from ..grad import GradConfig
+from ..initial_state import InitConfig
+from ..norm import NormConfig
+from ..settings import to_config
+from ..solvers import SolverConfig
+from .fit import FitConfig, JacRegConfig
+from .optim import OptimConfig
 
 # The config tree: the repository's top-level conf/ in a clone, deqlab/conf in an installed
 # wheel (pyproject.toml maps one onto the other).
-_HERE = Path(__file__).resolve().parent
+_HERE = Path(__file__).resolve().parent.parent  # deqlab/
 CONF_DIR = next(
     (d for d in (_HERE / "conf", _HERE.parent / "conf") if (d / "train.yaml").is_file()),
     _HERE / "conf",
@@ -235,7 +238,7 @@ def validate(cfg: DictConfig) -> None:
 
 def compose(overrides: list[str], output_dir: str | Path, keep_hydra: bool = False) -> DictConfig:
     """The config ``python -m deqlab <overrides>`` would run, for use from Python (tests,
-    benchmarks, notebooks): ``deqlab.__main__.run(compose([...], "outputs/x"))``.
+    benchmarks, notebooks): ``deqlab.runner.main.run(compose([...], "outputs/x"))``.
 
     A job's config has no ``hydra`` node; ``keep_hydra`` keeps it for inspection.
     """

@@ -1,8 +1,8 @@
 """The ``deqlab`` command.
 
 deqlab [overrides]                 train / test, as ``python -m deqlab [overrides]``
-deqlab report FOLDER               compare the runs of a sweep (deqlab.report)
-deqlab dashboard --project P ...   the deqlab workspace in a W&B project (deqlab.dashboard)
+deqlab report FOLDER               compare the runs of a sweep (deqlab.runner.report)
+deqlab dashboard --project P ...   the deqlab workspace in a W&B project (deqlab.runner.dashboard)
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import sys
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else None
     if command == "report":
-        from deqlab.report import main as report
+        from deqlab.runner.report import main as report
 
         report(sys.argv[2:])
     elif command == "dashboard":
-        from deqlab.dashboard import main as dashboard
+        from deqlab.runner.dashboard import main as dashboard
 
         dashboard(sys.argv[2:])
     else:
-        from deqlab.__main__ import main as train
+        from deqlab.runner.main import main as train
 
         train()
 

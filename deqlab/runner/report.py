@@ -1,4 +1,4 @@
-"""``deqlab report FOLDER`` (or ``python -m deqlab.report FOLDER``): compare the runs of a sweep.
+"""``deqlab report FOLDER`` (or ``python -m deqlab.runner.report FOLDER``): compare the runs of a sweep.
 
 Which variant trains best, and at what cost in f evaluations and time? The report reads every
 run under FOLDER (a multirun's folder, or any folder of runs: a run is a folder holding
@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
-from .data import replacing
+from .files import replacing
 from .sweep import read_manifest
 
 # overrides that say where a run reads or resumes from, not what it is

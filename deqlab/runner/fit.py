@@ -1,0 +1,105 @@
+"""How the equilibrium is trained (``task.module.fit``) and the Jacobian regularization's
+schedule (the ``jac_reg`` config group)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class JacRegConfig:
+    """Jacobian regularization schedule (the ``jac_reg`` config group; Bai et al., 2021).
+
+    The penalty weight * ||J_f(z*)||_F^2 / dim joins the loss on a random ``freq`` share of
+    the equilibrium-training steps (none during unrolled pre-training), estimated with ``vecs``
+    Hutchinson probes. With ``incremental > 0`` the weight grows by ``increment`` every
+    ``incremental`` steps, counted as the references count them: ``incremental_from: start``
+    at every multiple of ``incremental`` global steps past pre-training (locuslab/deq's
+    DEQ-Sequence), ``deq`` every ``incremental`` steps from the end of pre-training
+    (MDEQ-Vision). From ``stop_epoch`` on it is off.
+    """
+
+    name: str = "none"  # none | hutchinson
+    weight: float = 0.5
+    freq: float = 0.5
+    vecs: int = 1
+    incremental: int = 0
+    increment: float = 0.1
+    incremental_from: str = "start"  # start | deq
+    stop_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in ("none", "hutchinson"):
+            raise ValueError(f"jac_reg.name must be 'none' or 'hutchinson', got {self.name!r}")
+        if not 0 <= self.freq <= 1:
+            raise ValueError(f"jac_reg.freq is a probability in [0, 1], got {self.freq}")
+        if self.incremental_from not in ("start", "deq"):
+            raise ValueError(
+                f"jac_reg.incremental_from must be start or deq, got {self.incremental_from!r}"
+            )
+        if self.vecs < 1:
+            raise ValueError(f"jac_reg.vecs must be >= 1, got {self.vecs}")
+
+    def weight_at(self, step: int, epoch: int, pretrain_steps: int = 0) -> float:
+        """The weight at global step ``step`` (steps done so far) of epoch ``epoch``."""
+        off = self.stop_epoch is not None and epoch >= self.stop_epoch
+        if self.name == "none" or off or step < pretrain_steps:
+            return 0.0
+        if self.incremental <= 0:
+            return self.weight
+        if self.incremental_from == "deq":
+            grown = (step - pretrain_steps) // self.incremental
+        else:  # the multiples of `incremental` in (pretrain_steps, step]
+            grown = step // self.incremental - pretrain_steps // self.incremental
+        return self.weight + self.increment * grown
+
+
+@dataclass
+class FitConfig:
+    """How the equilibrium is trained.
+
+    pretrain_steps / pretrain_unroll: for the first steps, run the cell as a weight-tied
+    network of ``pretrain_unroll`` layers with ordinary backprop (Bai et al., 2019, 2020).
+    jitter: the forward budget of a step is max_iter + k, k drawn uniformly from -jitter ..
+    jitter (an int) or from low .. high (a list [low, high], both included): the
+    DEQ-Transformer reference draws from [-delta, 0] (``rand_f_thres_delta``), MDEQ-Vision
+    from [-delta, 1] (``RAND_F_THRES_DELTA``, torch.randint's exclusive end). ``jitter_on``:
+    ``every_step``, or ``jac_steps`` (only the steps that take the Jacobian loss, as
+    MDEQ-Vision).
+    fp_weight, fp_gamma, fp_bias, fp_normalize: how fixed-point correction weighs the states
+    the core samples (``core.n_states`` / ``core.indexing``; see
+    :func:`deqlab.regularize.fp_correction`); with one state there is no correction.
+    sradius_iters: power-method steps for ``deq/sradius`` at validation (0: off).
+    trace_samples: samples drawn in the validation residual-trace figure (0: off).
+    """
+
+    pretrain_steps: int = 0
+    pretrain_unroll: int = 0
+    jitter: Any = 0  # int k: -k..k; [low, high]
+    jitter_on: str = "every_step"  # every_step | jac_steps
+    fp_weight: str = "exp"
+    fp_gamma: float | None = None  # None: TorchDEQ's default (exp 0.8, linear 0.9)
+    fp_bias: float = 0.0
+    fp_normalize: bool = False
+    sradius_iters: int = 0
+    trace_samples: int = 4
+
+    def __post_init__(self) -> None:
+        if self.pretrain_steps > 0 and self.pretrain_unroll < 1:
+            raise ValueError("fit.pretrain_steps > 0 needs fit.pretrain_unroll >= 1")
+        low, high = self.jitter_range()
+        if low > high:
+            raise ValueError(f"fit.jitter [low, high] needs low <= high, got {self.jitter}")
+        if self.jitter_on not in ("every_step", "jac_steps"):
+            raise ValueError(
+                f"fit.jitter_on must be every_step or jac_steps, got {self.jitter_on!r}"
+            )
+
+    def jitter_range(self) -> tuple[int, int]:
+        """The inclusive range of budget offsets."""
+        if isinstance(self.jitter, int):
+            return -abs(self.jitter), abs(self.jitter)
+        if isinstance(self.jitter, (list, tuple)) and len(self.jitter) == 2:
+            return int(self.jitter[0]), int(self.jitter[1])
+        raise ValueError(f"fit.jitter is an int or a [low, high] pair, got {self.jitter!r}")

@@ -1,0 +1,167 @@
+"""The runner's entry point (``deqlab [overrides]``, ``python -m deqlab [overrides]``):
+compose the config, train, test, report.
+
+python -m deqlab task=cifar solver=broyden grad=phantom norm=weight_norm
+python -m deqlab experiment=cifar_tutorial logger=wandb
+python -m deqlab -m solver=anderson,broyden grad=ift,phantom      # a local sweep
+python -m deqlab mode=test ckpt_path=outputs/runs/<run>/checkpoints/best.ckpt
+python -m deqlab hydra.run.dir=outputs/runs/<run> ckpt_path=last  # resume a killed run
+python -m deqlab report outputs/multiruns/<sweep>                  # as `deqlab report`
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import rich
+import rich.syntax
+import rich.tree
+from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from deqlab.runner.checkpoint import AtomicCheckpointIO, resolve_checkpoint
+from deqlab.runner.config import CONF_DIR, register_configs, validate
+
+register_configs()
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Fit and test (or only test) as ``cfg`` says; returns the best monitored metric.
+
+    Every config value and the checkpoint to resume from are checked before anything is
+    built; a run rejected there leaves no run folder behind. Loggers are closed whatever
+    happens, a failed run marked as failed (a W&B run with a non-zero exit code), so the next
+    job of a sweep starts its own.
+    """
+    out = Path(cfg.output_dir)
+    try:
+        validate(cfg)
+        ckpt = resolve_checkpoint(cfg.ckpt_path, out) if cfg.ckpt_path else None
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = instantiate(cfg.task.datamodule)
+        module = instantiate(cfg.task.module)
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        loggers: list[Logger] = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    except Exception:
+        close_loggers([], succeeded=False)  # a W&B run already started must not linger
+        discard_rejected_run(out)
+        raise
+    succeeded = False
+    try:
+        if rank_zero_only.rank == 0:
+            print_config(cfg)
+        save_config(cfg, out, loggers)
+        trainer: L.Trainer = instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+        )
+        score = fit_and_test(cfg, trainer, module, datamodule, callbacks, ckpt)
+        succeeded = True
+        return score
+    finally:
+        close_loggers(loggers, succeeded)
+
+
+def fit_and_test(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    callbacks: list[Any],
+    ckpt: Path | None,
+) -> float | None:
+    if cfg.mode == "test":
+        results = trainer.test(module, datamodule, ckpt_path=ckpt)
+        score = results[0].get(cfg.task.test_metric) if results else None
+    else:
+        trainer.fit(module, datamodule, ckpt_path=ckpt)
+        best_ckpt = next(
+            (c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None
+        )
+        best = best_ckpt.best_model_path if best_ckpt is not None else ""
+        # the weights in memory are the last ones
+        trainer.test(
+            module, datamodule, ckpt_path=(best or None) if cfg.test_ckpt == "best" else None
+        )
+        score = (
+            best_ckpt.best_model_score
+            if best_ckpt is not None
+            else trainer.callback_metrics.get(cfg.task.monitor)
+        )
+    score = None if score is None else float(score)
+    tested = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    if trainer.is_global_zero:
+        shown = "n/a" if score is None else f"{score:.4f}"
+        tests = ", ".join(f"{k}={v:.4f}" for k, v in sorted(tested.items()))
+        print(
+            f"deqlab: {cfg.mode} done; best {cfg.task.monitor}={shown}; {tests}; outputs in {cfg.output_dir}"
+        )
+    return score
+
+
+def print_config(cfg: DictConfig) -> None:
+    """The composed config as a tree, one branch per group, as the run starts."""
+    tree = rich.tree.Tree(f"config of {cfg.output_dir}")
+    for key, value in cfg.items():
+        if OmegaConf.is_config(value):
+            text = OmegaConf.to_yaml(value, resolve=True)
+            tree.add(f"[bold]{key}").add(rich.syntax.Syntax(text, "yaml"))
+        else:
+            tree.add(f"[bold]{key}[/bold]: {value}")
+    rich.print(tree)
+
+
+def save_config(cfg: DictConfig, out: Path, loggers: list[Logger]) -> None:
+    """The resolved config, beside the run's outputs and in every logger (rank 0 only)."""
+    if rank_zero_only.rank != 0:
+        return
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+
+
+def close_loggers(loggers: list[Logger], succeeded: bool) -> None:
+    """Flush every logger; end this process's W&B run, as failed unless ``succeeded``."""
+    for logger in loggers:
+        logger.finalize("success" if succeeded else "failed")
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=0 if succeeded else 1)
+
+
+# What Hydra writes into a job's folder before the job runs.
+HYDRA_ARTEFACTS = (".hydra",)
+
+
+def discard_rejected_run(out: Path) -> None:
+    """Remove what Hydra wrote for a run rejected before it started (its ``.hydra`` folder and
+    log), so no folder looks like a run of that config. A folder holding anything else (a
+    resumed run's checkpoints, say) is left as it is."""
+    if not out.is_dir():
+        return
+    entries = list(out.iterdir())
+    if any(e.name not in HYDRA_ARTEFACTS and e.suffix != ".log" for e in entries):
+        return
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if out.resolve() != Path.cwd().resolve():
+        os.rmdir(out)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The optimizer and its learning-rate schedule (the ``optim`` config group), and which
+parameters take weight decay."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import hydra.utils
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (the ``optim`` config group).
+
+    ``optimizer``: a ``torch.optim`` class (or yours) as a Hydra ``_partial_`` node, called
+    with the parameter groups. The schedule, stepped every optimizer step, is torch's own:
+    ``warmup_steps`` of linear warmup (``LinearLR``), then ``cosine`` decay to ``min_lr`` over
+    the remaining steps (``CosineAnnealingLR``) or ``constant``. ``anneal_over: all`` runs the
+    cosine over all steps instead, the warmup replacing its start (step t >= warmup at
+    min_lr + (lr - min_lr)(1 + cos(pi t / T)) / 2, as locuslab/deq's train_transformer.py
+    anneals). ``decay_norms_and_biases``:
+    false puts biases, normalization layers' parameters and weight/spectral-norm scales in a
+    group without weight decay (the common practice); true decays every parameter, as the
+    published DEQ/MDEQ recipes do.
+    """
+
+    optimizer: Any = field(
+        default_factory=lambda: {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+    )
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    anneal_over: str = "rest"  # rest | all
+    decay_norms_and_biases: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optimizer, Mapping) and "_target_" not in self.optimizer:
+            raise ValueError("optim.optimizer needs a _target_ (e.g. torch.optim.AdamW)")
+        if not (isinstance(self.optimizer, Mapping) or callable(self.optimizer)):
+            raise ValueError(
+                f"optim.optimizer must be a config or a callable, got {self.optimizer!r}"
+            )
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+        if self.anneal_over not in ("rest", "all"):
+            raise ValueError(f"optim.anneal_over must be rest or all, got {self.anneal_over!r}")
+        if self.warmup_steps < 0 or self.min_lr < 0:
+            raise ValueError("optim.warmup_steps and optim.min_lr must be >= 0")
+
+    def build(self, module: nn.Module, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+        """The optimizer over ``module``'s trainable parameters and its scheduler."""
+        make = self.optimizer
+        if isinstance(make, Mapping):
+            make = hydra.utils.instantiate(dict(make), _convert_="all")
+        opt = make(parameter_groups(module, self.decay_norms_and_biases))
+        warmup = min(self.warmup_steps, max(0, total_steps - 1))
+        if self.schedule == "cosine" and self.anneal_over == "all" and warmup > 0:
+            base = [g["lr"] for g in opt.param_groups]
+
+            def factor(lr: float) -> Callable[[int], float]:
+                low = self.min_lr / lr if lr > 0 else 0.0
+
+                def at(t: int) -> float:
+                    if t < warmup:
+                        return (t + 1) / warmup
+                    return low + (1 - low) * (1 + math.cos(math.pi * t / total_steps)) / 2
+
+                return at
+
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, [factor(lr) for lr in base])
+        if self.schedule == "constant":
+            main: Any = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+        else:
+            main = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=max(1, total_steps - warmup), eta_min=self.min_lr
+            )
+        if warmup == 0:
+            return opt, main
+        ramp = torch.optim.lr_scheduler.LinearLR(opt, 1.0 / warmup, 1.0, total_iters=warmup - 1)
+        return opt, torch.optim.lr_scheduler.SequentialLR(opt, [ramp, main], milestones=[warmup])
+
+
+# Parameters that set a scale or an offset rather than a feature: no weight decay on them.
+_NO_DECAY_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+
+
+def parameter_groups(module: nn.Module, decay_all: bool) -> list[dict[str, Any]]:
+    """Trainable parameters in one group, or, unless ``decay_all``, two: weights with the
+    optimizer's weight decay, and biases, normalization layers' parameters and weight/spectral
+    norm scales with none. Embeddings keep decay (they are features)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if decay_all:
+        return [{"params": params}]
+    no_decay: set[int] = set()
+    for layer in module.modules():
+        for name, p in layer.named_parameters(recurse=False):
+            is_norm = isinstance(layer, _NO_DECAY_LAYERS) and not isinstance(layer, nn.Embedding)
+            if is_norm or name == "bias" or name == "scale":
+                no_decay.add(id(p))
+    return [
+        {"params": [p for p in params if id(p) not in no_decay]},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]

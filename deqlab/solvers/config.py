@@ -1,0 +1,68 @@
+"""The forward solver's settings (the ``solver`` config group)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .base import check_common
+from .registry import solver_options
+
+
+@dataclass
+class SolverConfig:
+    """Forward solver settings (the ``solver`` config group).
+
+    The named options go to the solvers that take them (anderson: m, lam, lam_mode, tau;
+    fixed_point: tau; broyden: memory; all: return_final); ``options`` holds extra options for
+    solvers registered by the user. The budget in eval mode is ``eval_max_iter`` if set, else
+    ``max_iter * eval_factor`` (TorchDEQ's two options). ``tol: null`` runs exactly
+    ``max_iter`` steps with no convergence test (no host syncs).
+    """
+
+    name: str = "anderson"
+    max_iter: int = 30
+    tol: float | None = 1e-3
+    stop_mode: str = "rel"
+    eval_max_iter: int | None = None
+    eval_factor: float = 1.0
+    m: int = 5
+    lam: float = 1e-4
+    tau: float = 1.0
+    lam_mode: str = "relative"
+    memory: int = 30
+    return_final: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        accepted = solver_options(self.name)  # raises for an unknown solver name
+        if self.tol is not None and not self.tol > 0:
+            raise ValueError(
+                f"solver.tol must be > 0 (or null: exactly max_iter steps), got {self.tol}"
+            )
+        try:
+            check_common(self.max_iter, self.tol, self.stop_mode)
+            if self.eval_max_iter is not None:
+                check_common(self.eval_max_iter, self.tol, self.stop_mode)
+        except ValueError as e:
+            raise ValueError(f"solver.{e}") from None
+        if not self.eval_factor > 0:
+            raise ValueError(f"solver.eval_factor must be > 0, got {self.eval_factor}")
+        unknown = sorted(set(self.options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"solver {self.name!r} takes no option(s) {unknown}; its options are "
+                f"{sorted(accepted)}"
+            )
+
+    def solver_kwargs(self) -> dict[str, Any]:
+        """The options the selected solver accepts, from the named fields and ``options``."""
+        accepted = solver_options(self.name)
+        common = {f.name for f in fields(SolverConfig)} - {"options"}
+        named = {k: getattr(self, k) for k in accepted if k in common}
+        return {**named, **self.options}
+
+    def eval_budget(self) -> int:
+        if self.eval_max_iter is not None:
+            return self.eval_max_iter
+        return max(1, int(self.max_iter * self.eval_factor))
