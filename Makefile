@@ -7,7 +7,7 @@ SHARED_DATA ?= ../shared/data/prepare.py
 EXPERIMENT ?= experiment=cifar_cpu
 ARGS ?=
 
-.PHONY: train test test-fast lint data clean-env
+.PHONY: train test test-fast lint docs data clean-env
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP) data
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# The documentation site, into site/ (README.md is its home page).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
