@@ -85,8 +85,8 @@ class DEQInfo(SolverResult):
         return cls(**{k.name: getattr(res, k.name) for k in fields(SolverResult)}, **extra)
 
 
-@runtime_checkable
-class Core(Protocol):
+@runtime_checkable  # not mutated (make mutate): mutmut's attributes would join the protocol
+class Core(Protocol):  # pragma: no mutate block
     """What a LightningModule asks of a DEQ core.
 
     ``core(f, z0, max_iter=..., jac_vecs=...)`` returns ``(z, info)``: ``info.states`` the

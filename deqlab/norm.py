@@ -129,11 +129,12 @@ class SpectralNorm(_Scale):
         self.register_buffer("v", F.normalize(torch.randn(mat.shape[1], dtype=mat.dtype), dim=0))
         self._power(mat, 15)  # a good starting estimate
 
-    @torch.no_grad()
     def _power(self, mat: Tensor, iters: int) -> None:
         for _ in range(iters):
             self.v.copy_(F.normalize(mat.t() @ self.u, dim=0, eps=1e-12))
             self.u.copy_(F.normalize(mat @ self.v, dim=0, eps=1e-12))
+
+    _power = torch.no_grad()(_power)  # the decorator, written out: see solvers/fixed_point.py
 
     def forward(self, w: Tensor) -> Tensor:
         mat = _as_matrix(w, self.out_dim)

@@ -50,7 +50,6 @@ def history_products(x: Tensor, iters: int, m: int = 5) -> Callable[[], None]:
     return products
 
 
-@torch.no_grad()
 def anderson(
     f: Callable[[State], State],
     z0: State,
@@ -132,3 +131,6 @@ def anderson(
                 z = torch.baddbmm(z, alpha, g_n_t.transpose(1, 2), alpha=tau - 1.0)
             z = z.squeeze(1)
     return track.result(state, nfe, "anderson")
+
+
+anderson = torch.no_grad()(anderson)  # the decorator, written out: see fixed_point.py

@@ -64,7 +64,6 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(1).transpose(1, 2)).squeeze(2)
 
 
-@torch.no_grad()
 def broyden(
     f: Callable[[State], State],
     z0: State,
@@ -148,3 +147,6 @@ def broyden(
             z = z + step
             g_prev = gz
     return track.result(state, nfe, "broyden")
+
+
+broyden = torch.no_grad()(broyden)  # the decorator, written out: see fixed_point.py

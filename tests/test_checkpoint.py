@@ -1,0 +1,152 @@
+"""Loading weights from a file (``init_from``) and the weight converters, on small networks:
+which tensors load, which are refused and why, and that a converted weight computes the same
+function. The end-to-end runs are in test_runner.py and test_parity.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deqlab.norm import apply_norm, weight_entries, weight_norm_entries
+from deqlab.runner.checkpoint import CheckpointError, load_initial_weights, network_state
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 3):
+        super().__init__()
+        self.a = nn.Linear(2, width)
+        self.b = nn.Linear(width, 1)
+
+
+class ReferenceFormat(Net):
+    """A network that knows a reference layout: its names carry a ``ref_`` prefix."""
+
+    @staticmethod
+    def is_reference_state(state):
+        return all(k.startswith("ref_") for k in state)
+
+    def convert_reference_state(self, state):
+        if "ref_bad" in state:
+            raise ValueError("ref_bad has no counterpart")
+        return {k[4:]: v for k, v in state.items()}
+
+
+def save(tmp_path, obj, name="w.pt"):
+    path = tmp_path / name
+    torch.save(obj, path)
+    return path
+
+
+def test_a_deqlab_checkpoint_gives_its_net_entries_without_the_prefix():
+    net = Net()
+    ckpt = {"state_dict": {"net.a.weight": torch.ones(3, 2), "loss_scale": torch.ones(())}}
+    assert list(network_state(ckpt, net, "x")) == ["a.weight"]
+
+
+def test_a_plain_state_dict_is_taken_as_it_is_bare_or_under_state_dict():
+    state = Net().state_dict()
+    assert network_state(state, Net(), "x") is state
+    assert network_state({"state_dict": state}, Net(), "x") is state
+
+
+def test_a_reference_state_is_converted_by_the_network_and_its_errors_are_named():
+    net = ReferenceFormat()
+    state = {f"ref_{k}": v for k, v in Net().state_dict().items()}
+    assert sorted(network_state(state, net, "x")) == sorted(Net().state_dict())
+    assert network_state(state, Net(), "x") is state  # a network that knows no format
+    with pytest.raises(CheckpointError, match=r"init_from=f.pt: ref_bad has no counterpart"):
+        network_state({**state, "ref_bad": torch.ones(1)}, net, "f.pt")
+
+
+def test_a_file_without_a_state_dict_of_tensors_is_refused():
+    with pytest.raises(CheckpointError, match=r"init_from=f.pt: no state dict of tensors"):
+        network_state({"state_dict": {"a": 1}}, Net(), "f.pt")
+    with pytest.raises(CheckpointError, match="no state dict of tensors"):
+        network_state({"epoch": 3}, Net(), "f.pt")
+
+
+def test_load_initial_weights_loads_every_tensor_and_reports_the_count(tmp_path):
+    source, net = Net(), Net()
+    report = load_initial_weights(save(tmp_path, source.state_dict()), net)
+    for k, v in source.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v), k
+    assert report == f"init_from {tmp_path / 'w.pt'}: loaded 4 tensors"
+
+
+def test_strict_loading_refuses_a_network_of_other_widths_naming_the_first_misfit(tmp_path):
+    path = save(tmp_path, Net(width=4).state_dict())
+    net = Net(width=3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_initial_weights(path, net)
+    assert str(err.value) == (
+        f"init_from={path}: 3 tensor(s) of the file do not fit this network and 3 of the "
+        "network are not in the file (e.g. a.bias: shape (4,) in the file, shape (3,) here). "
+        "Build the network the weights were trained with, or load what fits with "
+        "init_from_strict=false"
+    )
+    for k, v in net.state_dict().items():  # nothing was loaded
+        assert torch.equal(v, before[k]), k
+
+
+def test_strict_loading_names_a_tensor_missing_from_the_file(tmp_path):
+    state = Net().state_dict()
+    del state["a.bias"]
+    with pytest.raises(CheckpointError, match=r"0 tensor\(s\) .* and 1 of .*a.bias: absent in"):
+        load_initial_weights(save(tmp_path, state), Net())
+
+
+def test_loose_loading_takes_what_fits_and_names_what_it_skipped_and_left_new(tmp_path):
+    source = Net(width=4)
+    state = {**source.state_dict(), "extra": torch.ones(2)}
+    state["b.bias"] = torch.full((1,), 7.0)  # fits: the same shape at every width
+    net = Net(width=3)
+    a_before = net.a.weight.clone()
+    report = load_initial_weights(save(tmp_path, state), net, strict=False)
+    assert net.b.bias.item() == 7.0
+    assert torch.equal(net.a.weight, a_before)
+    assert report.splitlines() == [
+        f"init_from {tmp_path / 'w.pt'}: loaded 1 tensors",
+        "  skipped (not usable here): a.bias, a.weight, b.weight, extra",
+        "  new (not in the file): a.bias, a.weight, b.weight",
+    ]
+
+
+def test_a_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"init_from=.*nope.pt: no such file"):
+        load_initial_weights(tmp_path / "nope.pt", Net())
+
+
+def _layer(weight_normed: bool) -> nn.Module:
+    layer = nn.Conv2d(3, 4, 3)
+    return apply_norm(layer, "weight_norm") if weight_normed else layer
+
+
+@pytest.mark.parametrize("target_norm", [True, False])
+def test_weight_norm_pair_converts_to_the_same_function(target_norm):
+    """A reference layer's (g, v) gives the same weight, loaded as (V, scale) into a
+    weight-normalized layer or as the plain weight into an unnormalized one."""
+    g, v = torch.rand(4, 1, 1, 1) + 0.5, torch.randn(4, 3, 3, 3)
+    expected = g * v / v.flatten(1).norm(dim=1).reshape(4, 1, 1, 1)
+    layer = _layer(target_norm)
+    entries = weight_norm_entries("", g, v, {f".{k}": t for k, t in layer.state_dict().items()})
+    layer.load_state_dict({k[1:]: t for k, t in entries.items()}, strict=False)
+    torch.testing.assert_close(layer.weight, expected)
+
+
+@pytest.mark.parametrize("target_norm", [True, False])
+def test_plain_weight_converts_to_the_same_function(target_norm):
+    w = torch.randn(4, 3, 3, 3)
+    layer = _layer(target_norm)
+    entries = weight_entries("", w, {f".{k}": t for k, t in layer.state_dict().items()})
+    layer.load_state_dict({k[1:]: t for k, t in entries.items()}, strict=False)
+    torch.testing.assert_close(layer.weight, w)
+    if target_norm:  # V is w itself, and the scale its row norms
+        torch.testing.assert_close(entries[".parametrizations.weight.original"], w)
+
+
+def test_a_weight_norm_pair_cannot_load_into_another_parametrization():
+    target = {"l.parametrizations.weight.original": torch.ones(4, 3)}
+    with pytest.raises(ValueError, match="l: a weight-normalized weight cannot load into"):
+        weight_norm_entries("l", torch.ones(4, 1), torch.ones(4, 3), target)
