@@ -18,6 +18,19 @@ def test_jacobian_loss_matches_frobenius_norm_of_a_linear_map():
     assert abs(est.item() - exact.item()) / exact.item() < 0.05
 
 
+def test_jacobian_loss_draws_one_probe_in_the_states_precision():
+    """One probe by default, drawn in the state's dtype: with the same seed the estimate is
+    ||v^T W||^2 / numel for that probe, in float64."""
+    w = torch.randn(5, 5, dtype=torch.float64)
+    z = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    est = jacobian_loss(z @ w.T, z)
+    torch.manual_seed(7)
+    v = torch.randn(3, 5, dtype=torch.float64)
+    assert est.dtype == torch.float64
+    torch.testing.assert_close(est, (v @ w).pow(2).sum() / 15, rtol=1e-14, atol=0)
+
+
 def test_jacobian_loss_needs_a_recorded_pair():
     z = torch.randn(2, 3)
     with pytest.raises(ValueError, match="require grad"):
@@ -68,6 +81,21 @@ def test_fp_correction_weights(weight, gamma, expected):
     assert abs(mean.item() - want / sum(expected)) < 1e-5
     with pytest.raises(ValueError, match="weight"):
         fp_correction(lambda s, t: s, states, torch.tensor(0.0), weight="square")
+
+
+def test_fp_correction_defaults_bias_and_a_single_state():
+    """exp weights by default; linear's bias is added to every weight; one state is the plain
+    criterion; no state is refused."""
+    states = [torch.tensor(float(i)) for i in (1, 10, 100)]
+    crit = lambda s, t: s - t
+    zero = torch.tensor(0.0)
+    assert fp_correction(crit, states, zero).item() == pytest.approx(0.64 + 8 + 100)
+    biased = fp_correction(crit, states, zero, weight="linear", gamma=0.5, bias=0.25)
+    want = sum((1 - (2 - i) / 3 * 0.5 + 0.25) * s for i, s in enumerate((1, 10, 100)))
+    assert biased.item() == pytest.approx(want)
+    assert fp_correction(crit, states[:1], zero).item() == 1.0
+    with pytest.raises(ValueError, match=r"^fp_correction needs at least one state$"):
+        fp_correction(crit, [], zero)
 
 
 @pytest.mark.parametrize("weight", ["exp", "linear"])

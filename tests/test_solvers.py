@@ -156,7 +156,7 @@ def test_nonfinite_keeps_best_finite_iterate(name):
 @pytest.mark.parametrize("name", SOLVERS)
 def test_nonfinite_from_the_start_raises(name):
     x = torch.randn(2, 4)
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    with pytest.raises(FloatingPointError, match=f"^{name}: f returned non-finite values"):
         get_solver(name)(lambda z: z + x * float("inf"), torch.zeros_like(x), max_iter=5, tol=1e-3)
 
 
@@ -181,12 +181,23 @@ def test_unknown_option_is_rejected(name):
         get_solver(name)(lambda z: z, torch.zeros(1, 2), max_iter=2, tol=1e-3, beta=2.0)
 
 
-def test_bad_stop_mode_and_budget():
-    f = get_solver("anderson")
+@pytest.mark.parametrize("name", SOLVERS)
+def test_bad_stop_mode_budget_and_tolerance(name):
+    f = get_solver(name)
     with pytest.raises(ValueError, match="stop_mode"):
         f(lambda z: z, torch.zeros(1, 2), max_iter=2, tol=1e-3, stop_mode="max")
     with pytest.raises(ValueError, match="max_iter"):
         f(lambda z: z, torch.zeros(1, 2), max_iter=0, tol=1e-3)
+    with pytest.raises(ValueError, match=r"tol must be >= 0 .*got -0.1"):
+        f(lambda z: z, torch.zeros(1, 2), max_iter=2, tol=-0.1)
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.5, 1.5])
+def test_fixed_point_damping_outside_0_1_is_refused(tau):
+    with pytest.raises(
+        ValueError, match=rf"^fixed_point: damping tau must lie in \(0, 1\], got {tau}$"
+    ):
+        get_solver("fixed_point")(lambda z: z, torch.zeros(1, 2), max_iter=2, tol=None, tau=tau)
 
 
 def test_register_custom_solver():

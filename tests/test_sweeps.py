@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deqlab import loggers
+from deqlab.runner import loggers
 from deqlab.runner.main import run
 from deqlab.runner.report import report
 from deqlab.runner.sweep import read_manifest
@@ -164,7 +164,7 @@ def test_dashboard_workspace_has_the_deqlab_panels():
 
 
 def test_deqlab_command_dispatches_report(data_dir, tmp_path, monkeypatch, capsys):
-    from deqlab import cli
+    from deqlab.runner import cli
 
     run(compose_cfg([f"data_dir={data_dir}", *TINY], tmp_path / "one"))
     monkeypatch.setattr("sys.argv", ["deqlab", "report", str(tmp_path)])
