@@ -52,10 +52,21 @@ def test_shared_dims_and_eval():
     d2.eval()
     x = torch.randn(2, 6, 4, 4)
     assert d2(x) is x
-    with pytest.raises(ValueError, match="shares its mask over dim 3"):
+    with pytest.raises(ValueError, match=r"^VariationalDropout2d shares its mask over dim 3"):
         VariationalDropout2d(0.5)(torch.ones(2, 3, 4))
     with pytest.raises(ValueError, match="probability"):
         VariationalDropout(1.0)
+
+
+def test_p_zero_is_the_identity_and_draws_no_random_numbers():
+    """A training-mode layer with p == 0 (the default) returns its input itself: no mask, no
+    draw from the generator, so adding such a layer leaves a seeded run unchanged."""
+    d = VariationalDropout()
+    assert d.training and d.p == 0
+    x = torch.randn(3, 5)
+    before = torch.get_rng_state()
+    assert d(x) is x and d.mask is None
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_mask_follows_input_dtype_and_shape():
