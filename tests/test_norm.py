@@ -26,6 +26,30 @@ def test_weight_norm_keeps_function_and_reaches_every_layer():
         torch.testing.assert_close(m.weight, w)
 
 
+def test_weight_norm_of_a_transposed_conv_is_per_output_channel():
+    """ConvTranspose stores its weight as (in, out, kh, kw): the output channel is dim 1, so
+    the scale has one entry per output channel and sets that channel's weight norm."""
+    layer = apply_norm(nn.ConvTranspose2d(3, 5, 3), "weight_norm")
+    p = layer.parametrizations.weight[0]
+    assert p.scale.shape == (1, 5, 1, 1)
+    with torch.no_grad():
+        p.scale.copy_(torch.arange(1.0, 6.0).reshape(1, 5, 1, 1))
+    norms = layer.weight.detach().transpose(0, 1).flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.arange(1.0, 6.0))
+
+
+def test_spectral_norm_of_a_float64_layer_estimates_in_float64():
+    """The power iteration's vectors take the weight's dtype, so a float64 layer is
+    normalized to float64 accuracy."""
+    lin = nn.Linear(12, 7).double()
+    apply_norm(lin, "spectral_norm", power_iters=200)
+    p = lin.parametrizations.weight[0]
+    assert p.u.dtype == p.v.dtype == torch.float64
+    _ = lin.weight  # one training-mode access: 200 more power steps
+    sigma = torch.linalg.matrix_norm(lin.weight.detach(), 2)
+    assert abs(sigma.item() - 1.0) < 1e-10
+
+
 def test_weight_norm_scale_is_learnable_or_fixed():
     lin = apply_norm(nn.Linear(6, 3), "weight_norm")
     p = lin.parametrizations.weight[0]
