@@ -4,12 +4,22 @@ function. The end-to-end runs are in test_runner.py and test_parity.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from deqlab.norm import apply_norm, weight_entries, weight_norm_entries
-from deqlab.runner.checkpoint import CheckpointError, load_initial_weights, network_state
+from deqlab.runner.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    check_compatible,
+    load_initial_weights,
+    network_state,
+    read_checkpoint,
+    resolve_checkpoint,
+)
 
 
 class Net(nn.Module):
@@ -150,3 +160,96 @@ def test_a_weight_norm_pair_cannot_load_into_another_parametrization():
     target = {"l.parametrizations.weight.original": torch.ones(4, 3)}
     with pytest.raises(ValueError, match="l: a weight-normalized weight cannot load into"):
         weight_norm_entries("l", torch.ones(4, 1), torch.ones(4, 3), target)
+
+
+class Opaque:
+    """Not a tensor or a plain container: a weights-only load must refuse it."""
+
+
+def test_read_checkpoint_memory_maps_the_file(tmp_path):
+    """Tensors are read from the page cache when touched, not copied at load (a resume of a
+    large model does not hold two copies): the file is mapped into the process."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc")
+    path = save(tmp_path, {"state_dict": {"w": torch.ones(64)}}, "m.ckpt")
+    ckpt = read_checkpoint(path)
+    assert str(path) in maps.read_text()
+    assert torch.equal(ckpt["state_dict"]["w"], torch.ones(64))
+
+
+def test_a_truncated_checkpoint_is_named_with_what_to_do(tmp_path):
+    path = save(tmp_path, {"state_dict": {"w": torch.ones(64)}}, "t.ckpt")
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path} is not a readable checkpoint (")
+    assert message.endswith(
+        "). A process killed while writing leaves such a file; use another checkpoint of the "
+        "run (checkpoints/best.ckpt, last.ckpt)."
+    )
+    assert "\n" not in message and "weights_only=False" not in message
+
+
+def test_a_checkpoint_holding_objects_is_refused_without_loading_them(tmp_path):
+    path = save(tmp_path, {"state_dict": {"w": torch.ones(2)}, "extra": Opaque()}, "o.ckpt")
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert str(err.value).startswith(
+        f"{path} is not a readable checkpoint (it holds objects other than tensors and plain "
+        "containers). "
+    )
+
+
+def test_resolve_checkpoint_finds_last_in_the_run_folder_or_says_how(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        resolve_checkpoint("last", tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert str(err.value) == (
+        f"ckpt_path=last: there is no {last}. `last` resumes the run whose folder is "
+        "hydra.run.dir (pass hydra.run.dir=<that run's folder>), or pass a checkpoint file: "
+        "ckpt_path=<file.ckpt>"
+    )
+    last.parent.mkdir()
+    torch.save({"state_dict": {}}, last)
+    assert resolve_checkpoint("last", tmp_path) == last
+    assert resolve_checkpoint(str(last), tmp_path / "elsewhere") == last
+    with pytest.raises(CheckpointError) as err:
+        resolve_checkpoint(str(tmp_path / "x.ckpt"), tmp_path)
+    assert str(err.value) == f"ckpt_path={tmp_path / 'x.ckpt'}: no such file"
+
+
+def test_check_compatible_names_the_writer_or_the_first_differing_tensor():
+    net = Net()
+    ours = net.state_dict()
+    check_compatible({"state_dict": ours}, net, "a.B", "a.B")  # the same: accepted
+    with pytest.raises(CheckpointError) as err:
+        check_compatible({"state_dict": ours}, net, "x.Other", "a.B")
+    assert str(err.value) == (
+        "the checkpoint was written by x.Other, this run trains a.B: pass a checkpoint of this task"
+    )
+    theirs = {**Net(width=4).state_dict(), "zz": torch.ones(1)}
+    with pytest.raises(CheckpointError) as err:
+        check_compatible({"state_dict": theirs}, net, "a.B", "a.B")
+    assert str(err.value) == (
+        "the checkpoint's network differs from this run's in 4 tensor(s), e.g. a.bias: "
+        "shape (4,) in the checkpoint, shape (3,) here; use the network settings (net, norm) "
+        "the checkpoint was trained with"
+    )
+    with pytest.raises(CheckpointError, match=r"in 4 tensor\(s\), e.g. a.bias: absent in the"):
+        check_compatible({}, net, "a.B", "a.B")  # no state_dict at all
+
+
+def test_checkpoints_go_to_new_folders_and_remote_urls_to_lightning(tmp_path, monkeypatch):
+    """A local checkpoint is written atomically, its folders created; a URL is left to
+    Lightning's own writer (fsspec), never turned into a local folder."""
+    import fsspec
+
+    monkeypatch.chdir(tmp_path)
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "a" / "b" / "c.ckpt")
+    assert torch.equal(read_checkpoint(tmp_path / "a" / "b" / "c.ckpt")["w"], torch.ones(2))
+    io.save_checkpoint({"w": torch.ones(2)}, "memory://deqlab-test/c.ckpt")
+    assert fsspec.filesystem("memory").exists("/deqlab-test/c.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
