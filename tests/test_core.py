@@ -75,6 +75,9 @@ def test_eval_budget_is_max_iter_times_eval_factor():
     both = DEQ(solver={"max_iter": 4, "eval_factor": 2.5, "eval_max_iter": 7, "tol": None}).eval()
     with torch.no_grad():
         assert both(p.f, torch.zeros_like(p.x))[1].nfe == 7
+    tiny = DEQ(solver={"max_iter": 3, "eval_factor": 0.1, "tol": None}).eval()
+    with torch.no_grad():  # int(0.3) = 0 evaluations would be no solve: at least one
+        assert tiny(p.f, torch.zeros_like(p.x))[1].nfe == 1
 
 
 def test_sampled_states_carry_gradients():
@@ -163,5 +166,7 @@ def test_init_group_shapes_the_start_like_the_template():
     assert [p.shape for p in z0] == [p.shape for p in template]
     assert z0[1].dtype == torch.float64 and 0.3 < (z0[0] == 0).float().mean() < 0.7
     assert all(torch.equal(p, torch.zeros_like(p)) for p in InitConfig("zeros").like(template))
+    for kind in ("zeros", "mixed"):
+        assert [p.dtype for p in InitConfig(kind).like(template)] == [torch.float32, torch.float64]
     with pytest.raises(ValueError, match=r"init\.name must be one of"):
         InitConfig("ones")

@@ -204,3 +204,26 @@ def test_solver_and_gradient_mode_by_import_path():
         DEQ({"name": "torch:tanh"})
     with pytest.raises(TypeError, match=r"must be a deqlab\.grad\.GradMode"):
         DEQ(grad={"name": "torch:tanh"})
+
+
+def test_build_core_passes_every_setting_and_names_the_group_of_a_bad_key():
+    core = build_core(
+        {"name": "indexing", "indexing": [3, 7]}, {"name": "broyden", "max_iter": 9}, None
+    )
+    assert core.sample_steps(9) == [3, 7, 9]
+    assert core.solver_cfg.name == "broyden" and core.solver_cfg.max_iter == 9
+    with pytest.raises(ValueError, match=r"^unknown core key 'steps'; valid keys: name, "):
+        build_core({"name": "indexing", "steps": 3}, None, None)
+    with pytest.raises(ValueError, match=r"^unknown solver key 'm_'; valid keys: name, "):
+        build_core(None, {"m_": 3}, None)
+    with pytest.raises(ValueError, match=r"^unknown grad key 'tau_'; valid keys: name, "):
+        build_core(None, None, {"tau_": 3})
+
+
+def test_a_module_that_is_not_a_core_is_refused_by_name():
+    with pytest.raises(TypeError) as err:
+        build_core(nn.Linear(2, 2), None, None)
+    assert str(err.value) == (
+        "Linear is not a DEQ core: it needs forward(f, z0, *, max_iter, jac_vecs) -> (z, "
+        "DEQInfo) and max_iter_for_training() (see deqlab.core.Core)"
+    )
