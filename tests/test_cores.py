@@ -62,6 +62,8 @@ def test_n_states_follows_torchdeqs_spacing():
     assert DEQ(indexing=[5, 20]).sample_steps(12) == [5, 12]  # steps past the budget are dropped
     assert SlicedDEQ(n_states=3).segments(12) == [4, 4, 4]
     assert SlicedDEQ(indexing=[2, 5]).segments(12) == [2, 3, 7]
+    assert SlicedDEQ(indexing=[4, 12]).segments(12) == [4, 8]  # a step at the budget ends it
+    assert SlicedDEQ(n_states=3).segments(2) == [1, 1, 1]  # at least one step each
 
 
 def test_n_states_are_all_returned_when_the_solve_converges_first():
@@ -95,7 +97,13 @@ def test_ift_core_gives_earlier_states_a_phantom_gradient():
 
 @pytest.mark.parametrize(
     "sup_gap,sup_loc,want",
-    [(2, [], [2, 4, 5]), (-1, [1, 3], [1, 3, 5]), (5, [], [5]), (-1, [2, 5], [2, 5])],
+    [
+        (2, [], [2, 4, 5]),
+        (1, [], [1, 2, 3, 4, 5]),
+        (-1, [1, 3], [1, 3, 5]),
+        (5, [], [5]),
+        (-1, [2, 5], [2, 5]),
+    ],
 )
 def test_phantom_sup_gap_and_sup_loc_return_the_intermediate_steps(sup_gap, sup_loc, want):
     _, x, f = problem()
@@ -138,6 +146,39 @@ def test_sliced_gradients_follow_each_segments_recorded_graph():
         torch.autograd.grad(loss(info.states), [w, x]), torch.autograd.grad(loss([s1, s2]), [w, x])
     ):
         torch.testing.assert_close(a, b)
+
+
+def test_sliced_core_budget_override_jacobian_and_backward_statistics():
+    """A call's max_iter wins in training and at test time; no Jacobian penalty unless asked
+    for; every segment's ift backward solve lands in the one statistics list returned."""
+    _, x, f = problem()
+    core = SlicedDEQ(FP, {"name": "ift", "tol": 1e-10, "max_iter": 60}, indexing=[3])
+    z, info = core(f, torch.zeros_like(x), max_iter=8)
+    assert info.nfe == 8 and info.jac_loss is None
+    z.sum().backward()
+    assert len(info.backward) == 1  # the last segment's implicit solve (the first: phantom)
+    core.eval()
+    with torch.no_grad():
+        assert core(f, torch.zeros_like(x), max_iter=5)[1].nfe == 5
+
+
+def test_sliced_core_collects_every_segments_backward_statistics():
+    """A gradient mode that reports a backward solve at every sampled state (one not bound
+    to the equilibrium) reports into one list, whatever segment it ran in."""
+    from deqlab import register_grad
+    from deqlab.grad import GRAD_MODES
+
+    def reporting(f, z, fz, cfg, steps, on_backward):
+        on_backward(steps)
+        return [fz]
+
+    register_grad("test_reporting", reporting)
+    try:
+        _, x, f = problem()
+        _, info = SlicedDEQ(FP, {"name": "test_reporting"}, n_states=3)(f, torch.zeros_like(x))
+        assert info.backward == [1, 1, 1]
+    finally:
+        GRAD_MODES.entries.pop("test_reporting")
 
 
 def test_per_state_steps_must_match_the_states():
