@@ -567,6 +567,59 @@ def test_return_final_returns_the_last_iterate(name, stop_mode):
     torch.testing.assert_close(res.rel_residual, rel)
 
 
+@pytest.mark.parametrize("name", SOLVERS)
+def test_return_final_on_a_wandering_solve(name):
+    """On an f no solver settles in 9 steps, some sample's best iterate is an earlier one;
+    return_final returns the last iterate of every sample all the same."""
+    x = torch.randn(4, 6, dtype=torch.float64)
+    w = 1.5 * torch.randn(6, 6, dtype=torch.float64)
+    f = lambda z: 2 * torch.tanh(z @ w.T) + x
+    solve = lambda **kw: get_solver(name)(f, torch.zeros_like(x), max_iter=9, tol=None, **kw)
+    assert (solve().best_step < 8).any()  # the premise: the best is not always the last
+    res = solve(return_final=True, save_at=[8])
+    assert (res.best_step == 8).all()
+    torch.testing.assert_close(res.z, res.saved[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_a_solvers_own_defaults_are_the_configs(name):
+    """get_solver(name)(f, z0, ...) in Python and solver.name=<name> with no options behave
+    the same: every option the solver takes defaults to the config's value."""
+    from deqlab.solvers import SolverConfig
+
+    cfg = SolverConfig(name=name)
+    for option, default in solver_options(name).items():
+        assert getattr(cfg, option) == default, option
+
+
+@pytest.mark.parametrize(
+    "name,options,message",
+    [
+        ("anderson", {"m": 0}, "anderson: memory m must be >= 1, got 0"),
+        ("anderson", {"lam": -1e-3}, "anderson: regularisation lam must be >= 0, got -0.001"),
+        (
+            "anderson",
+            {"lam_mode": "rel"},
+            "anderson: lam_mode must be relative or absolute, got 'rel'",
+        ),
+        ("broyden", {"memory": 0}, "broyden: memory must be >= 1, got 0"),
+    ],
+)
+def test_bad_solver_options_are_named(name, options, message):
+    with pytest.raises(ValueError) as err:
+        get_solver(name)(lambda z: z, torch.zeros(1, 2), max_iter=3, tol=None, **options)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "name,options", [("anderson", {"m": 1, "lam": 0.0}), ("broyden", {"memory": 1})]
+)
+def test_the_smallest_valid_options_solve(name, options):
+    p = LinearProblem(norm=0.5)
+    res = get_solver(name)(p.f, torch.zeros_like(p.x), max_iter=60, tol=1e-10, **options)
+    torch.testing.assert_close(res.z, p.z_star(), rtol=1e-8, atol=1e-8)
+
+
 def test_return_final_keeps_a_converged_samples_iterate():
     """Per sample, a sample that converged is frozen at the iterate it converged at."""
     a = torch.tensor([[0.5], [0.6], [0.999]], dtype=torch.float64)
