@@ -170,6 +170,28 @@ def test_shape_mismatch_names_both_shapes(name):
         )
 
 
+@pytest.mark.parametrize(
+    "z0,fz,have",
+    [
+        (torch.zeros(2, 4), torch.zeros(2, 5), "(2, 5)"),
+        (torch.zeros(2, 4), (torch.zeros(2, 4),), "[(2, 4)]"),
+        ((torch.zeros(2, 4), torch.zeros(2, 3)), torch.zeros(2, 4), "(2, 4)"),
+        ((torch.zeros(2, 4), torch.zeros(2, 3)), [torch.zeros(2, 4), 1.0], "[(2, 4), ()]"),
+        (torch.zeros(2, 4), 3.0, "<class 'float'>"),
+    ],
+)
+def test_a_wrongly_shaped_cell_output_is_described(z0, fz, have):
+    """The message shows z's and f(z)'s structure as they are: a shape for a tensor, a list
+    of shapes for a tuple or list, the type of anything else."""
+    want = "(2, 4)" if isinstance(z0, torch.Tensor) else "[(2, 4), (2, 3)]"
+    with pytest.raises(ValueError) as err:
+        get_solver("fixed_point")(lambda z: fz, z0, max_iter=3, tol=None)
+    assert str(err.value) == (
+        f"f(z) must return the same structure and shapes as z: z has {want}, f(z) has {have}. "
+        "A DEQ cell maps the state to a state of the same shape."
+    )
+
+
 def test_unknown_solver_lists_known_ones():
     with pytest.raises(ValueError, match="anderson, broyden, fixed_point"):
         get_solver("newton")
