@@ -192,6 +192,35 @@ def test_a_wrongly_shaped_cell_output_is_described(z0, fz, have):
     )
 
 
+@pytest.mark.parametrize("stop_mode", ["rel", "abs", "batch_rel", "batch_abs"])
+def test_each_stop_rule_reads_its_own_residual(stop_mode):
+    """z <- z/2 + c with |c| ~ 1000: the relative residual ||f(z) - z|| / ||f(z)|| reaches 1e-3
+    ten steps before the absolute one does. Each rule stops on its own residual."""
+    c = torch.full((2, 3), 1000.0, dtype=torch.float64)
+    res = get_solver("fixed_point")(
+        lambda z: 0.5 * z + c, torch.zeros_like(c), max_iter=60, tol=1e-3, stop_mode=stop_mode
+    )
+    rel = stop_mode.endswith("rel")
+    assert bool(res.converged.all()) and (res.nfe < 20) == rel, res.nfe
+    assert bool(((res.rel_residual if rel else res.abs_residual) <= 1e-3).all())
+    assert bool((res.abs_residual > 1e-3).all()) == rel
+
+
+def test_a_fixed_iteration_solve_flags_non_finite_iterates():
+    """With tol=None no convergence test runs during the solve, yet a NaN along the way is
+    still reported (res.nonfinite); a finite solve is not flagged."""
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        return z * float("nan") if len(calls) == 4 else 0.5 * z + 1
+
+    res = get_solver("fixed_point")(f, torch.zeros(2, 3), max_iter=6, tol=None)
+    assert res.nonfinite and not bool(res.converged.any())
+    ok = get_solver("fixed_point")(lambda z: 0.5 * z + 1, torch.zeros(2, 3), max_iter=6, tol=None)
+    assert not ok.nonfinite
+
+
 def test_unknown_solver_lists_known_ones():
     with pytest.raises(ValueError, match="anderson, broyden, fixed_point"):
         get_solver("newton")
