@@ -7,3 +7,26 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def restore_registries():
+    """Undo what a test registers (solvers, gradient modes, cores): the registries are
+    global, and an entry left behind changes what later tests see (and what mutmut's
+    workers, forked from a process that ran every test, see)."""
+    from deqlab.core import CORES
+    from deqlab.grad import GRAD_MODES
+    from deqlab.solvers import SOLVERS
+
+    saved = [
+        (r, dict(r.entries), dict(r.lazy), dict(r.imported)) for r in (SOLVERS, GRAD_MODES, CORES)
+    ]
+    yield
+    for registry, entries, lazy, imported in saved:
+        for table, before in (
+            (registry.entries, entries),
+            (registry.lazy, lazy),
+            (registry.imported, imported),
+        ):
+            table.clear()
+            table.update(before)

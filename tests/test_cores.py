@@ -162,23 +162,19 @@ def test_sliced_core_budget_override_jacobian_and_backward_statistics():
         assert core(f, torch.zeros_like(x), max_iter=5)[1].nfe == 5
 
 
-def test_sliced_core_collects_every_segments_backward_statistics():
+def test_sliced_core_collects_every_segments_backward_statistics(restore_registries):
     """A gradient mode that reports a backward solve at every sampled state (one not bound
     to the equilibrium) reports into one list, whatever segment it ran in."""
     from deqlab import register_grad
-    from deqlab.grad import GRAD_MODES
 
     def reporting(f, z, fz, cfg, steps, on_backward):
         on_backward(steps)
         return [fz]
 
     register_grad("test_reporting", reporting)
-    try:
-        _, x, f = problem()
-        _, info = SlicedDEQ(FP, {"name": "test_reporting"}, n_states=3)(f, torch.zeros_like(x))
-        assert info.backward == [1, 1, 1]
-    finally:
-        GRAD_MODES.entries.pop("test_reporting")
+    _, x, f = problem()
+    _, info = SlicedDEQ(FP, {"name": "test_reporting"}, n_states=3)(f, torch.zeros_like(x))
+    assert info.backward == [1, 1, 1]
 
 
 def test_per_state_steps_must_match_the_states():

@@ -81,15 +81,7 @@ def test_bad_import_paths_are_named(path, message):
     assert str(err.value).startswith(message)
 
 
-@pytest.fixture
-def user_modes():
-    names: list[str] = []
-    yield names
-    for name in names:
-        GRAD_MODES.entries.pop(name, None)
-
-
-def test_a_registered_grad_mode_gets_its_defaults_options_and_flags(user_modes):
+def test_a_registered_grad_mode_gets_its_defaults_options_and_flags(restore_registries):
     """register_grad: the mode's defaults fill the fields a config leaves unset, its options
     reach it, z requires grad only when the mode says so, and a mode valid only at the
     equilibrium leaves the earlier sampled states to phantom."""
@@ -99,7 +91,6 @@ def test_a_registered_grad_mode_gets_its_defaults_options_and_flags(user_modes):
         calls.append((z.requires_grad, steps, cfg.tau))
         return [fz * cfg.options["scale"]]
 
-    user_modes += ["test_scaled", "test_scaled_eq"]
     mode = register_grad("test_scaled", scaled, defaults={"steps": 3, "tau": 0.25})
     assert GRAD_MODES.get("test_scaled") is mode and mode.fn is scaled
     assert not mode.needs_z_grad and not mode.at_equilibrium

@@ -251,22 +251,16 @@ def test_fixed_point_damping_outside_0_1_is_refused(tau):
         get_solver("fixed_point")(lambda z: z, torch.zeros(1, 2), max_iter=2, tol=None, tau=tau)
 
 
-def test_register_custom_solver():
+def test_register_custom_solver(restore_registries):
     def halves(f, z0, *, max_iter, tol, stop_mode="rel", save_at=(), scale=0.5):
         return get_solver("fixed_point")(
             f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=scale
         )
 
-    from deqlab.solvers import SOLVERS
-
-    assert "halves" not in SOLVERS
     register_solver("halves", halves)
-    try:
-        assert solver_options("halves") == {"scale": 0.5}
-        res = get_solver("halves")(lambda z: 0.5 * z + 1, torch.zeros(2, 3), max_iter=100, tol=1e-6)
-        assert isinstance(res, SolverResult)
-    finally:  # the registry is global: leave it as the other tests expect it
-        SOLVERS.entries.pop("halves")
+    assert solver_options("halves") == {"scale": 0.5}
+    res = get_solver("halves")(lambda z: 0.5 * z + 1, torch.zeros(2, 3), max_iter=100, tol=1e-6)
+    assert isinstance(res, SolverResult)
     torch.testing.assert_close(res.z, torch.full((2, 3), 2.0), atol=1e-4, rtol=0)
     with pytest.raises(TypeError, match="save_at"):
         register_solver("bad", lambda f, z0, *, max_iter, tol, stop_mode="rel": None)
