@@ -150,3 +150,27 @@ def short_real_cifar_run(
         "~callbacks.progress",
     ]
     return run(compose_cfg(overrides, output_dir))
+
+
+class SendSignal(Callback):
+    """Sends ``signal`` (a name) to this very process once, at the start of training step
+    ``step`` (``during="train"``) or of the first validation batch after it
+    (``during="validation"``): a real signal, arriving at a known point of a real run."""
+
+    def __init__(self, signal: str, step: int, during: str = "train"):
+        self.signal, self.step, self.during, self.sent = signal, step, during, False
+
+    def _send(self, trainer) -> None:
+        import signal as signals
+
+        if not self.sent and trainer.global_step >= self.step:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signals, self.signal))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.during == "train":
+            self._send(trainer)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args) -> None:
+        if self.during == "validation" and not trainer.sanity_checking:
+            self._send(trainer)

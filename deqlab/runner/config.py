@@ -120,10 +120,17 @@ def register_configs() -> None:
     for group, schema in SCHEMAS.items():
         cs.store(group=group, name="schema", node=schema)
     OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
+    OmegaConf.register_new_resolver("slurm_folder", _slurm_folder, replace=True)
     OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
     OmegaConf.register_new_resolver("job_name", job_name, replace=True)
     OmegaConf.register_new_resolver("run_group", run_group, replace=True)
     OmegaConf.register_new_resolver("deqlab_help", help_text, replace=True)
+
+
+def _slurm_folder(default: str) -> str:
+    from .cluster import slurm_folder  # Lightning's SLURM detection, imported when a run starts
+
+    return slurm_folder(default)
 
 
 # Groups that are not choices: the shared module block and Hydra's own.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +27,72 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from deqlab.runner.checkpoint import AtomicCheckpointIO, resolve_checkpoint
+from deqlab.runner.cluster import (
+    Preempted,
+    Preemption,
+    describe_holder,
+    hold_run_folder,
+    requeued_checkpoint,
+)
 from deqlab.runner.config import CONF_DIR, register_configs, validate
 
 register_configs()
+
 
 
 def run(cfg: DictConfig) -> float | None:
     """Fit and test (or only test) as ``cfg`` says; returns the best monitored metric.
 
     Every config value and the checkpoint to resume from are checked before anything is
-    built; a run rejected there leaves no run folder behind. Loggers are closed whatever
-    happens, a failed run marked as failed (a W&B run with a non-zero exit code), so the next
-    job of a sweep starts its own.
+    built; a run rejected there leaves no run folder behind. The run folder has one writer
+    (:func:`~deqlab.runner.cluster.hold_run_folder`): a second process is refused before it
+    reads a checkpoint. Loggers are closed whatever happens, a failed run marked as failed
+    (a W&B run with a non-zero exit code), so the next job of a sweep starts its own.
     """
     out = Path(cfg.output_dir)
-    try:
-        validate(cfg)
-        ckpt = resolve_checkpoint(cfg.ckpt_path, out) if cfg.ckpt_path else None
-        L.seed_everything(cfg.seed, workers=True)
-        datamodule = instantiate(cfg.task.datamodule)
-        module = instantiate(cfg.task.module)
-        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-        loggers: list[Logger] = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    except Exception:
-        close_loggers([], succeeded=False)  # a W&B run already started must not linger
-        discard_rejected_run(out)
-        raise
-    succeeded = False
-    try:
-        if rank_zero_only.rank == 0:
-            print_config(cfg)
-        save_config(cfg, out, loggers)
-        trainer: L.Trainer = instantiate(
-            cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
-        )
-        score = fit_and_test(cfg, trainer, module, datamodule, callbacks, ckpt)
-        succeeded = True
-        return score
-    finally:
-        close_loggers(loggers, succeeded)
+    with ExitStack() as held:
+        try:
+            validate(cfg)
+            if rank_zero_only.rank == 0:  # DDP processes started by this one share its lock
+                stale = held.enter_context(hold_run_folder(out))
+                if stale:
+                    print(
+                        f"deqlab: {out} was held by {describe_holder(stale)}, which has died; lock taken over"
+                    )
+            ckpt = resolve_checkpoint(cfg.ckpt_path, out) if cfg.ckpt_path else None
+            ckpt = ckpt or requeued_checkpoint(out)
+            L.seed_everything(cfg.seed, workers=True)
+            datamodule = instantiate(cfg.task.datamodule)
+            module = instantiate(cfg.task.module)
+            callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+            loggers: list[Logger] = [
+                instantiate(c) for c in (cfg.get("logger") or {}).values() if c
+            ]
+        except Exception:
+            close_loggers([], succeeded=False)  # a W&B run already started must not linger
+            held.close()
+            discard_rejected_run(out)
+            raise
+        succeeded = False
+        try:
+            if rank_zero_only.rank == 0:
+                print_config(cfg)
+            save_config(cfg, out, loggers)
+            trainer: L.Trainer = instantiate(
+                cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+            )
+            score = fit_and_test(cfg, trainer, module, datamodule, callbacks, ckpt)
+            succeeded = True
+            return score
+        except SIGTERMException:  # Lightning's stop on a signal: exit as that signal says
+            signum = next((c.received for c in callbacks if isinstance(c, Preemption)), None)
+            raise Preempted(signum or 15) from None
+        finally:
+            close_loggers(loggers, succeeded)
 
 
 def fit_and_test(
