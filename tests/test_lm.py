@@ -62,11 +62,21 @@ def test_cache_is_plain_and_rebuilt_when_a_source_changes(tmp_path):
 def test_missing_split_names_the_expected_files(tmp_path):
     write_corpus(tmp_path)
     (tmp_path / "ptb" / "ptb.test.txt").unlink()
-    with pytest.raises(
-        FileNotFoundError,
-        match=r"(?s)ptb\.test\.txt.*ptb\.train\.txt, ptb\.valid\.txt, ptb\.test\.txt",
-    ):
+    with pytest.raises(FileNotFoundError) as e:
         corpus_files(tmp_path, "ptb")
+    root = (tmp_path / "ptb").resolve()
+    assert str(e.value) == (
+        f"ptb: missing {tmp_path / 'ptb' / 'ptb.test.txt'}. Expected the standard release's "
+        f"ptb.train.txt, ptb.valid.txt, ptb.test.txt under {root}: put the release's files "
+        "there (no download: the Hub has no copy). (WikiText: Merity et al.'s word-level "
+        "release; PTB: Mikolov's ptb.*.txt.)"
+    )
+    with pytest.raises(FileNotFoundError) as e:
+        corpus_files(tmp_path, "wikitext2")
+    assert "under " + str((tmp_path / "wikitext-2").resolve()) + ": get them with " in str(e.value)
+    assert "download=true (the Hugging Face Hub's copy; pip install -e '.[lm]'), or put " in (
+        str(e.value)
+    )
     with pytest.raises(ValueError, match="unknown corpus"):
         corpus_files(tmp_path, "enwik8")
 

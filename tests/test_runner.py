@@ -44,6 +44,8 @@ def test_cli_trains_tests_and_writes_its_outputs(data_dir, tmp_path):
         tmp_path,
     )
     assert "deqlab: train done; best val/acc=" in proc.stdout
+    assert "Tip:" not in proc.stdout + proc.stderr  # Lightning's advertisements are dropped
+    assert not (out / ".deqlab.lock").exists()  # the run folder's lock is released
     assert (out / "checkpoints" / "last.ckpt").is_file() and (
         out / "checkpoints" / "best.ckpt"
     ).is_file()

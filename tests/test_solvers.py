@@ -161,6 +161,23 @@ def test_nonfinite_from_the_start_raises(name):
 
 
 @pytest.mark.parametrize("name", SOLVERS)
+def test_nonfinite_message_counts_the_samples_and_names_the_first_few(name):
+    x = torch.randn(300, 4)
+    x[torch.arange(3, 300, 2)] = float("inf")  # 149 of 300 samples
+    with pytest.raises(FloatingPointError) as e:
+        get_solver(name)(lambda z: z + x, torch.zeros_like(x), max_iter=5, tol=1e-3)
+    assert str(e.value) == (
+        f"{name}: f returned non-finite values for 149 of 300 samples (indices 3, 5, 7, 9, 11, "
+        "...) at every iterate, starting from z0; check the input injection and the cell's "
+        "weights (a learning rate too high, or missing weight/spectral normalization)."
+    )
+    x = torch.randn(3, 4)
+    x[1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"for 1 of 3 samples \(indices 1\) at every"):
+        get_solver(name)(lambda z: z + x, torch.zeros_like(x), max_iter=5, tol=1e-3)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
 def test_shape_mismatch_names_both_shapes(name):
     with pytest.raises(ValueError, match=r"\(2, 4\).*\(2, 5\)"):
         get_solver(name)(lambda z: torch.zeros(2, 5), torch.zeros(2, 4), max_iter=5, tol=1e-3)

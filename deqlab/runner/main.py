@@ -11,6 +11,7 @@ python -m deqlab report outputs/multiruns/<sweep>                  # as `deqlab 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -42,6 +43,16 @@ from deqlab.runner.config import CONF_DIR, register_configs, validate
 
 register_configs()
 
+
+class NoAdvertisements(logging.Filter):
+    """Drops the lines Lightning logs on every run to advertise its cloud products
+    ("💡 Tip: ... try installing litlogger / litmodels"): nothing a user of this run can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoAdvertisements())
 
 
 def run(cfg: DictConfig) -> float | None:

@@ -341,9 +341,12 @@ class Tracker:
         best_abs = self.abs_trace[: self.steps].gather(0, at_best).squeeze(0)
         best_in_mode = best_rel if self.use_rel else best_abs
         if not bool(torch.isfinite(best_in_mode).all()):
-            bad = (~torch.isfinite(best_in_mode)).nonzero().flatten().tolist()
+            bad = (~torch.isfinite(best_in_mode)).nonzero().flatten()
+            first = ", ".join(str(i) for i in bad[:5].tolist())
+            more = ", ..." if len(bad) > 5 else ""
             raise FloatingPointError(
-                f"{solver}: f returned non-finite values for samples {bad} at every iterate, "
+                f"{solver}: f returned non-finite values for {len(bad)} of {len(best_in_mode)} "
+                f"samples (indices {first}{more}) at every iterate, "
                 "starting from z0; check the input injection and the cell's weights (a "
                 "learning rate too high, or missing weight/spectral normalization)."
             )

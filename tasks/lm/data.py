@@ -62,15 +62,14 @@ def corpus_files(data_dir: str | Path, corpus: str) -> dict[str, Path]:
         root = files["train"].parent
         get = (
             "get them with task.datamodule.download=true (the Hugging Face Hub's copy; "
-            "pip install -e '.[lm]'), or"
+            "pip install -e '.[lm]'), or put the release's files there"
             if corpus in HUB_CONFIGS
-            else "copy"
+            else "put the release's files there (no download: the Hub has no copy)"
         )
         raise FileNotFoundError(
             f"{corpus}: missing {', '.join(missing)}. Expected the standard release's "
-            f"{', '.join(p.name for p in files.values())} under {root.resolve()}: {get} put "
-            "the release's files there (WikiText: Merity et al.'s word-level release; PTB: "
-            "Mikolov's ptb.*.txt)."
+            f"{', '.join(p.name for p in files.values())} under {root.resolve()}: {get}. "
+            "(WikiText: Merity et al.'s word-level release; PTB: Mikolov's ptb.*.txt.)"
         )
     return files
 
