@@ -215,8 +215,8 @@ def implicit(
     if cfg.jacobian_at == "fz" and f is None:
         raise ValueError("implicit: jacobian_at=fz needs f")
 
-    def backward_solve(grads: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
-        u = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(z_parts, grads))
+    def backward_solve(u: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        # u = dL/dz*; autograd hands zeros for a part of the state the loss does not use
         at, f_at = z_parts, fz_parts
         if cfg.jacobian_at == "fz":  # J_f at f(z*): one more recorded evaluation
             with torch.enable_grad():

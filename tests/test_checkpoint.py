@@ -250,6 +250,80 @@ def test_checkpoints_go_to_new_folders_and_remote_urls_to_lightning(tmp_path, mo
     io = AtomicCheckpointIO()
     io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "a" / "b" / "c.ckpt")
     assert torch.equal(read_checkpoint(tmp_path / "a" / "b" / "c.ckpt")["w"], torch.ones(2))
-    io.save_checkpoint({"w": torch.ones(2)}, "memory://deqlab-test/c.ckpt")
-    assert fsspec.filesystem("memory").exists("/deqlab-test/c.ckpt")
+    io.save_checkpoint({"w": torch.arange(3.0)}, "memory://deqlab-test/c.ckpt")
+    with fsspec.open("memory://deqlab-test/c.ckpt", "rb") as fh:
+        assert torch.equal(torch.load(fh, weights_only=True)["w"], torch.arange(3.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    # storage options go to Lightning's writer, which takes none
+    with pytest.raises(TypeError, match="storage_options"):
+        io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "d.ckpt", storage_options={"a": 1})
+
+
+def test_check_compatible_counts_only_the_differing_tensors():
+    net = Net()
+    with pytest.raises(CheckpointError, match=r"differs from this run's in 3 tensor\(s\), e.g. a"):
+        check_compatible({"state_dict": Net(width=4).state_dict()}, net, "a.B", "a.B")
+
+
+def test_a_truncated_checkpoint_gives_torchs_first_line_as_the_reason(tmp_path):
+    path = save(tmp_path, {"state_dict": {"w": torch.ones(64)}}, "t.ckpt")
+    path.write_bytes(path.read_bytes()[:50])
+    try:
+        torch.load(path, weights_only=True)
+    except Exception as e:  # what torch says of this file, first line
+        reason = str(e).strip().splitlines()[0]
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert str(err.value).startswith(f"{path} is not a readable checkpoint ({reason}). ")
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (RuntimeError(""), "RuntimeError"),  # no message: the error's type
+        (
+            RuntimeError("Weights only load failed.\nRe-running with weights_only=False..."),
+            "it holds objects other than tensors and plain containers",
+        ),
+        (  # the spelling of other torch versions
+            RuntimeError("Unsupported global: GLOBAL x.Opaque (pass weights_only=False)"),
+            "it holds objects other than tensors and plain containers",
+        ),
+        (
+            RuntimeError("Weights only unpickler refused x.Opaque"),
+            "it holds objects other than tensors and plain containers",
+        ),
+        (OSError("disk error\nmore"), "disk error"),
+    ],
+)
+def test_read_errors_are_reported_by_their_cause(error, reason, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(tmp_path / "c.ckpt")
+    assert str(err.value).startswith(
+        f"{tmp_path / 'c.ckpt'} is not a readable checkpoint ({reason}). "
+    )
+
+
+def test_load_initial_weights_converts_a_reference_file_and_names_it_in_errors(tmp_path):
+    source = Net()
+    ref = {f"ref_{k}": v for k, v in source.state_dict().items()}
+    net = ReferenceFormat()
+    assert load_initial_weights(save(tmp_path, ref), net).endswith("loaded 4 tensors")
+    for k, v in source.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v), k
+    bad = save(tmp_path, {"epoch": 3}, "bad.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_initial_weights(bad, Net())
+    assert str(err.value) == f"init_from={bad}: no state dict of tensors in it"
+
+
+def test_strict_loading_names_a_tensor_of_the_file_that_the_network_lacks(tmp_path):
+    state = {**Net().state_dict(), "aa.extra": torch.ones(2)}
+    path = save(tmp_path, state)
+    with pytest.raises(CheckpointError) as err:
+        load_initial_weights(path, Net())
+    assert "(e.g. aa.extra: shape (2,) in the file, absent here)" in str(err.value)

@@ -170,3 +170,42 @@ def test_init_group_shapes_the_start_like_the_template():
         assert [p.dtype for p in InitConfig(kind).like(template)] == [torch.float32, torch.float64]
     with pytest.raises(ValueError, match=r"init\.name must be one of"):
         InitConfig("ones")
+
+
+def test_divergence_warning_names_the_solver_and_the_cures():
+    x = torch.randn(2, 4)
+    calls = 0
+
+    def f(z):
+        nonlocal calls
+        calls += 1
+        return z * 3 + x if calls < 6 else z * float("nan")
+
+    with pytest.warns(DivergenceWarning) as record:
+        DEQ(solver={"name": "fixed_point", "max_iter": 20})(f, torch.zeros_like(x))
+    assert [str(w.message) for w in record] == [
+        "DEQ forward solve (fixed_point) met non-finite iterates; returning each sample's best "
+        "finite iterate (see info.rel_residual). Consider weight/spectral normalization, "
+        "Jacobian regularization or a smaller learning rate."
+    ]
+
+
+def test_forward_solve_uses_the_configured_stop_mode():
+    """|f(z)| ~ 1e4: rel and abs residuals differ by that factor; the layer stops where a
+    direct solve with solver.stop_mode stops."""
+    from deqlab.solvers import get_solver
+
+    p = LinearProblem(batch=3, d=8, norm=0.9)
+    with torch.no_grad():
+        p.x.mul_(1e4)
+    nfe = {}
+    for mode in ("rel", "abs"):
+        solver = {"name": "fixed_point", "max_iter": 500, "tol": 1e-6, "stop_mode": mode}
+        _z, info = DEQ(solver=solver)(p.f, torch.zeros_like(p.x))
+        with torch.no_grad():
+            direct = get_solver("fixed_point")(
+                p.f, torch.zeros_like(p.x), max_iter=500, tol=1e-6, stop_mode=mode
+            )
+        assert info.nfe == direct.nfe
+        nfe[mode] = info.nfe
+    assert nfe["abs"] > nfe["rel"]

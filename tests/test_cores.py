@@ -264,3 +264,29 @@ def test_a_module_that_is_not_a_core_is_refused_by_name():
         "Linear is not a DEQ core: it needs forward(f, z0, *, max_iter, jac_vecs) -> (z, "
         "DEQInfo) and max_iter_for_training() (see deqlab.core.Core)"
     )
+
+
+def test_a_step_listed_at_the_budget_is_the_equilibrium_once():
+    assert DEQ(indexing=[4, 12]).sample_steps(12) == [4, 12]
+    assert DEQ(indexing=[12]).sample_steps(12) == [12]
+    _w, x, f = problem()
+    z, info = DEQ(FP, {"name": "phantom", "steps": 1}, indexing=[4, 12])(f, torch.zeros_like(x))
+    assert len(info.states) == 2 and info.states[-1] is z
+
+
+def test_two_states_are_sampled_when_n_states_is_two():
+    _w, x, f = problem()
+    deq = DEQ(FP, {"name": "phantom", "steps": 1}, n_states=2)
+    assert deq.core_cfg.sampled() == 2 and deq.sample_steps(12) == [6, 12]
+    _z, info = deq(f, torch.zeros_like(x))
+    assert len(info.states) == 2
+
+
+def test_a_core_must_be_a_class():
+    def make_core(**settings):
+        return DEQ(**settings)
+
+    with pytest.raises(TypeError) as err:
+        register_core("factory", make_core)
+    assert str(err.value) == "core 'factory' must be a class, got function"
+    assert "factory" not in CORES

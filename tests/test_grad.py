@@ -266,3 +266,120 @@ def test_grad_options_are_checked():
         DEQ(grad={"output": "f"})
     with pytest.raises(ValueError, match=r"set grad\.output=fz"):
         DEQ(grad={"jacobian_at": "fz"})
+
+
+def test_implicit_with_jacobian_at_fz_needs_f():
+    from deqlab.grad import GradConfig, implicit
+
+    p = LinearProblem()
+    z = p.x.detach().clone().requires_grad_()
+    fz = p.f(z)
+    cfg = GradConfig(output="fz", jacobian_at="fz")
+    with pytest.raises(ValueError) as e:
+        implicit(z.detach(), z, fz, cfg, lambda res: None)
+    assert str(e.value) == "implicit: jacobian_at=fz needs f"
+    implicit(z.detach(), z, fz, GradConfig(), lambda res: None)  # jacobian_at=z needs none
+
+
+def test_ift_tuple_state_whose_loss_reads_one_part_matches_the_closed_form():
+    """f(a, b) = ([a, b] M^T + [x, 0]) split in two; L = <c, a*> reads a* only, so dL/db* is
+    zero and dL/dx = ([c, 0] (I - M)^-1)[:, :d]."""
+    d = 4
+    M = contraction(2 * d, 0.8)
+    x = torch.randn(3, d, dtype=torch.float64, requires_grad=True)
+
+    def f(z):
+        out = torch.cat(z, 1) @ M.T + torch.cat([x, torch.zeros_like(x)], 1)
+        return out[:, :d], out[:, d:]
+
+    (a, _b), _ = tight_deq()(f, (torch.zeros_like(x), torch.zeros_like(x)))
+    c = torch.randn(3, d, dtype=torch.float64)
+    (a * c).sum().backward()
+    g = torch.cat([c, torch.zeros_like(c)], 1) @ torch.linalg.inv(torch.eye(2 * d).double() - M)
+    torch.testing.assert_close(x.grad, g[:, :d], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("solve_from, terms", [("zeros", 2), ("grad", 3)])
+def test_ift_backward_start_counts_in_the_partial_neumann_sum(solve_from, terms):
+    """Three fixed-point evaluations of g = g W + c from g = 0 reach c + cW (the iterate that
+    the third evaluation's residual ranks), from g = c one more term: c + cW + cW^2."""
+    p = LinearProblem(batch=3, d=8, norm=0.9)
+    deq = DEQ(
+        solver={"name": "anderson", **TIGHT},
+        grad={"solver": "fixed_point", "max_iter": 3, "tol": None, "solve_from": solve_from},
+    )
+    z, _ = deq(p.f, torch.zeros_like(p.x))
+    c = torch.randn(3, 8, dtype=torch.float64)
+    (z * c).sum().backward()
+    W = p.W.detach()
+    g = sum(c @ torch.linalg.matrix_power(W, i) for i in range(terms))
+    torch.testing.assert_close(p.x.grad, g @ p.U.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_ift_backward_solve_uses_its_own_stop_mode():
+    """dL/dz* of size ~1e4: rel and abs residuals differ by that factor, and the backward solve
+    stops where a direct solve with grad.stop_mode stops."""
+    from deqlab.solvers import get_solver
+
+    p = LinearProblem(batch=3, d=8, norm=0.9)
+    c = 1e4 * torch.randn(3, 8, dtype=torch.float64)
+    W = p.W.detach()
+    nfe = {}
+    for mode in ("rel", "abs"):
+        deq = DEQ(
+            solver={"name": "anderson", **TIGHT},
+            grad={"solver": "fixed_point", "max_iter": 500, "tol": 1e-6, "stop_mode": mode},
+        )
+        z, info = deq(p.f, torch.zeros_like(p.x))
+        (z * c).sum().backward()
+        direct = get_solver("fixed_point")(
+            lambda g: g @ W + c, c.clone(), max_iter=500, tol=1e-6, stop_mode=mode
+        )  # from dL/dz* (grad.solve_from=grad)
+        nfe[mode] = info.backward[0].nfe
+        assert nfe[mode] == direct.nfe
+    assert nfe["abs"] > nfe["rel"]
+
+
+def test_nonfinite_backward_solve_warns_and_names_the_cures():
+    """W = 1e150 I: the backward iteration g <- g W + 1 overflows at its third step."""
+    from deqlab.grad import DivergenceWarning, GradConfig, implicit
+
+    W = 1e150 * torch.eye(4, dtype=torch.float64)
+    z = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    fz = z @ W.T + 1.0
+    seen = []
+    out = implicit(
+        z.detach(), z, fz, GradConfig(solver="fixed_point", max_iter=10, tol=1e-8), seen.append
+    )
+    with pytest.warns(DivergenceWarning) as record:
+        out.sum().backward()
+    assert [str(w.message) for w in record] == [
+        "DEQ backward (ift) solve met non-finite iterates; using the best finite one. The "
+        "equilibrium may be unstable: consider Jacobian regularization or a smaller learning "
+        "rate."
+    ]
+    assert seen[0].nonfinite and torch.isfinite(z.grad).all()
+
+
+def test_register_grad_refuses_what_is_not_a_grad_mode():
+    from deqlab.grad import GRAD_MODES
+
+    with pytest.raises(TypeError) as e:
+        GRAD_MODES.register("plain_function", lambda *a: None)
+    assert str(e.value) == (
+        "gradient mode 'plain_function' must be a deqlab.grad.GradMode, got function "
+        "(wrap a function as GradMode(fn))"
+    )
+
+
+def test_a_full_step_is_f_itself_and_a_damped_step_promotes():
+    """mix(z, fz, 1) returns fz untouched (its dtype and graph: a bf16 cell's step stays
+    bf16); any other tau mixes in the wider of the two dtypes."""
+    from deqlab.state import mix
+
+    z = torch.randn(2, 3)
+    fz = torch.randn(2, 3).bfloat16()
+    assert mix(z, fz, 1.0) is fz
+    half = mix(z, fz, 0.5)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, 0.5 * (z + fz.float()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -182,3 +184,80 @@ def test_frozen_scale_keeps_the_layers_function_and_its_row_norms():
         opt.step()
     assert not torch.allclose(lin(x), before)  # it trained
     torch.testing.assert_close(lin.weight.detach().norm(dim=1), norms)
+
+
+@pytest.mark.parametrize("bad", [{"target_norm": 0.0}, {"clip_value": 0.0}, {"target_norm": -1.0}])
+def test_scale_bounds_are_checked_one_at_a_time(bad):
+    with pytest.raises(ValueError) as e:
+        apply_norm(nn.Linear(2, 2), "weight_norm", **bad)
+    assert str(e.value) == "norm.target_norm and norm.clip_value must be > 0"
+
+
+def test_apply_norms_defaults_are_weight_norm_and_the_configs():
+    """Behaviour, not signatures: apply_norm without options normalizes as the norm config's
+    defaults do (weight norm; the scale, clip and power-iteration settings)."""
+    from deqlab.norm import NormConfig
+
+    cfg = NormConfig()
+    assert isinstance(apply_norm(nn.Linear(3, 3)).parametrizations.weight[0], WeightNorm)
+    x = torch.randn(2, 6)
+    cases = [
+        ("weight_norm", {"no_scale": True}, ("target_norm",)),
+        ("spectral_norm", {"clip": True}, ("clip_value", "power_iters")),
+    ]
+    for kind, on, defaulted in cases:
+        torch.manual_seed(0)
+        base = nn.Linear(6, 6)
+        with torch.no_grad():
+            base.weight.mul_(4.0)  # a spectral norm above the clip value
+        a, b = copy.deepcopy(base), copy.deepcopy(base)
+        torch.manual_seed(1)
+        apply_norm(a, kind, **on)
+        torch.manual_seed(1)
+        apply_norm(b, kind, **on, **{k: getattr(cfg, k) for k in defaulted})
+        for _ in range(3):  # training-mode forwards run the power iteration
+            torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_exclude_is_by_submodule_not_by_name_prefix():
+    model = nn.Module()
+    model.block = nn.Sequential(nn.Linear(3, 3))
+    model.blocks = nn.Sequential(nn.Linear(3, 3))
+    apply_norm(model, "weight_norm", exclude=["block"])
+    assert not parametrize.is_parametrized(model.block[0])  # block.0: inside `block`
+    assert parametrize.is_parametrized(model.blocks[0])  # blocks.0: another submodule
+
+
+class Halve(nn.Module):
+    def forward(self, b):
+        return b / 2
+
+
+def test_other_parametrizations_of_a_layer_are_left_alone():
+    """A layer whose bias (not weight) is parametrized is normalized, and baked back."""
+    layer = nn.Linear(3, 3)
+    parametrize.register_parametrization(layer, "bias", Halve())
+    apply_norm(layer, "weight_norm")
+    assert isinstance(layer.parametrizations.weight[0], WeightNorm)
+    remove_norm(layer)
+    assert not parametrize.is_parametrized(layer, "weight")
+    assert parametrize.is_parametrized(layer, "bias")
+    only_bias = nn.Linear(3, 3)
+    parametrize.register_parametrization(only_bias, "bias", Halve())
+    remove_norm(only_bias)  # nothing of ours to remove
+    assert parametrize.is_parametrized(only_bias, "bias")
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_remove_norm_bakes_the_trained_weight_not_the_raw_one(kind):
+    """After the scale and V have moved away from their initial values, the baked weight is
+    s V / n(V), the layer's current function, not V."""
+    layer = apply_norm(nn.Linear(4, 4, bias=False), kind)
+    with torch.no_grad():
+        layer.parametrizations.weight[0].scale.mul_(3.0)
+        layer.parametrizations.weight.original.mul_(0.5)
+    layer.eval()
+    x = torch.randn(2, 4)
+    before = layer(x)
+    remove_norm(layer)
+    torch.testing.assert_close(layer(x), before)

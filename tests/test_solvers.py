@@ -759,3 +759,63 @@ def test_cpu_solves_recycle_their_history_buffers(name, history):
     finally:
         torch.empty = original
     assert history not in shapes  # (batch, 2 slots, dim): from the pool, not allocated
+
+
+# each solver's options as the config sets them (solver.<option> in conf/solver/<name>.yaml)
+CONFIG_OPTIONS = {
+    "fixed_point": ("tau", "return_final"),
+    "anderson": ("m", "lam", "lam_mode", "tau", "return_final"),
+    "broyden": ("memory", "return_final"),
+}
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_a_solver_called_without_options_solves_as_the_config_does(name):
+    """Behaviour, not signatures: a call with no options gives bit for bit the iterates of
+    one that passes every option at the config's value (40 steps, so that Broyden's 30-slot
+    memory and Anderson's 5-slot window both fill)."""
+    from deqlab.solvers import SolverConfig
+
+    cfg = SolverConfig(name=name)
+    w = contraction(48, 0.99)
+    x = torch.randn(3, 48, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    plain = get_solver(name)(f, torch.zeros_like(x), max_iter=40, tol=None)
+    options = {k: getattr(cfg, k) for k in CONFIG_OPTIONS[name]}
+    configured = get_solver(name)(f, torch.zeros_like(x), max_iter=40, tol=None, **options)
+    torch.testing.assert_close(plain.z, configured.z, rtol=0, atol=0)
+    torch.testing.assert_close(plain.trace, configured.trace, rtol=0, atol=0)
+    assert set(CONFIG_OPTIONS[name]) == set(solver_options(name))
+
+
+def test_window_and_memory_sizes_change_the_iterates():
+    """The premise of the test above: on its problem, Anderson's m and Broyden's memory show
+    in the trajectory, one slot more or less."""
+    w = contraction(48, 0.99)
+    x = torch.randn(3, 48, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    for name, option, a, b in (("anderson", "m", 5, 6), ("broyden", "memory", 30, 31)):
+        ra = get_solver(name)(f, torch.zeros_like(x), max_iter=40, tol=None, **{option: a})
+        rb = get_solver(name)(f, torch.zeros_like(x), max_iter=40, tol=None, **{option: b})
+        assert not torch.equal(ra.trace, rb.trace), name
+
+
+@pytest.mark.parametrize("on_cpu", [True, False])
+@pytest.mark.parametrize("scalar", [True, False])
+def test_set_rows_writes_exactly_the_masked_rows(on_cpu, scalar):
+    from deqlab.solvers.base import set_rows_
+
+    dst = torch.zeros(4, 3)
+    rows = torch.tensor([True, False, True, False])
+    src = 7.0 if scalar else torch.arange(12.0).reshape(4, 3)
+    set_rows_(dst, rows, src, on_cpu)
+    want = torch.zeros(4, 3)
+    want[0] = 7.0 if scalar else src[0]
+    want[2] = 7.0 if scalar else src[2]
+    torch.testing.assert_close(dst, want, rtol=0, atol=0)
+
+
+def test_a_solver_must_be_a_function(restore_registries):
+    with pytest.raises(TypeError) as e:
+        register_solver("number", 3)
+    assert str(e.value) == "solver 'number' must be a function, got int"
