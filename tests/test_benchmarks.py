@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from benchmarks.baseline import TutorialDEQFixedPoint, tutorial_anderson
@@ -74,3 +76,33 @@ def test_lm_memory_deq_keeps_one_layer_whatever_its_budget():
     # per layer L over what every variant keeps (the segment's context): the 4-layer stack
     # keeps ~3L more than the DEQ (one recorded layer and its ift leaf), the 8-layer one 4L more
     assert 1.0 < (unrolled - txl) / (txl - deq2) < 1.5
+
+
+def test_soak_growth_is_the_least_squares_slope_after_warmup():
+    from benchmarks.soak import growth_per_1000
+
+    rows = [
+        {"step": s, "rss_mb": 500.0 if s < 300 else 1000.0 + 0.04 * s} for s in range(0, 1500, 25)
+    ]
+    assert abs(growth_per_1000(rows, warmup=300) - 40.0) < 1e-9  # the jump before 300 ignored
+    noisy = [
+        {"step": r["step"], "rss_mb": r["rss_mb"] + (5 if i % 2 else -5)}
+        for i, r in enumerate(rows)
+    ]
+    assert abs(growth_per_1000(noisy, warmup=300) - 40.0) < 2.0
+
+
+def test_soak_probe_records_resident_memory_every_n_steps(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks.soak import RSSProbe, rss_mb
+
+    probe = RSSProbe(str(tmp_path / "rss.jsonl"), every=2)
+    for step in range(5):
+        probe.on_train_batch_end(SimpleNamespace(global_step=step), None, None, None, step)
+    lines = (tmp_path / "rss.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    hog = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MB, touched
+    assert rss_mb() > rows[-1]["rss_mb"] + 50
+    del hog
