@@ -175,6 +175,12 @@ def test_nonfinite_message_counts_the_samples_and_names_the_first_few(name):
     x[1] = float("nan")
     with pytest.raises(FloatingPointError, match=r"for 1 of 3 samples \(indices 1\) at every"):
         get_solver(name)(lambda z: z + x, torch.zeros_like(x), max_iter=5, tol=1e-3)
+    x = torch.randn(6, 4)
+    x[1:] = float("inf")  # exactly five: all named, no ellipsis
+    with pytest.raises(
+        FloatingPointError, match=r"for 5 of 6 samples \(indices 1, 2, 3, 4, 5\) at"
+    ):
+        get_solver(name)(lambda z: z + x, torch.zeros_like(x), max_iter=5, tol=1e-3)
 
 
 @pytest.mark.parametrize("name", SOLVERS)
