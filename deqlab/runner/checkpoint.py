@@ -33,8 +33,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own
             return super().save_checkpoint(checkpoint, path, storage_options)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(checkpoint, path)
+        save_atomic(checkpoint, path)  # creates the folder
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -57,6 +56,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
+def last_checkpoint(output_dir: str | Path) -> Path:
+    """The run folder's ``checkpoints/last.ckpt`` (``ckpt_path=last``)."""
+    return Path(output_dir) / "checkpoints" / "last.ckpt"
+
+
 def resolve_checkpoint(ckpt_path: str, output_dir: str | Path) -> Path:
     """The checkpoint file ``ckpt_path`` names, checked to exist and to be readable.
 
@@ -64,7 +68,7 @@ def resolve_checkpoint(ckpt_path: str, output_dir: str | Path) -> Path:
     ``hydra.run.dir=<its folder> ckpt_path=last``).
     """
     if ckpt_path == "last":
-        path = Path(output_dir) / "checkpoints" / "last.ckpt"
+        path = last_checkpoint(output_dir)
         if not path.is_file():
             raise CheckpointError(
                 f"ckpt_path=last: there is no {path}. `last` resumes the run whose folder is "

@@ -29,6 +29,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .checkpoint import last_checkpoint
+
 LOCK_NAME = ".deqlab.lock"
 
 
@@ -120,7 +122,7 @@ def requeued_checkpoint(output_dir: str | Path) -> Path | None:
     says the job was restarted (``SLURM_RESTART_COUNT`` > 0) and the file exists."""
     if slurm_job_id() is None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
         return None
-    path = Path(output_dir) / "checkpoints" / "last.ckpt"
+    path = last_checkpoint(output_dir)
     return path if path.is_file() else None
 
 

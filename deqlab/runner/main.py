@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -101,7 +102,7 @@ def run(cfg: DictConfig) -> float | None:
             return score
         except SIGTERMException:  # Lightning's stop on a signal: exit as that signal says
             signum = next((c.received for c in callbacks if isinstance(c, Preemption)), None)
-            raise Preempted(signum or 15) from None
+            raise Preempted(signum or signal.SIGTERM) from None
         finally:
             close_loggers(loggers, succeeded)
 
