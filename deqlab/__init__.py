@@ -22,9 +22,11 @@ from .initial_state import InitConfig, mixed_init, zeros_init
 from .norm import NormConfig, apply_norm, remove_norm
 from .regularize import fp_correction, jacobian_loss, spectral_radius
 from .solvers import SolverConfig, SolverResult, get_solver, register_solver
+from .solvers.capture import Bound
 
 __all__ = [
     "DEQ",
+    "Bound",
     "Core",
     "CoreConfig",
     "DEQInfo",

@@ -32,7 +32,8 @@ from .registry import Registry
 from .regularize import jacobian_loss
 from .settings import to_config
 from .solvers import SolverConfig, SolverResult, get_solver
-from .state import State, leaf
+from .solvers.capture import CapturedSolver
+from .state import State, as_tuple, leaf
 
 
 @dataclass
@@ -147,6 +148,9 @@ class DEQ(nn.Module):
         self.grad_cfg.steps_for(self.core_cfg.sampled())  # one step count, or one per state
         self.solve = get_solver(self.solver_cfg.name)
         self.solver_kwargs = self.solver_cfg.solver_kwargs()
+        self.captured = (
+            CapturedSolver(self.solve, self.solver_cfg.name) if self.solver_cfg.capture else None
+        )
         self.mode = GRAD_MODES.get(self.grad_cfg.name)
 
     def extra_repr(self) -> str:
@@ -175,8 +179,20 @@ class DEQ(nn.Module):
         self, f: Callable[[State], State], z0: State, budget: int, save_at: list[int]
     ) -> SolverResult:
         s = self.solver_cfg
+        solve = self.solve
+        if self.captured is not None:
+            if as_tuple(z0)[0].is_cuda:
+                solve = self.captured
+            elif not getattr(self, "_warned_capture", False):
+                warnings.warn(
+                    "solver.capture: CUDA graphs need a CUDA device; on "
+                    f"{as_tuple(z0)[0].device.type} the solve runs eagerly (testing every "
+                    f"{s.check_every} steps)",
+                    stacklevel=3,
+                )
+                self._warned_capture = True
         with torch.no_grad():
-            res = self.solve(
+            res = solve(
                 f,
                 leaf(z0, False),
                 max_iter=budget,

@@ -29,7 +29,7 @@ def test_bad_values_are_named():
 
 
 def test_only_the_solvers_own_options_are_passed():
-    common = {"return_final": False}
+    common = {"return_final": False, "check_every": 1}
     assert SolverConfig(name="anderson", m=3).solver_kwargs() == {
         "m": 3,
         "lam": 1e-4,

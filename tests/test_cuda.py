@@ -71,3 +71,99 @@ def test_runner_on_gpu(tmp_path):
         tmp_path / "out",
     )
     assert run(cfg) is not None
+
+
+# -- captured solves (solver.capture) ---------------------------------------------------------
+
+
+def _captured_and_eager(name, stop_mode="rel", every=4, **solver):
+    cfg = {"name": name, "max_iter": 60, "tol": 1e-9, "stop_mode": stop_mode, **solver}
+    eager = DEQ(solver={**cfg, "check_every": every}).eval()
+    captured = DEQ(solver={**cfg, "check_every": every, "capture": True}).eval()
+    return eager, captured
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("stop_mode", ["rel", "batch_abs"])
+def test_captured_solves_replay_what_eager_solves_return(name, stop_mode):
+    """Three calls on new inputs and a new z0, the cell's weights changed in place between
+    them (as an optimizer does): each replay returns the eager solve's statistics, stops at
+    the same test, and one recording serves all three."""
+    from deqlab import Bound
+
+    torch.manual_seed(0)
+    cell = ConvCell(8, 12, 4).cuda().double()
+    eager, captured = _captured_and_eager(name, stop_mode)
+    for _ in range(3):
+        x = torch.randn(4, 8, 8, 8, device="cuda", dtype=torch.float64)
+        z0 = 0.1 * torch.randn_like(x)
+        with torch.no_grad():
+            z, info = captured(Bound(cell, x), z0)
+            ref, ref_info = eager(Bound(cell, x), z0)
+        torch.testing.assert_close(z, ref, rtol=1e-9, atol=1e-12)
+        assert info.nfe == ref_info.nfe < 60 and info.nfe % 4 == 0
+        assert torch.equal(info.best_step, ref_info.best_step)
+        assert torch.equal(info.converged, ref_info.converged) and info.converged.all()
+        torch.testing.assert_close(info.rel_residual, ref_info.rel_residual)
+        assert info.trace.shape == ref_info.trace.shape
+        with torch.no_grad():
+            cell.conv1.weight.mul_(0.9)
+    assert len(captured.captured.recordings) == 1
+
+
+def test_captured_training_step_gives_the_eager_gradients_with_weight_norm():
+    """ift through a captured forward solve of a weight-normed cell: the parametrization is
+    recomputed inside the graph, so a step of SGD on g and v shows in the next replay."""
+    from deqlab import Bound, apply_norm
+
+    torch.manual_seed(0)
+    cells = [ConvCell(8, 12, 4).cuda().double() for _ in range(2)]
+    cells[1].load_state_dict(cells[0].state_dict())
+    for c in cells:
+        apply_norm(c, {"name": "weight_norm"})
+    grad = {"max_iter": 60, "tol": 1e-10}
+    solver = {"name": "anderson", "max_iter": 60, "tol": 1e-10, "check_every": 5}
+    layers = [DEQ(solver=solver, grad=grad), DEQ(solver={**solver, "capture": True}, grad=grad)]
+    opts = [torch.optim.SGD(c.parameters(), lr=0.1) for c in cells]
+    x = torch.randn(4, 8, 8, 8, device="cuda", dtype=torch.float64)
+    for _ in range(3):
+        grads = []
+        for cell, layer, opt in zip(cells, layers, opts):
+            f = Bound(cell, x) if layer.solver_cfg.capture else (lambda z, c=cell: c(z, x))
+            z, _ = layer(f, torch.zeros_like(x))
+            opt.zero_grad()
+            (z**2).sum().backward()
+            grads.append([p.grad.clone() for p in cell.parameters()])
+            opt.step()
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_capture_refuses_what_it_cannot_replay():
+    from deqlab import Bound
+    from deqlab.tasks.cifar.model import TutorialDEQ
+
+    cell = ConvCell(8, 12, 4).cuda()
+    x = torch.randn(2, 8, 8, 8, device="cuda")
+    deq = DEQ(solver={"capture": True, "check_every": 5})
+    with pytest.raises(ValueError, match=r"closure.*deqlab.Bound\(cell, x\)"):
+        deq(lambda z: cell(z, x), torch.zeros_like(x))
+    net = TutorialDEQ(16, 16, groups=4, dropout=0.2).cuda().train()
+    u = torch.randn(2, 16, 8, 8, device="cuda")
+    with pytest.raises(ValueError, match="mask is drawn anew for each batch"):
+        deq(Bound(net.cell, u), torch.zeros_like(u))
+
+
+def test_runner_trains_with_captured_solves_in_bf16(tmp_path):
+    from deqlab.runner.main import run
+
+    from .runs import TINY, compose_cfg, write_cifar_folder
+
+    data = write_cifar_folder(tmp_path / "data")
+    overrides = [o for o in TINY if not o.startswith("trainer=")]
+    cfg = compose_cfg(
+        [f"data_dir={data}", *overrides, "trainer=gpu", "trainer.precision=bf16-mixed",
+         "solver.capture=true", "solver.check_every=4"],
+        tmp_path / "out",
+    )  # fmt: skip
+    assert run(cfg) is not None

@@ -769,9 +769,9 @@ def test_cpu_solves_recycle_their_history_buffers(name, history):
 
 # each solver's options as the config sets them (solver.<option> in conf/solver/<name>.yaml)
 CONFIG_OPTIONS = {
-    "fixed_point": ("tau", "return_final"),
-    "anderson": ("m", "lam", "lam_mode", "tau", "return_final"),
-    "broyden": ("memory", "return_final"),
+    "fixed_point": ("tau", "return_final", "check_every"),
+    "anderson": ("m", "lam", "lam_mode", "tau", "return_final", "check_every"),
+    "broyden": ("memory", "return_final", "check_every"),
 }
 
 

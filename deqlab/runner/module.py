@@ -28,6 +28,7 @@ from ..initial_state import InitConfig
 from ..norm import NormConfig, apply_norm
 from ..regularize import fp_correction, spectral_radius
 from ..settings import to_config
+from ..solvers.capture import Bound
 from ..state import State
 from .checkpoint import check_compatible, load_initial_weights
 from .data import mix_seed
@@ -170,7 +171,7 @@ class DEQLitModule(L.LightningModule):
         """Outputs of ``net.head`` for each returned state (the last is the equilibrium's),
         and the solve's statistics; ``solve`` goes to :meth:`equilibrium`."""
         u, z0 = self.net.inject(x)
-        states, info = self.equilibrium(lambda z: self.net.cell(z, u), z0, **solve)
+        states, info = self.equilibrium(Bound(self.net.cell, u), z0, **solve)
         return [self.net.head(s) for s in states], info
 
     # -- what a task supplies ---------------------------------------------------------------

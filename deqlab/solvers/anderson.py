@@ -59,6 +59,7 @@ def anderson(
     stop_mode: str = "rel",
     save_at: Sequence[int] = (),
     return_final: bool = False,
+    check_every: int = 1,
     m: int = 5,
     lam: float = 1e-4,
     tau: float = 1.0,
@@ -66,7 +67,7 @@ def anderson(
 ) -> SolverResult:
     """Anderson acceleration with memory ``m``, regularisation ``lam`` (``lam_mode``:
     ``relative`` to the residuals' scale, or ``absolute``) and mixing ``tau``."""
-    check_common(max_iter, tol, stop_mode)
+    check_common(max_iter, tol, stop_mode, check_every)
     if m < 1:
         raise ValueError(f"anderson: memory m must be >= 1, got {m}")
     if not tau > 0:
@@ -83,7 +84,7 @@ def anderson(
     z = state.flatten(z0)
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
-    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final)
+    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every)
     gram = torch.empty(batch, m, m, dtype=dtype, device=device)
     ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
     tiny = torch.finfo(dtype).tiny

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..state import State, as_tuple
+from .capture import recording
 
 # When a solve stops, and which iterate it returns. Per sample (abs, rel): each sample stops, and
 # is frozen, once its own residual ||f(z) - z|| (rel: divided by ||f(z)||) is below tol; the batch
@@ -173,13 +174,32 @@ def set_rows_(dst: Tensor, rows: Tensor, src: Tensor | float, on_cpu: bool) -> N
         dst.masked_fill_(rows.unsqueeze(1), src)
 
 
-def check_common(max_iter: int, tol: float | None, stop_mode: str) -> None:
+def check_common(max_iter: int, tol: float | None, stop_mode: str, check_every: int = 1) -> None:
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
     if not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     if tol is not None and not tol >= 0:
         raise ValueError(f"tol must be >= 0 (or None for a fixed iteration count), got {tol!r}")
+    if not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(
+            f"check_every must be a positive int (steps between convergence tests), got "
+            f"{check_every!r}"
+        )
+
+
+def check_finite_start(best_residual: Tensor, solver: str) -> None:
+    """Raise if some sample's best residual is non-finite: f was non-finite from z0 on."""
+    if not bool(torch.isfinite(best_residual).all()):
+        bad = (~torch.isfinite(best_residual)).nonzero().flatten()
+        first = ", ".join(str(i) for i in bad[:5].tolist())
+        more = ", ..." if len(bad) > 5 else ""
+        raise FloatingPointError(
+            f"{solver}: f returned non-finite values for {len(bad)} of {len(best_residual)} "
+            f"samples (indices {first}{more}) at every iterate, "
+            "starting from z0; check the input injection and the cell's weights (a "
+            "learning rate too high, or missing weight/spectral normalization)."
+        )
 
 
 class Tracker:
@@ -204,7 +224,15 @@ class Tracker:
     iterate it converged at, and a non-finite iterate is never returned.
 
     ``step`` returns True when the loop should stop. It makes at most one host read per
-    iteration, and none on CUDA when ``tol is None`` (a fixed iteration count, for graph capture).
+    iteration, and none on CUDA when ``tol is None`` (a fixed iteration count).
+
+    ``check_every`` = k > 1 reads the convergence test back once every k steps only. Between
+    reads the test still runs on the device and freezes each sample (each batch, in the
+    ``batch_*`` modes) that converged, so the result is exactly that of a solve testing every
+    step, except ``nfe``: up to k - 1 evaluations more. Under a CUDA-graph recording
+    (:mod:`deqlab.solvers.capture`) the tracker makes no host read at all: the recorder cuts
+    the solve into k-step graphs at the reads, and ``result`` leaves its checks to the
+    recorder.
     """
 
     def __init__(
@@ -215,9 +243,13 @@ class Tracker:
         stop_mode: str,
         save_at: Sequence[int] = (),
         return_final: bool = False,
+        check_every: int = 1,
     ):
         batch, dtype, device = z0.shape[0], z0.dtype, z0.device
         self.tol = tol
+        self.max_iter = max_iter
+        self.check_every = check_every
+        self.recorder = recording()  # a CUDA-graph recorder capturing this solve, or None
         self.use_rel = stop_mode in ("rel", "batch_rel")
         self.per_batch = stop_mode.startswith("batch")
         self.return_final = return_final
@@ -226,9 +258,16 @@ class Tracker:
         compiling = torch.compiler.is_compiling()
         self.host_reads = tol is not None or (device.type != "cuda" and not compiling)
         self.on_cpu = device.type == "cpu" and not compiling
+        # Deferred tests: the stop and finiteness flags stay on the device between reads.
+        self.deferred = check_every > 1 or self.recorder is not None
+        if self.recorder is not None:
+            self.host_reads = self.on_cpu = False
         self.trace = torch.empty(max_iter, batch, dtype=dtype, device=device)  # relative
         self.abs_trace = torch.empty_like(self.trace)
-        self.improved = torch.empty(max_iter, batch, dtype=torch.bool, device=device)
+        # Zeroed when deferred: a replay that stops early leaves later rows as they were.
+        new = torch.zeros if self.deferred else torch.empty
+        self.improved = new(max_iter, batch, dtype=torch.bool, device=device)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)  # every residual so far
         # Row views made once: indexing a tensor is itself an operation.
         self._rows = list(zip(self.trace.unbind(), self.abs_trace.unbind(), self.improved.unbind()))
         # Best residual so far in stop_mode, or -inf once converged (nothing improves on it).
@@ -255,6 +294,8 @@ class Tracker:
         """Record iterate z (= z_k) and its image fz. ``diff`` may pass f(z) - z if known."""
         if diff is None:
             diff = fz - z
+        if self.deferred:
+            return self._step_deferred(k, z, fz, diff)
         rel_row, abs_row, improved_row = self._rows[k]
         abs_res = torch.linalg.vector_norm(diff, dim=1, out=abs_row)
         denom = torch.linalg.vector_norm(fz, dim=1).add_(REL_EPS)
@@ -321,35 +362,91 @@ class Tracker:
             return False
         return stop == float("-inf")
 
+    def _step_deferred(self, k: int, z: Tensor, fz: Tensor, diff: Tensor) -> bool:
+        """``step`` with the tests left on the device between reads (see the class doc): a
+        converged sample (batch) is frozen by setting its best residual to -inf, the best
+        iterate is copied out at every step (a replay that stops early cannot follow lazy
+        references), and non-finite residuals are remembered in ``finite``."""
+        rel_row, abs_row, improved_row = self._rows[k]
+        abs_res = torch.linalg.vector_norm(diff, dim=1, out=abs_row)
+        denom = torch.linalg.vector_norm(fz, dim=1).add_(REL_EPS)
+        rel_res = torch.div(abs_res, denom, out=rel_row)
+        self.fz_norm = denom
+        res = rel_res if self.use_rel else abs_res
+        self.steps = k + 1
+        if k in self.save_at:
+            self.saved[k] = z.clone()
+        inf = float("-inf")
+        if self.per_batch:
+            batch_res = abs_res.square().sum().sqrt()
+            if self.use_rel:
+                batch_res = batch_res / (denom - REL_EPS).square().sum().sqrt().add_(REL_EPS)
+            if self.return_final:  # every finite iterate until the batch converged
+                improve = torch.isfinite(batch_res).logical_and_(self.best_batch > inf)
+            else:  # -inf once converged: nothing improves on it
+                improve = torch.lt(batch_res, self.best_batch)
+            improve = improved_row.copy_(improve.expand_as(res))
+            torch.fmin(self.best_batch, batch_res, out=self.best_batch)
+            if self.tol is not None:
+                self.best_batch.masked_fill_(batch_res <= self.tol, inf)
+        else:
+            if self.return_final:
+                improve = torch.gt(self.best_res, inf, out=improved_row)
+                improve.logical_and_(torch.isfinite(res))
+            else:
+                improve = torch.lt(res, self.best_res, out=improved_row)
+            torch.fmin(self.best_res, res, out=self.best_res)
+            if self.tol is not None:
+                self.best_res.masked_fill_(res <= self.tol, inf)
+        self.finite.logical_and_(torch.isfinite(res).all())
+        if self.best_z is None:
+            self.best_z = torch.empty_like(z)
+        set_rows_(self.best_z, improve, z, self.on_cpu)
+        self.latest_z, self.latest_best = z, improve
+        if self.tol is None or (k + 1) % self.check_every or k + 1 == self.max_iter:
+            return False  # no test at this step (the solver stops after the last anyway)
+        converged = self.best_batch if self.per_batch else self.best_res.amax()
+        done = torch.eq(converged, inf).logical_or_(~self.finite)
+        if self.recorder is not None:  # the graph ends here; the replay reads `done`
+            self.recorder.cut(done)
+            return False
+        if not done.item():  # the one host read
+            return False
+        self.nonfinite = not bool(self.finite)
+        return True
+
     def best(self) -> Tensor:
         """Each sample's best iterate (valid for every sample with a finite best residual)."""
         assert self.latest_z is not None, "best() before any step"
+        if self.deferred:
+            assert self.best_z is not None
+            return self.best_z
         if self.best_z is None or bool(self.latest_best.all()):
             # After one step the latest iterate is z0, the caller's tensor: hand back a copy.
             return self.latest_z.clone() if self.steps == 1 else self.latest_z
         return torch.where(self.latest_best.unsqueeze(1), self.latest_z, self.best_z)
 
     def result(self, state: FlatState, nfe: int, solver: str) -> SolverResult:
+        if self.recorder is not None:  # the result is computed in a graph of its own
+            self.recorder.cut(None)
         trace = self.trace[: self.steps]
-        if self.tol is None:  # no convergence test ran: nothing is marked converged
-            self.nonfinite = bool((~torch.isfinite(trace)).any())
+        nonfinite: bool | Tensor = self.nonfinite
+        if self.deferred:
+            if self.per_batch:  # a converged batch: every sample counts as converged
+                self.best_res.masked_fill_(self.best_batch == float("-inf"), float("-inf"))
+            nonfinite = ~self.finite
+            if self.recorder is None:
+                nonfinite = bool(nonfinite)
+        elif self.tol is None:  # no convergence test ran: nothing is marked converged
+            nonfinite = bool((~torch.isfinite(trace)).any())
         # The step each sample last improved at (step 0 always improves unless non-finite).
         steps = torch.arange(self.steps, device=trace.device).unsqueeze(1)
         best_step = (self.improved[: self.steps] * steps).amax(0)
         at_best = best_step.unsqueeze(0)
         best_rel = trace.gather(0, at_best).squeeze(0)
         best_abs = self.abs_trace[: self.steps].gather(0, at_best).squeeze(0)
-        best_in_mode = best_rel if self.use_rel else best_abs
-        if not bool(torch.isfinite(best_in_mode).all()):
-            bad = (~torch.isfinite(best_in_mode)).nonzero().flatten()
-            first = ", ".join(str(i) for i in bad[:5].tolist())
-            more = ", ..." if len(bad) > 5 else ""
-            raise FloatingPointError(
-                f"{solver}: f returned non-finite values for {len(bad)} of {len(best_in_mode)} "
-                f"samples (indices {first}{more}) at every iterate, "
-                "starting from z0; check the input injection and the cell's weights (a "
-                "learning rate too high, or missing weight/spectral normalization)."
-            )
+        if self.recorder is None:  # else the recorder checks after its replay
+            check_finite_start(best_rel if self.use_rel else best_abs, solver)
         best = self.best()
         saved = [state.unflatten(self.saved.get(k, best)) for k in sorted(self.save_at)]
         return SolverResult(
@@ -360,6 +457,6 @@ class Tracker:
             best_step=best_step,
             converged=self.best_res == float("-inf"),
             trace=trace,
-            nonfinite=self.nonfinite,
+            nonfinite=nonfinite,  # type: ignore[arg-type]  # a device flag while recording
             saved=saved,
         )

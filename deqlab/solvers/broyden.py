@@ -73,10 +73,11 @@ def broyden(
     stop_mode: str = "rel",
     save_at: Sequence[int] = (),
     return_final: bool = False,
+    check_every: int = 1,
     memory: int = 30,
 ) -> SolverResult:
     """Good Broyden with the ``memory`` most recent rank-one updates."""
-    check_common(max_iter, tol, stop_mode)
+    check_common(max_iter, tol, stop_mode, check_every)
     if memory < 1:
         raise ValueError(f"broyden: memory must be >= 1, got {memory}")
     state = FlatState(z0)
@@ -84,7 +85,7 @@ def broyden(
     z = state.flatten(z0)
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
-    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final)
+    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every)
     eps = torch.finfo(dtype).eps
     compiling = torch.compiler.is_compiling()  # Dynamo cannot trace out= into a view
     # At most max_iter - 2 updates happen (none after the first and the last evaluation).

@@ -18,6 +18,11 @@ class SolverConfig:
     solvers registered by the user. The budget in eval mode is ``eval_max_iter`` if set, else
     ``max_iter * eval_factor`` (TorchDEQ's two options). ``tol: null`` runs exactly
     ``max_iter`` steps with no convergence test (no host syncs).
+
+    ``check_every`` = k tests convergence on the device every step but reads the result back
+    every k steps only (the same statistics, up to k - 1 more evaluations). ``capture`` replays
+    the forward solve as CUDA graphs, one per k steps (:mod:`deqlab.solvers.capture`); on a
+    CPU the solve runs eagerly, with a warning.
     """
 
     name: str = "anderson"
@@ -32,6 +37,8 @@ class SolverConfig:
     lam_mode: str = "relative"
     memory: int = 30
     return_final: bool = False
+    check_every: int = 1
+    capture: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -41,11 +48,17 @@ class SolverConfig:
                 f"solver.tol must be > 0 (or null: exactly max_iter steps), got {self.tol}"
             )
         try:
-            check_common(self.max_iter, self.tol, self.stop_mode)
+            check_common(self.max_iter, self.tol, self.stop_mode, self.check_every)
             if self.eval_max_iter is not None:
                 check_common(self.eval_max_iter, self.tol, self.stop_mode)
         except ValueError as e:
             raise ValueError(f"solver.{e}") from None
+        if (self.check_every != 1 or self.capture) and "check_every" not in accepted:
+            raise ValueError(
+                f"solver {self.name!r} takes no check_every, so it can neither defer its "
+                "convergence tests nor be captured; set solver.check_every=1 and "
+                "solver.capture=false"
+            )
         if not self.eval_factor > 0:
             raise ValueError(f"solver.eval_factor must be > 0, got {self.eval_factor}")
         unknown = sorted(set(self.options) - set(accepted))

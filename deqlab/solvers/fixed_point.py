@@ -18,16 +18,17 @@ def fixed_point(
     stop_mode: str = "rel",
     save_at: Sequence[int] = (),
     return_final: bool = False,
+    check_every: int = 1,
     tau: float = 1.0,
 ) -> SolverResult:
     """Iterate z <- tau f(z) + (1 - tau) z from z0 for at most ``max_iter`` f evaluations."""
-    check_common(max_iter, tol, stop_mode)
+    check_common(max_iter, tol, stop_mode, check_every)
     if not 0 < tau <= 1:
         raise ValueError(f"fixed_point: damping tau must lie in (0, 1], got {tau}")
     state = FlatState(z0)
     f_flat = state.flat_fn(f)
     z = state.flatten(z0)
-    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final)
+    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every)
     nfe = 0
     for k in range(max_iter):
         fz = f_flat(z)

@@ -12,6 +12,7 @@ from torchmetrics import SumMetric
 
 from deqlab.core import DEQInfo
 from deqlab.runner.module import DEQLitModule
+from deqlab.solvers.capture import Bound
 
 from .model import DEQTransformerLM, Memory
 
@@ -83,7 +84,7 @@ class LMModule(DEQLitModule):
         if mem is not None and mem[0].device != x.device:  # restored from a checkpoint on the CPU
             mem = (mem[0].to(x.device), mem[1].to(x.device))
         ctx, z0 = self.net.inject(x, mem)
-        states, info = self.equilibrium(lambda z: self.net.cell(z, ctx), z0, **solve)
+        states, info = self.equilibrium(Bound(self.net.cell, ctx), z0, **solve)
         keep = self.mem_len if split == "train" else self.eval_mem_len
         if keep > 0:  # no gradient flows into the next segment through the memory
             self._mem[split] = self.net.next_memory(ctx, states[-1], keep)

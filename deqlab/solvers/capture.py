@@ -1,0 +1,252 @@
+"""Solves recorded as CUDA graphs and replayed (``solver.capture``).
+
+On a GPU a DEQ cell's f often takes 0.05-0.3 ms, less than the CPU needs to launch the
+kernels of f and of the solver's own update, so an eager solve spends most of its time
+waiting on Python and the driver. A CUDA graph launches a recorded sequence of kernels at
+once. deqlab's trackers make no host read inside a graph (:class:`~deqlab.solvers.base.Tracker`,
+``check_every``): a solve of budget n with a test every k steps is recorded as ceil(n / k)
+graphs of k steps, each ending with a convergence flag on the device, and one graph that
+computes the result. A replay runs the step graphs in order, reads the flag after each (one
+host read per k steps) and skips to the result graph once every sample has converged. Samples
+that converge inside a graph are frozen there, so every statistic is the one a solve testing
+every step returns, except ``nfe``, which counts the steps replayed (a multiple of k).
+
+A graph reads and writes fixed addresses: the state z0 and f's inputs are copied into static
+buffers before each replay, so f must be called as ``f(z, *args)`` with every tensor that
+changes between calls in ``args`` (the cell's parameters are updated in place by optimizers and
+stay where they are). Recording runs the solve once eagerly first (a side stream, to load
+kernels and pick algorithms), then records; a new recording is made for each new combination
+of shapes, dtypes, budget, autocast state and train/eval mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+_local = threading.local()
+
+
+def recording() -> GraphRecorder | None:
+    """The recorder capturing the solve running in this thread, if any."""
+    return getattr(_local, "recorder", None)
+
+
+class GraphRecorder:
+    """Cuts one solve's recording into graphs at each convergence test (see module doc)."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.flags: list[Tensor | None] = []  # flag read after graph i (None: never stop)
+        self.pool = torch.cuda.graph_pool_handle()  # one pool: the graphs replay in order
+
+    def begin(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.pool)
+        self.graphs.append(graph)
+
+    def end(self) -> None:
+        self.graphs[-1].capture_end()
+
+    def cut(self, done: Tensor | None) -> None:
+        """End the current graph (``done``: the flag a replay reads after it) and begin the
+        next. ``done=None`` starts the result graph."""
+        self.flags.append(done)
+        self.end()
+        self.begin()
+
+
+class Bound:
+    """``f(z) = fn(z, *args)`` with its inputs in view: what a captured solve copies into its
+    static buffers before each replay. Cores and solvers call it as any f; the LightningModules
+    pass their cells this way (``Bound(net.cell, u)``)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self.fn, self.args = fn, args
+
+    def __call__(self, z: Any) -> Any:
+        return self.fn(z, *self.args)
+
+    def __repr__(self) -> str:
+        return f"Bound({self.fn!r}, {len(self.args)} inputs)"
+
+
+def _map(fn: Callable[[Tensor], Any], x: Any) -> Any:
+    """``fn`` applied to every tensor in x: tuples, lists, dicts and dataclasses (the LM's
+    context) are walked; anything else is kept as it is."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, (tuple, list)):
+        items = [_map(fn, v) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    if isinstance(x, dict):
+        return {k: _map(fn, v) for k, v in x.items()}
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(
+            x, **{f.name: _map(fn, getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
+        )
+    return x
+
+
+def _leaves(x: Any) -> list[Any]:
+    out: list[Any] = []
+    _map(out.append, x)
+    return out
+
+
+def _static(x: Any) -> Any:
+    return _map(torch.clone, x)
+
+
+def _signature(x: Any) -> tuple:
+    """What a recording depends on: structure, shapes, dtypes, devices of the tensors."""
+    return (
+        repr(_map(lambda t: None, x)),
+        tuple((tuple(t.shape), t.dtype, t.device, t.requires_grad) for t in _leaves(x)),
+    )
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    for d, s in zip(_leaves(dst), _leaves(src)):
+        d.copy_(s)
+
+
+def check_capturable(f: Callable[..., Any]) -> None:
+    """Refuse cells whose state changes between calls outside ``args``: a variational dropout
+    draws its mask at the first call of a batch, which a replay would not repeat."""
+    if not isinstance(f, nn.Module) or not f.training:
+        return
+    for name, m in f.named_modules():
+        if hasattr(m, "reset") and getattr(m, "p", 0) > 0 and hasattr(m, "mask"):
+            raise ValueError(
+                f"solver.capture cannot replay {type(m).__name__} {name!r} (p={m.p}) in "
+                "training: its mask is drawn anew for each batch outside the graph. Set its "
+                "dropout to 0, or solver.capture=false."
+            )
+
+
+class CapturedSolver:
+    """``solve(f, z0, ...)`` recorded as CUDA graphs, one recording per call signature.
+
+    ``captured(f, z0, args, **solver_kwargs)`` returns the solver's :class:`SolverResult`
+    computed by replaying; its tensors are fresh (the static buffers are not handed out).
+    """
+
+    def __init__(self, solve: Callable[..., Any], name: str):
+        self.solve = solve
+        self.name = name
+        self.recordings: dict[tuple, tuple[GraphRecorder, Any, Any, Any]] = {}
+
+    def __call__(self, f: Callable[..., Any], z0: Any, **kwargs: Any) -> Any:
+        """Solve ``f(z) = z`` from ``z0`` by replaying; ``f`` a :class:`Bound` (its inputs are
+        copied in), a module, or a function that reads no tensor from a closure."""
+        from .base import check_finite_start
+
+        f, args = (f.fn, f.args) if isinstance(f, Bound) else (f, ())
+        if getattr(f, "__closure__", None):
+            raise ValueError(
+                "solver.capture replays f on the tensors it read when recorded, and this f "
+                "reads its inputs from a closure; pass them in view: "
+                "deqlab.Bound(cell, x) instead of lambda z: cell(z, x)"
+            )
+
+        key = (
+            f,
+            getattr(f, "training", None),
+            _signature(z0),
+            _signature(args),
+            tuple(sorted((k, repr(v)) for k, v in kwargs.items())),
+            torch.is_autocast_enabled("cuda"),
+            torch.get_autocast_dtype("cuda"),
+        )
+        if key not in self.recordings:
+            self.recordings[key] = self._record(f, z0, args, kwargs)
+            n = len(self.recordings)
+            if n >= 8 and n & (n - 1) == 0:  # 8, 16, 32, ...: say so, without flooding
+                warnings.warn(
+                    f"solver.capture: {n} recordings for this layer, each keeping its graphs "
+                    "and memory: every new f, state shape, budget, precision or train/eval "
+                    "mode records anew. Pass the same f (a module, or deqlab.Bound(cell, x)) "
+                    "and fixed budgets (no fit.jitter) to reuse them.",
+                    stacklevel=3,
+                )
+        rec, static_z0, static_args, res = self.recordings[key]
+        _copy_into(static_z0, z0)
+        _copy_into(static_args, args)
+        steps = 0
+        every = kwargs.get("check_every", 1)
+        for graph, flag in zip(rec.graphs[:-1], rec.flags):
+            graph.replay()
+            steps = min(steps + every, kwargs["max_iter"])
+            if flag is not None and flag.item():  # the one read per segment
+                break
+        else:
+            steps = kwargs["max_iter"]
+        rec.graphs[-1].replay()  # the result
+        stop_mode = kwargs.get("stop_mode", "rel")
+        best = res.rel_residual if stop_mode in ("rel", "batch_rel") else res.abs_residual
+        check_finite_start(best, self.name)
+        z = _static(res.z)
+        save_at = sorted(kwargs.get("save_at", ()))
+        saved = [_static(s) if k < steps else z for k, s in zip(save_at, res.saved)]
+        return replace(
+            res,
+            z=z,
+            abs_residual=res.abs_residual.clone(),
+            rel_residual=res.rel_residual.clone(),
+            nfe=steps,
+            best_step=res.best_step.clone(),
+            converged=res.converged.clone(),
+            trace=res.trace[:steps].clone(),
+            nonfinite=bool(res.nonfinite),
+            saved=saved,
+        )
+
+    def _record(self, f: Callable[..., Any], z0: Any, args: tuple, kwargs: dict) -> tuple:
+        check_capturable(f)
+        static_z0, static_args = _static(z0), _static(args)
+        call = lambda z: f(z, *static_args)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        rec = GraphRecorder()
+        # Weights cached by parametrize (weight norm) outside the graph would be freed after
+        # this call while the graph still read them: record their computation instead.
+        saved_cache = dict(parametrize._cache)
+        parametrize._cache.clear()
+        # Likewise autocast's cache of bf16 weight copies, emptied when the step's autocast
+        # region ends: the casts must be kernels in the graph.
+        no_cast_cache = torch.autocast(
+            "cuda",
+            dtype=torch.get_autocast_dtype("cuda"),
+            enabled=torch.is_autocast_enabled("cuda"),
+            cache_enabled=False,
+        )
+        try:
+            with torch.cuda.stream(side), no_cast_cache:
+                self.solve(call, static_z0, **kwargs)  # warm-up: kernels, handles, algorithms
+                parametrize._cache.clear()
+                rec.begin()
+                _local.recorder = rec
+                try:
+                    res = self.solve(call, static_z0, **kwargs)
+                finally:
+                    _local.recorder = None
+                    rec.end()
+        finally:
+            parametrize._cache.clear()
+            parametrize._cache.update(saved_cache)
+        torch.cuda.current_stream().wait_stream(side)
+        if len(rec.graphs) < 2 or rec.flags[-1] is not None:
+            raise TypeError(
+                f"solver {self.name!r} cannot be captured: it does not report its steps to "
+                "deqlab's Tracker (the built-in solvers do); use solver.capture=false"
+            )
+        return rec, static_z0, static_args, res

@@ -1,0 +1,223 @@
+"""Deferred convergence tests and captured solves (``solver.check_every``, ``solver.capture``),
+and the bf16 policy (f in bf16, the solver in fp32), on the CPU. The CUDA-graph replays
+themselves are in tests/test_cuda.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deqlab import DEQ, Bound, get_solver, register_solver
+from deqlab.solvers import SolverConfig
+from deqlab.solvers import capture as capture_mod
+
+from .problems import SOLVERS, ConvCell, contraction
+
+MODES = ("rel", "abs", "batch_rel", "batch_abs")
+
+
+def staggered(batch: int = 6, dim: int = 32):
+    """tanh(Wz + x) scaled per sample by 0.3 ... 0.97: the samples converge at different
+    steps, so freezing a converged sample early or late shows in the result."""
+    w = contraction(dim, 0.9)
+    x = torch.randn(batch, dim, dtype=torch.float64)
+    scale = torch.linspace(0.3, 0.97, batch, dtype=torch.float64).unsqueeze(1)
+    return lambda z: scale * torch.tanh(z @ w.T + x), torch.zeros_like(x)
+
+
+def same_result(a, b, steps: int | None = None) -> None:
+    for field in ("z", "abs_residual", "rel_residual", "best_step", "converged"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    n = steps or min(len(a.trace), len(b.trace))
+    assert torch.equal(a.trace[:n], b.trace[:n])
+    assert a.nonfinite == b.nonfinite
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("stop_mode", MODES)
+@pytest.mark.parametrize("return_final", [False, True])
+@pytest.mark.parametrize("every", [2, 3, 7])
+def test_deferred_tests_return_what_testing_every_step_returns(
+    name, stop_mode, return_final, every
+):
+    """Only nfe may differ: rounded up to the next test (a multiple of k, at most the budget)."""
+    torch.manual_seed(0)
+    f, z0 = staggered()
+    kw = dict(max_iter=60, tol=1e-6, stop_mode=stop_mode, return_final=return_final)
+    eager = get_solver(name)(f, z0, **kw)
+    deferred = get_solver(name)(f, z0, check_every=every, **kw)
+    assert eager.converged.all() and eager.nfe < 60  # the premise: it stops early
+    assert len(set(eager.best_step.tolist())) > 1 or stop_mode.startswith("batch")
+    same_result(eager, deferred, eager.nfe)
+    assert deferred.nfe == min(60, math.ceil(eager.nfe / every) * every)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_deferred_tests_report_a_non_finite_residual(name):
+    """Sample 1 overflows at the fourth step (f = 1e100 z + 1): the solve still stops and says
+    so, and every sample returns its best finite iterate, as when testing every step."""
+    w = contraction(16, 0.5)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    blowup = torch.tensor([[0.0], [1.0], [0.0]], dtype=torch.float64)
+
+    def f(z):
+        return torch.tanh(z @ w.T + x) * (1 - blowup) + blowup * (1e100 * z + 1)
+
+    kw = dict(max_iter=30, tol=1e-8, stop_mode="abs")
+    eager = get_solver(name)(f, torch.zeros_like(x), **kw)
+    deferred = get_solver(name)(f, torch.zeros_like(x), check_every=4, **kw)
+    assert eager.nonfinite and deferred.nonfinite
+    assert deferred.nfe < 30 and deferred.nfe % 4 == 0
+    assert torch.isfinite(deferred.z).all()
+    assert torch.equal(eager.best_step[1], deferred.best_step[1])
+
+
+class FakeRecorder:
+    """A recorder without graphs: the tracker runs eagerly and hands over its flags."""
+
+    def __init__(self):
+        self.flags: list = []
+
+    def cut(self, done):
+        self.flags.append(None if done is None else done.clone())  # read after the solve
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("stop_mode", MODES)
+def test_a_recorded_solve_reads_nothing_and_cuts_at_every_test(name, stop_mode, monkeypatch):
+    torch.manual_seed(0)
+    f, z0 = staggered()
+    eager = get_solver(name)(f, z0, max_iter=40, tol=1e-6, stop_mode=stop_mode)
+    rec = FakeRecorder()
+    monkeypatch.setattr(capture_mod._local, "recorder", rec, raising=False)
+    with monkeypatch.context() as m:
+        for attr in ("item", "tolist", "__bool__", "nonzero"):
+            m.setattr(torch.Tensor, attr, lambda *a, **k: pytest.fail("host read"))
+        res = get_solver(name)(f, z0, max_iter=40, tol=1e-6, stop_mode=stop_mode, check_every=5)
+    capture_mod._local.recorder = None
+    rec.flags = [None if flag is None else bool(flag) for flag in rec.flags]
+    # a test after steps 5, 10, ..., 35 (none after the last step), then the result graph
+    assert rec.flags[-1] is None and len(rec.flags) == 8
+    assert rec.flags.index(True) == math.ceil(eager.nfe / 5) - 1  # the replay stops there
+    assert res.nfe == 40 and isinstance(res.nonfinite, torch.Tensor)
+    res.nonfinite = bool(res.nonfinite)
+    same_result(eager, res, eager.nfe)
+
+
+def test_check_every_and_capture_are_validated():
+    with pytest.raises(ValueError, match="check_every must be a positive int"):
+        SolverConfig(check_every=0)
+    with pytest.raises(ValueError, match="check_every must be a positive int"):
+        get_solver("anderson")(lambda z: z, torch.zeros(1, 2), max_iter=3, tol=1e-3, check_every=0)
+
+    def plain(f, z0, *, max_iter, tol, stop_mode="rel", save_at=()):
+        raise AssertionError("not called")
+
+    register_solver("no_deferral", plain)
+    with pytest.raises(ValueError, match=r"takes no check_every.*capture=false"):
+        SolverConfig(name="no_deferral", capture=True)
+    with pytest.raises(ValueError, match="takes no check_every"):
+        SolverConfig(name="no_deferral", check_every=4)
+
+
+def test_capture_on_a_cpu_warns_once_and_solves_eagerly():
+    torch.manual_seed(0)
+    cell = ConvCell().double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    solver = {"name": "anderson", "max_iter": 40, "tol": 1e-8, "check_every": 5}
+    eager = DEQ(solver=solver).eval()
+    captured = DEQ(solver={**solver, "capture": True}).eval()
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device; on cpu"):
+        z, info = captured(Bound(cell, x), torch.zeros_like(x))
+    ref, ref_info = eager(lambda z: cell(z, x), torch.zeros_like(x))
+    assert torch.equal(z, ref) and info.nfe == ref_info.nfe and info.nfe % 5 == 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        captured(Bound(cell, x), torch.zeros_like(x))  # once per layer
+
+
+def test_bound_is_the_cell_on_its_inputs():
+    cell = ConvCell().double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    z = torch.randn_like(x)
+    assert torch.equal(Bound(cell, x)(z), cell(z, x))
+
+
+# -- bf16 inside f, fp32 in the solver --------------------------------------------------------
+
+
+class Spy:
+    """Dtypes of what the solvers allocate and solve with while active."""
+
+    def __init__(self, monkeypatch):
+        import importlib
+
+        from deqlab.solvers import base
+
+        anderson = importlib.import_module("deqlab.solvers.anderson")
+        broyden = importlib.import_module("deqlab.solvers.broyden")
+
+        self.dtypes: dict[str, set] = {"scratch": set(), "tracker": set(), "gram": set()}
+        real_scratch, real_solve = base.scratch, torch.linalg.solve_ex
+        real_init = base.Tracker.__init__
+
+        def scratch(shape, dtype, device):
+            self.dtypes["scratch"].add(dtype)
+            return real_scratch(shape, dtype, device)
+
+        def solve_ex(h, b, **kw):
+            self.dtypes["gram"].add(h.dtype)
+            return real_solve(h, b, **kw)
+
+        def init(tracker, z0, *a, **k):
+            real_init(tracker, z0, *a, **k)
+            self.dtypes["tracker"].update({z0.dtype, tracker.trace.dtype})
+
+        monkeypatch.setattr(anderson, "scratch", scratch)
+        monkeypatch.setattr(broyden, "scratch", scratch)
+        monkeypatch.setattr(torch.linalg, "solve_ex", solve_ex)
+        monkeypatch.setattr(base.Tracker, "__init__", init)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_under_bf16_autocast_f_runs_in_bf16_and_the_solver_in_fp32(name, monkeypatch):
+    """The DEQ-Flow pattern: the cell's convolutions in bf16, the state, Anderson's Gram
+    system, Broyden's low-rank factors, the residuals, and the backward solve in fp32; the
+    statistics agree with a float32 solve to bf16's precision."""
+    torch.manual_seed(0)
+    cell = ConvCell(4, 8, 2)
+    x = torch.randn(4, 4, 6, 6)
+    xb = x.detach().requires_grad_()
+    seen = set()  # the dtypes the cell's convolutions compute in
+    cell.conv1.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    f = Bound(cell, xb)
+
+    solver = {"name": name, "max_iter": 40, "tol": 1e-2}
+    grad = {"solver": name, "max_iter": 40, "tol": 1e-2}
+    reference, ref_info = DEQ(solver=solver, grad=grad)(f, torch.zeros_like(x))
+    reference = reference.detach()
+    spy = Spy(monkeypatch)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z0 = torch.zeros_like(x, dtype=torch.bfloat16)  # as a bf16 injection gives it
+        z, info = DEQ(solver=solver, grad=grad)(f, z0)
+    assert seen == {torch.bfloat16}  # f's convolutions ran in bf16
+    assert z.dtype == torch.bfloat16  # the state keeps the caller's dtype...
+    assert spy.dtypes["tracker"] == {torch.float32}  # ...but is solved in fp32
+    if name != "fixed_point":
+        assert spy.dtypes["scratch"] == {torch.float32}
+    if name == "anderson":
+        assert spy.dtypes["gram"] == {torch.float32}
+    assert info.trace.dtype == torch.float32
+    rel = (z.float() - reference).norm() / reference.norm()
+    assert rel < 3e-2, rel
+    assert abs(info.nfe - ref_info.nfe) <= 3
+    spy.dtypes["tracker"].clear()
+    z.float().square().sum().backward()
+    assert spy.dtypes["tracker"] == {torch.float32}  # the backward solve, in fp32
+    assert info.backward[0].trace.dtype == torch.float32 and info.backward[0].converged.all()
+    assert xb.grad is not None and torch.isfinite(xb.grad).all()
