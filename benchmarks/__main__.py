@@ -22,6 +22,7 @@ BENCHES = (
     "solver_overhead",
     "convergence",
     "training_step",
+    "model_step",
     "memory",
     "lm_memory",
     "end_to_end",
@@ -123,6 +124,9 @@ def main() -> None:
             rows += suite.training_step(device, args.repeats, dtype=torch.bfloat16)
         results["training_step"] = rows
         print_table(rows)
+    if "model_step" in args.only:
+        results["model_step"] = suite.model_step(device, args.repeats)
+        print_table(results["model_step"])
     if "memory" in args.only:
         results["memory"] = suite.memory(device)
         print_table(results["memory"])

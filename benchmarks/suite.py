@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deqlab import DEQ, build_core, get_solver
+from deqlab import DEQ, Bound, build_core, get_solver
 from deqlab.solvers import solver_options
+from deqlab.solvers.capture import CapturedSolver
 
 from .baseline import TutorialDEQFixedPoint
 from .cells import resnet_problem, tanh_problem, tutorial_model
@@ -65,6 +66,31 @@ def timed_round_robin(
     }
 
 
+def cuda_graph(fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn`` recorded as one CUDA graph (after a warm-up on a side stream): its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """CUDA memory allocated at the peak of one ``fn()`` above what was allocated before."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def _torchdeq():
     try:
         import torchdeq
@@ -112,6 +138,9 @@ def solver_overhead(
                 z = f(z)
 
         fns: dict[str, Callable[[], Any]] = {"f": plain}
+        if device.type == "cuda":  # the floor without launch costs: the chain as one graph
+            with torch.no_grad():
+                fns["f_graph"] = cuda_graph(plain)
         for name, td_name in SOLVER_PAIRS.items():
             solve = get_solver(name)
             # tol out of reach: the convergence test runs (one sync per step), never stops.
@@ -125,6 +154,16 @@ def solver_overhead(
                 fns[f"compiled/{name}"] = torch.compile(
                     lambda solve=solve, f=f, z0=z0: solve(f, z0, max_iter=iters, tol=None).z
                 )
+            if device.type == "cuda":
+                # replayed as CUDA graphs: the test read back every 5 steps (never met), and
+                # the fixed budget (one graph, no read)
+                cap = CapturedSolver(solve, name)
+                fns[f"captured/{name}"] = lambda cap=cap, cell=cell, x=x, z0=z0: cap(
+                    Bound(cell, x), z0, max_iter=iters, tol=1e-30, check_every=5
+                )
+                fns[f"captured_fixed/{name}"] = lambda cap=cap, cell=cell, x=x, z0=z0: cap(
+                    Bound(cell, x), z0, max_iter=iters, tol=None
+                )
             products = history_products(name, z0, iters)
             if products is not None:
                 fns[f"history/{name}"] = products
@@ -133,7 +172,14 @@ def solver_overhead(
                 fns[f"torchdeq/{name}"] = lambda td=td, f=f, z0=z0: td(
                     f, z0, max_iter=iters, tol=1e-30, stop_mode="rel"
                 )
+        errors = {}
         with torch.no_grad():
+            for key in [k for k in fns if k.startswith("captured")]:
+                try:  # records the graphs; a failure is reported, not fatal to the table
+                    fns[key]()
+                except Exception as err:
+                    errors[key.split("/")[1]] = f"{type(err).__name__}: {err}"[:120]
+                    del fns[key]
             times = timed_round_robin(fns, device, repeats)
         floor = times["f"]["median"]
         for name in SOLVER_PAIRS:
@@ -146,15 +192,23 @@ def solver_overhead(
             # f plus the history products alone: what the algorithm itself costs.
             products = times.get(f"history/{name}")
             row["history_floor"] = 1.0 + (products["median"] / floor if products else 0.0)
-            for lib in ("deqlab", "fixed", "compiled", "torchdeq"):
+            keys = {"fixed": "deqlab_fixed_iters", "compiled": "deqlab_compiled"}
+            for lib in ("deqlab", "fixed", "compiled", "captured", "captured_fixed", "torchdeq"):
                 t = times.get(f"{lib}/{name}")
                 if t is not None:
-                    key = {"fixed": "deqlab_fixed_iters", "compiled": "deqlab_compiled"}.get(
-                        lib, lib
-                    )
+                    key = keys.get(lib, lib)
                     row[key] = t["median"] / floor
                     if lib in ("deqlab", "torchdeq"):
                         row[f"{key}_range"] = [t["min"] / floor, t["max"] / floor]
+            if "f_graph" in times:
+                row["f_graph"] = times["f_graph"]["median"] / floor
+            if name in errors:
+                row["captured_error"] = errors[name]
+            if "captured" in row and "torchdeq" in row:
+                # microseconds per iteration above the plain f chain: the solver's own cost
+                row["overhead_us_deqlab"] = (row["deqlab"] - 1) * floor / iters * 1e6
+                row["overhead_us_captured"] = (row["captured"] - 1) * floor / iters * 1e6
+                row["overhead_us_torchdeq"] = (row["torchdeq"] - 1) * floor / iters * 1e6
             rows.append(row)
     return rows
 
@@ -291,6 +345,14 @@ def training_step(
         variants[f"deqlab {grad}"] = lambda cell, u, deq=deq: deq(
             lambda z: cell(z, u), torch.zeros_like(u)
         )[0]
+    if device.type == "cuda":  # the forward solve replayed as CUDA graphs (one read per 5 steps)
+        deq = DEQ(
+            solver={"name": "anderson", "m": 5, **budget, "capture": True, "check_every": 5},
+            grad={"name": "ift", "solver": "anderson", **budget},
+        )
+        variants["deqlab ift captured"] = lambda cell, u, deq=deq: deq(
+            Bound(cell, u), torch.zeros_like(u)
+        )[0]
     # the other cores on the same ift step: sliced (one segment, the same work as indexing)
     # and TorchDEQ behind deqlab's core interface (the adapter's overhead over the raw call)
     solver_cfg = {"name": "anderson", "m": 5, **budget}
@@ -337,7 +399,7 @@ def training_step(
         try:
             step()
             steps[name] = step
-        except (RuntimeError, NotImplementedError) as err:  # e.g. a reference without bf16 support
+        except Exception as err:  # e.g. a reference without bf16 support
             row.update(seconds=None, error=str(err).splitlines()[0][:80])
         rows.append(row)
     times = timed_round_robin(steps, device, repeats)
@@ -345,9 +407,76 @@ def training_step(
         if row["variant"] in times:
             t = times[row["variant"]]
             row.update(seconds=t["median"], range=[t["min"], t["max"]])
+            if device.type == "cuda":
+                row["peak_MB"] = peak_memory_mb(steps[row["variant"]], device)
     refs = [r["seconds"] for r in rows if r["variant"] in REFERENCES and r["seconds"]]
     for r in rows:
         r["vs_best_reference"] = r["seconds"] / min(refs) if refs and r["seconds"] else None
+    return rows
+
+
+def model_step(
+    device: torch.device,
+    repeats: int,
+    experiments: tuple[str, ...] = ("cifar_tutorial", "cifar_mdeq_small"),
+) -> list[dict[str, Any]]:
+    """Forward + backward of the published CIFAR models as their experiment files build them
+    (batch, solver, gradient, normalization), in fp32 and under bf16 autocast, with the
+    tolerances set out of reach so every variant spends the same f evaluations (the
+    experiment's forward and backward budgets); on CUDA also with the forward solve captured
+    (skipped where the model draws dropout masks inside the solve). Images/s and peak memory."""
+    import hydra.utils
+
+    from deqlab.dropout import reset_dropout
+    from deqlab.runner.config import compose
+
+    rows, steps = [], {}
+    for exp in experiments:
+        for precision in ("fp32", "bf16"):
+            for captured in (False, True) if device.type == "cuda" else (False,):
+                overrides = [f"experiment={exp}", "solver.tol=null", "grad.tol=null"]
+                overrides += ["task.module.fit.pretrain_steps=0"]
+                if captured:
+                    overrides += ["solver.capture=true"]
+                cfg = compose(overrides, "/tmp/deqlab-bench")
+                torch.manual_seed(0)
+                module = hydra.utils.instantiate(cfg.task.module).to(device).train()
+                if captured and any(getattr(m, "p", 0) > 0 for m in module.modules()):
+                    continue  # variational dropout inside the cell: capture refuses it
+                batch = cfg.task.datamodule.batch_size
+                x = torch.randn(batch, 3, 32, 32, device=device)
+                y = torch.randint(0, 10, (batch,), device=device)
+                dtype = torch.bfloat16 if precision == "bf16" else None
+
+                def step(module=module, x=x, y=y, dtype=dtype):
+                    reset_dropout(module)
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        outputs, _ = module(x)
+                        loss = module.criterion(outputs[-1].float(), y)
+                    loss.backward()
+
+                name = f"{exp} {precision}" + (" captured" if captured else "")
+                row = {
+                    "bench": "model_step",
+                    "variant": name,
+                    "batch": batch,
+                    "fwd_bwd_nfe": f"{cfg.solver.max_iter}+{cfg.grad.max_iter}",
+                }
+                rows.append(row)
+                try:
+                    step()
+                    steps[name] = step
+                except Exception as err:  # reported in the table
+                    row["error"] = f"{type(err).__name__}: {err}"[:120]
+    times = timed_round_robin(steps, device, repeats)
+    for row in rows:
+        if row["variant"] not in times:
+            continue
+        t = times[row["variant"]]
+        row.update(seconds=t["median"], images_per_s=row["batch"] / t["median"])
+        row["peak_MB"] = peak_memory_mb(steps[row["variant"]], device)
+        fp32 = next(r for r in rows if r["variant"] == row["variant"].split()[0] + " fp32")
+        row["vs_fp32"] = fp32["seconds"] / row["seconds"] if "seconds" in fp32 else None
     return rows
 
 
@@ -514,6 +643,7 @@ class _Throughput:
         class Throughput(Callback):
             def __init__(self):
                 self.items, self.seconds, self.steps = 0, 0.0, 0
+                self.nfe: list[float] = []  # forward f evaluations per measured step
 
             def on_train_batch_start(self, trainer, module, batch, batch_idx):
                 if device.type == "cuda":
@@ -527,6 +657,9 @@ class _Throughput:
                 if self.steps > warmup:
                     self.seconds += time.perf_counter() - self.t0
                     self.items += batch[1].numel()
+                    info = outputs.get("info") if isinstance(outputs, dict) else None
+                    if info is not None:
+                        self.nfe.append(info.nfe)
 
         return Throughput()
 
@@ -550,6 +683,21 @@ def end_to_end(device: torch.device, data_dir: str, steps: int = 30) -> list[dic
         runs.insert(
             2, ("cifar_cpu core=torchdeq", ["experiment=cifar_cpu", "core=torchdeq"], "images/s")
         )
+    if device.type == "cuda":  # the published experiments, as a GPU runs them
+        tutorial = ["experiment=cifar_tutorial"]
+        bf16 = ["trainer.precision=bf16-mixed"]
+        capture = ["solver.capture=true", "solver.check_every=5"]
+        mdeq = ["experiment=cifar_mdeq_small", "task.module.fit.pretrain_steps=0"]
+        runs = [
+            ("cifar_tutorial", tutorial, "images/s"),
+            ("cifar_tutorial bf16", [*tutorial, *bf16], "images/s"),
+            ("cifar_tutorial captured", [*tutorial, *capture], "images/s"),
+            ("cifar_tutorial bf16 captured", [*tutorial, *bf16, *capture], "images/s"),
+            ("cifar_mdeq_small", mdeq, "images/s"),
+            ("cifar_mdeq_small bf16", [*mdeq, *bf16], "images/s"),
+            ("ptb_deq_transformer_cpu", ["experiment=ptb_deq_transformer_cpu"], "tokens/s"),
+            ("ptb_deq_transformer_cpu bf16", ["experiment=ptb_deq_transformer_cpu", *bf16], "tokens/s"),
+        ]  # fmt: skip
     for name, overrides, unit in runs:
         cfg = compose(
             [*overrides, f"data_dir={data_dir}", f"trainer={trainer_kind}"], "/tmp/deqlab-bench"
@@ -562,16 +710,23 @@ def end_to_end(device: torch.device, data_dir: str, steps: int = 30) -> list[dic
             cfg.trainer, max_steps=steps + 3, limit_val_batches=0, num_sanity_val_steps=0,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[meter],
         )  # fmt: skip
-        trainer.fit(module, datamodule)
-        rows.append(
-            {
-                "bench": "end_to_end",
-                "experiment": name,
-                "unit": unit,
-                "throughput": meter.items / meter.seconds,
-                "steps": meter.steps - 3,
-            }
-        )
+        try:
+            trainer.fit(module, datamodule)
+        except Exception as err:  # one failing run does not end the table
+            rows.append({"bench": "end_to_end", "experiment": name, "error": str(err)[:120]})
+            continue
+        row = {
+            "bench": "end_to_end",
+            "experiment": name,
+            "unit": unit,
+            "throughput": meter.items / meter.seconds,
+            "steps": meter.steps - 3,
+            "mean_fwd_nfe": sum(meter.nfe) / len(meter.nfe) if meter.nfe else None,
+        }
+        if device.type == "cuda":
+            row["peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        rows.append(row)
     return rows
 
 

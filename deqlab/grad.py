@@ -215,11 +215,20 @@ def implicit(
     if cfg.jacobian_at == "fz" and f is None:
         raise ValueError("implicit: jacobian_at=fz needs f")
 
+    # The backward pass runs outside the forward's autocast region: the evaluation recorded
+    # there (jacobian_at=fz) re-enters it, so a bf16 cell sees the precision it was trained in.
+    device = z_parts[0].device.type
+    precision = {
+        "device_type": device,
+        "dtype": torch.get_autocast_dtype(device),
+        "enabled": torch.is_autocast_enabled(device),
+    }
+
     def backward_solve(u: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         # u = dL/dz*; autograd hands zeros for a part of the state the loss does not use
         at, f_at = z_parts, fz_parts
         if cfg.jacobian_at == "fz":  # J_f at f(z*): one more recorded evaluation
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(**precision):
                 at = tuple(p.detach().requires_grad_() for p in fz_parts)
                 f_at = as_tuple(f(like(z, at)))
 

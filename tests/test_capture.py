@@ -183,8 +183,10 @@ class Spy:
         monkeypatch.setattr(base.Tracker, "__init__", init)
 
 
-@pytest.mark.parametrize("name", SOLVERS)
-def test_under_bf16_autocast_f_runs_in_bf16_and_the_solver_in_fp32(name, monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "jacobian_at"), [(n, "z") for n in SOLVERS] + [("anderson", "fz")]
+)
+def test_under_bf16_autocast_f_runs_in_bf16_and_the_solver_in_fp32(name, jacobian_at, monkeypatch):
     """The DEQ-Flow pattern: the cell's convolutions in bf16, the state, Anderson's Gram
     system, Broyden's low-rank factors, the residuals, and the backward solve in fp32; the
     statistics agree with a float32 solve to bf16's precision."""
@@ -197,7 +199,13 @@ def test_under_bf16_autocast_f_runs_in_bf16_and_the_solver_in_fp32(name, monkeyp
     f = Bound(cell, xb)
 
     solver = {"name": name, "max_iter": 40, "tol": 1e-2}
-    grad = {"solver": name, "max_iter": 40, "tol": 1e-2}
+    grad = {
+        "solver": name,
+        "max_iter": 40,
+        "tol": 1e-2,
+        "jacobian_at": jacobian_at,
+        "output": jacobian_at,
+    }
     reference, ref_info = DEQ(solver=solver, grad=grad)(f, torch.zeros_like(x))
     reference = reference.detach()
     spy = Spy(monkeypatch)
@@ -206,7 +214,8 @@ def test_under_bf16_autocast_f_runs_in_bf16_and_the_solver_in_fp32(name, monkeyp
         z0 = torch.zeros_like(x, dtype=torch.bfloat16)  # as a bf16 injection gives it
         z, info = DEQ(solver=solver, grad=grad)(f, z0)
     assert seen == {torch.bfloat16}  # f's convolutions ran in bf16
-    assert z.dtype == torch.bfloat16  # the state keeps the caller's dtype...
+    if jacobian_at == "z":
+        assert z.dtype == torch.bfloat16  # the state keeps the caller's dtype...
     assert spy.dtypes["tracker"] == {torch.float32}  # ...but is solved in fp32
     if name != "fixed_point":
         assert spy.dtypes["scratch"] == {torch.float32}
@@ -217,7 +226,10 @@ def test_under_bf16_autocast_f_runs_in_bf16_and_the_solver_in_fp32(name, monkeyp
     assert rel < 3e-2, rel
     assert abs(info.nfe - ref_info.nfe) <= 3
     spy.dtypes["tracker"].clear()
+    seen.clear()
     z.float().square().sum().backward()
+    # jacobian_at=fz evaluates f again in the backward pass: in the forward's precision
+    assert seen == ({torch.bfloat16} if jacobian_at == "fz" else set())
     assert spy.dtypes["tracker"] == {torch.float32}  # the backward solve, in fp32
     assert info.backward[0].trace.dtype == torch.float32 and info.backward[0].converged.all()
     assert xb.grad is not None and torch.isfinite(xb.grad).all()

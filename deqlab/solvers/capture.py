@@ -50,7 +50,8 @@ class GraphRecorder:
 
     def begin(self) -> None:
         graph = torch.cuda.CUDAGraph()
-        graph.capture_begin(pool=self.pool)
+        # thread_local: a DataLoader's pin-memory thread may call CUDA meanwhile
+        graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
         self.graphs.append(graph)
 
     def end(self) -> None:
