@@ -106,6 +106,10 @@ def main() -> None:
     # those, each keeping the meta (machine, date, command) of the run that measured it.
     results: dict = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault("meta", {})
+
+    def save() -> None:  # after every benchmark: a later one that fails loses nothing
+        out.write_text(json.dumps(results, indent=1))
+
     for bench in args.only:
         results["meta"][bench] = meta
     if "solver_overhead" in args.only:
@@ -113,33 +117,41 @@ def main() -> None:
             device, args.repeats, compile=args.compile
         )
         print_table(results["solver_overhead"])
+        save()
     if "convergence" in args.only:
         rows, traces = suite.convergence(device)
         results["convergence"] = rows
         suite.plot_convergence(traces, str(RESULTS / f"convergence_{tag}.png"))
         print_table(rows)
+        save()
     if "training_step" in args.only:
         rows = suite.training_step(device, args.repeats)
         if args.bf16:
             rows += suite.training_step(device, args.repeats, dtype=torch.bfloat16)
         results["training_step"] = rows
         print_table(rows)
+        save()
     if "model_step" in args.only:
         results["model_step"] = suite.model_step(device, args.repeats)
         print_table(results["model_step"])
+        save()
     if "memory" in args.only:
         results["memory"] = suite.memory(device)
         print_table(results["memory"])
+        save()
     if "lm_memory" in args.only:
         results["lm_memory"] = suite.lm_memory(device)
         print_table(results["lm_memory"])
+        save()
     if "end_to_end" in args.only:
         results["end_to_end"] = suite.end_to_end(device, args.data)
         print_table(results["end_to_end"])
+        save()
     if "tutorial_recipe" in args.only:
         results["tutorial_recipe"] = suite.tutorial_recipe(device, args.data, args.recipe_steps)
         print_table(results["tutorial_recipe"])
-    out.write_text(json.dumps(results, indent=1))
+        save()
+    save()
     print(f"\nwrote {out}")
 
 
