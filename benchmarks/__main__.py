@@ -94,6 +94,7 @@ def main() -> None:
         + " ".join(f"--only {b}" for b in args.only)
         + f" --repeats {args.repeats}"
         + (" --compile" if args.compile else "")
+        + (" --bf16" if args.bf16 else "")
         + (f" --recipe-steps {args.recipe_steps}" if "tutorial_recipe" in args.only else ""),
     }
     print(

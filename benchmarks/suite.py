@@ -723,9 +723,6 @@ def end_to_end(device: torch.device, data_dir: str, steps: int = 30) -> list[dic
             "steps": meter.steps - 3,
             "mean_fwd_nfe": sum(meter.nfe) / len(meter.nfe) if meter.nfe else None,
         }
-        if device.type == "cuda":
-            row["peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
-            torch.cuda.reset_peak_memory_stats()
         rows.append(row)
     return rows
 

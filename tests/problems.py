@@ -47,3 +47,17 @@ class ConvCell(nn.Module):
     def forward(self, z, x):
         y = self.norm1(torch.relu(self.conv1(z)))
         return self.norm3(torch.relu(z + self.norm2(x + self.conv2(y))))
+
+
+class StaggeredCell(nn.Module):
+    """f(z, x) = s_b tanh(W z + x), ||W|| = 0.9, with per-sample scales s_b from 0.3 to 0.97:
+    the samples converge at different steps, so freezing one early or late shows."""
+
+    def __init__(self, batch: int = 6, dim: int = 32):
+        super().__init__()
+        self.register_buffer("w", contraction(dim, 0.9))
+        scale = torch.linspace(0.3, 0.97, batch, dtype=torch.float64).unsqueeze(1)
+        self.register_buffer("scale", scale)
+
+    def forward(self, z, x):
+        return self.scale * torch.tanh(z @ self.w.T + x)

@@ -13,18 +13,15 @@ from deqlab import DEQ, Bound, get_solver, register_solver
 from deqlab.solvers import SolverConfig
 from deqlab.solvers import capture as capture_mod
 
-from .problems import SOLVERS, ConvCell, contraction
+from .problems import SOLVERS, ConvCell, StaggeredCell, contraction
 
 MODES = ("rel", "abs", "batch_rel", "batch_abs")
 
 
 def staggered(batch: int = 6, dim: int = 32):
-    """tanh(Wz + x) scaled per sample by 0.3 ... 0.97: the samples converge at different
-    steps, so freezing a converged sample early or late shows in the result."""
-    w = contraction(dim, 0.9)
+    cell = StaggeredCell(batch, dim)
     x = torch.randn(batch, dim, dtype=torch.float64)
-    scale = torch.linspace(0.3, 0.97, batch, dtype=torch.float64).unsqueeze(1)
-    return lambda z: scale * torch.tanh(z @ w.T + x), torch.zeros_like(x)
+    return Bound(cell, x), torch.zeros_like(x)
 
 
 def same_result(a, b, steps: int | None = None) -> None:
