@@ -74,7 +74,6 @@ class FlatState:
         self.shapes = [tuple(p.shape) for p in parts]
         self.sizes = [p[0].numel() for p in parts]
         self.dtype = parts[0].dtype
-        self.device = parts[0].device
         # Solver arithmetic (mixing, Gram matrices, quasi-Newton updates) never runs below fp32.
         self.work_dtype = torch.promote_types(self.dtype, torch.float32)
 

@@ -1,0 +1,136 @@
+"""Every refusal says what is wrong and what to do, in full: the config checks of the solver,
+gradient and core groups, the state checks, and the registries' import errors. Each message
+is matched whole, so a check that stops firing, fires on a valid value, or loses its words
+fails here (mutation testing found these unpinned: docs/mutation.md)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from deqlab import get_solver
+from deqlab.core import CoreConfig
+from deqlab.grad import GradConfig
+from deqlab.registry import Registry
+from deqlab.solvers import SolverConfig
+from deqlab.solvers.base import FlatState
+
+from .problems import SOLVERS
+
+
+def refuses(exc: type[Exception], message: str):
+    return pytest.raises(exc, match="^" + re.escape(message) + "$")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"jacobian_at": "fz"}, "grad.jacobian_at=fz evaluates J at the returned f(z*): set grad.output=fz"),
+        ({"max_iter": 0}, "grad.max_iter must be a positive int, got 0"),
+        ({"tol": 0.0}, "grad.tol must be > 0 (or null: exactly max_iter steps), got 0.0"),
+        ({"stop_mode": "max"}, "grad.stop_mode must be one of ('abs', 'rel', 'batch_abs', 'batch_rel'), got 'max'"),
+        ({"name": "phantom", "steps": []}, "grad.steps must be an int >= 1 or a list of them, got []"),
+        ({"name": "phantom", "steps": [2, 0]}, "grad.steps must be an int >= 1 or a list of them, got [2, 0]"),
+        ({"name": "phantom", "steps": 1.5}, "grad.steps must be an int >= 1 or a list of them, got 1.5"),
+        ({"name": "phantom", "tau": 0.0}, "grad.tau must lie in (0, 1], got 0.0"),
+        ({"name": "phantom", "tau": 1.5}, "grad.tau must lie in (0, 1], got 1.5"),
+        ({"name": "phantom", "sup_loc": [0]}, "grad.sup_loc lists steps >= 1, got [0]"),
+    ],
+)  # fmt: skip
+def test_grad_settings_are_refused_in_full(settings, message):
+    with refuses(ValueError, message):
+        GradConfig(**settings)
+
+
+def test_grad_steps_per_state_must_match_the_states():
+    cfg = GradConfig(name="phantom", steps=[1, 2, 3])
+    assert cfg.steps_for(3) == [1, 2, 3] and GradConfig(name="phantom", steps=4).steps_for(2) == [
+        4,
+        4,
+    ]
+    message = (
+        "grad.steps lists 3 step counts for 2 sampled states; give one count, or one per state"
+    )
+    with refuses(ValueError, message):
+        cfg.steps_for(2)
+
+
+def test_grad_boundaries_that_are_valid():
+    assert GradConfig(name="phantom", tau=1.0, sup_loc=[1], steps=[1]).tau == 1.0
+    assert GradConfig(tol=None).tol is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"eval_factor": 0.0}, "solver.eval_factor must be > 0, got 0.0"),
+        ({"eval_factor": -1.0}, "solver.eval_factor must be > 0, got -1.0"),
+        ({"tol": 0.0}, "solver.tol must be > 0 (or null: exactly max_iter steps), got 0.0"),
+        ({"max_iter": 0}, "solver.max_iter must be a positive int, got 0"),
+        ({"eval_max_iter": 0}, "solver.max_iter must be a positive int, got 0"),
+        ({"check_every": 0}, "solver.check_every must be a positive int (steps between convergence tests), got 0"),
+    ],
+)  # fmt: skip
+def test_solver_settings_are_refused_in_full(settings, message):
+    with refuses(ValueError, message):
+        SolverConfig(**settings)
+
+
+def test_a_solver_call_accepts_tol_zero():
+    """tol=0 is a solve that stops only at an exact fixed point (the config asks for > 0, as
+    a training budget should be reachable; a direct call may ask for exactness)."""
+    for name in SOLVERS:
+        f = lambda z: 0.5 * torch.tanh(z) + 1.0
+        res = get_solver(name)(f, torch.zeros(2, 3), max_iter=4, tol=0.0)
+        assert res.nfe == 4 and not res.converged.any()
+
+
+def test_core_indexing_starts_at_step_one():
+    assert CoreConfig(indexing=[1, 3]).sampled() == 3
+    with refuses(ValueError, "core.indexing lists increasing solver steps >= 1, got [0, 3]"):
+        CoreConfig(indexing=[0, 3])
+    with refuses(ValueError, "core.indexing lists increasing solver steps >= 1, got [3, 3]"):
+        CoreConfig(indexing=[3, 3])
+    with refuses(ValueError, "core.n_states must be >= 1 (1: the equilibrium only), got 0"):
+        CoreConfig(n_states=0)
+
+
+def test_state_checks_name_the_structure():
+    message = (
+        "a DEQ state must be a tensor or a non-empty tuple/list of tensors, got <class 'tuple'>"
+    )
+    with refuses(TypeError, message):
+        FlatState((torch.zeros(2, 3), 3))
+    with refuses(TypeError, message):
+        FlatState(())
+    message = "every state tensor needs the batch dimension first; got shapes [(2, 3), ()]"
+    with refuses(ValueError, message):
+        FlatState((torch.zeros(2, 3), torch.tensor(1.0)))
+    with refuses(
+        ValueError, "every state tensor needs the batch dimension first; got shapes [(2, 3), (4,)]"
+    ):
+        FlatState((torch.zeros(2, 3), torch.zeros(4)))
+    state = FlatState((torch.zeros(2, 3), torch.zeros(2)))  # a (B,) part is a state
+    assert state.sizes == [3, 1]
+
+
+def test_the_flat_view_of_f_is_in_the_working_dtype():
+    """A (B, D) float32 state whose f answers in bf16 (autocast) is still solved in fp32."""
+    state = FlatState(torch.zeros(2, 3))
+    f_flat = state.flat_fn(lambda z: (z + 1).to(torch.bfloat16))
+    assert f_flat(torch.zeros(2, 3)).dtype == torch.float32
+
+
+def test_registry_import_errors_name_what_was_looked_up():
+    reg: Registry[object] = Registry("widget", "add your own with register_widget")
+    reg.register_lazy("lazy", "no_such_module_xyz:thing")
+    with pytest.raises(
+        ValueError, match=r"^widget 'no_such_module_xyz:thing': cannot import module"
+    ):
+        reg.get("lazy")
+    with pytest.raises(ValueError, match=r"^widget 'no_such_module_xyz:f': cannot import module"):
+        reg.get("no_such_module_xyz:f")
+    with refuses(ValueError, "widget 'math:nope': module 'math' has no 'nope'"):
+        reg.get("math:nope")
