@@ -84,6 +84,11 @@ class TorchDEQCore(nn.Module):
             raise ValueError(f"core=torchdeq: options.graph must be one of {GRAPHS}, got {graph!r}")
         if s.tol is None:
             raise ValueError("core=torchdeq: TorchDEQ always tests convergence; set solver.tol")
+        if s.capture or s.check_every != 1:
+            raise ValueError(
+                "core=torchdeq: TorchDEQ reads its residual back at every step; "
+                "solver.capture and solver.check_every need core=indexing or core=sliced"
+            )
         # the options TorchDEQ's solvers share with ours (its Broyden has no memory option)
         self.solver_kwargs = {
             k: v for k, v in s.solver_kwargs().items() if k in ("m", "lam", "tau", "return_final")

@@ -94,3 +94,7 @@ def test_torchdeq_core_refuses_what_it_cannot_do():
         build_core({"name": "torchdeq"}, {"stop_mode": "batch_rel"}, None)
     with pytest.raises(ValueError, match=r"set solver\.tol"):
         build_core({"name": "torchdeq"}, {"tol": None}, None)
+    with pytest.raises(ValueError, match=r"solver\.capture and solver\.check_every need core"):
+        build_core({"name": "torchdeq"}, {"capture": True}, None)
+    with pytest.raises(ValueError, match=r"solver\.capture and solver\.check_every need core"):
+        build_core({"name": "torchdeq"}, {"check_every": 5}, None)
