@@ -123,6 +123,25 @@ def test_each_core_trains_through_the_runner_and_logs_the_deq_statistics(core, d
         assert any(r.get("deq/bwd_nfe") for r in rows)
 
 
+def test_progress_bar_switched_off_from_the_trainer(data_dir, tmp_path):
+    """trainer.enable_progress_bar=false drops the progress callback (Lightning refuses a
+    progress-bar callback with the bar switched off)."""
+    with_bar = [o for o in TINY if o != "~callbacks.progress"]  # TINY drops the callback
+    cfg = compose_cfg(
+        [f"data_dir={data_dir}", *with_bar, "trainer.enable_progress_bar=false"], tmp_path
+    )
+    assert cfg.callbacks.progress is not None
+    assert run(cfg) is not None
+
+
+def test_a_captured_config_trains_on_a_cpu_with_a_warning(data_dir, tmp_path):
+    cfg = compose_cfg(
+        [f"data_dir={data_dir}", *TINY, "solver.capture=true", "solver.check_every=2"], tmp_path
+    )
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device; on cpu"):
+        assert run(cfg) is not None
+
+
 def _train(data_dir, out, epochs, extra=()):
     cfg = compose_cfg(
         [

@@ -27,7 +27,7 @@ import rich.syntax
 import rich.tree
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -81,6 +81,8 @@ def run(cfg: DictConfig) -> float | None:
             datamodule = instantiate(cfg.task.datamodule)
             module = instantiate(cfg.task.module)
             callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+            if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses both
+                callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
             loggers: list[Logger] = [
                 instantiate(c) for c in (cfg.get("logger") or {}).values() if c
             ]
