@@ -134,3 +134,18 @@ def test_registry_import_errors_name_what_was_looked_up():
         reg.get("no_such_module_xyz:f")
     with refuses(ValueError, "widget 'math:nope': module 'math' has no 'nope'"):
         reg.get("math:nope")
+
+
+def test_a_solver_option_named_options_is_not_fed_the_config_dict(restore_registries):
+    """``solver.options`` holds extra keyword arguments, spread into the call; it is not itself
+    an argument, even for a solver that happens to take one called ``options``."""
+    from deqlab import register_solver
+
+    def takes_options(f, z0, *, max_iter, tol, stop_mode="rel", save_at=(), options=None):
+        raise AssertionError("not called")
+
+    register_solver("takes_options", takes_options)
+    assert SolverConfig(name="takes_options").solver_kwargs() == {}
+    assert SolverConfig(name="takes_options", options={"options": 3}).solver_kwargs() == {
+        "options": 3
+    }
