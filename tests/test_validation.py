@@ -149,3 +149,33 @@ def test_a_solver_option_named_options_is_not_fed_the_config_dict(restore_regist
     assert SolverConfig(name="takes_options", options={"options": 3}).solver_kwargs() == {
         "options": 3
     }
+
+
+@pytest.mark.parametrize(("bad", "listed"), [(5, "0, 1, 2, 3, 4"), (6, "0, 1, 2, 3, 4, ...")])
+def test_the_non_finite_message_lists_five_samples_then_an_ellipsis(bad, listed):
+    from deqlab.solvers.base import check_finite_start
+
+    residual = torch.zeros(8)
+    residual[:bad] = float("nan")
+    message = (
+        f"anderson: f returned non-finite values for {bad} of 8 samples (indices {listed}) at "
+        "every iterate, starting from z0; check the input injection and the cell's weights (a "
+        "learning rate too high, or missing weight/spectral normalization)."
+    )
+    with refuses(FloatingPointError, message):
+        check_finite_start(residual, "anderson")
+
+
+def test_a_solver_without_check_every_is_refused_in_full(restore_registries):
+    from deqlab import register_solver
+
+    def plain(f, z0, *, max_iter, tol, stop_mode="rel", save_at=()):
+        raise AssertionError("not called")
+
+    register_solver("plain_solver", plain)
+    message = (
+        "solver 'plain_solver' takes no check_every, so it can neither defer its convergence "
+        "tests nor be captured; set solver.check_every=1 and solver.capture=false"
+    )
+    with refuses(ValueError, message):
+        SolverConfig(name="plain_solver", capture=True)
