@@ -82,3 +82,18 @@ class TutorialDEQFixedPoint(nn.Module):
         if z.requires_grad:
             z.register_hook(backward_hook)
         return z
+
+
+def tutorial_sequential(f: nn.Module, chan: int) -> nn.Sequential:
+    """The chapter's CIFAR-10 model around its DEQ layer and cell ``f`` (``chan`` channels, 32 x
+    32 images): conv 3 -> chan with bias, BatchNorm, DEQFixedPoint(f, anderson, tol=1e-2,
+    max_iter=25, m=5), BatchNorm, 8 x 8 average pooling, a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(3, chan, kernel_size=3, bias=True, padding=1),
+        nn.BatchNorm2d(chan),
+        TutorialDEQFixedPoint(f, tol=1e-2, max_iter=25, m=5),
+        nn.BatchNorm2d(chan),
+        nn.AvgPool2d(8, 8),
+        nn.Flatten(),
+        nn.Linear(chan * 4 * 4, 10),
+    )

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from deqlab import DEQ, Bound, build_core, get_solver
 from deqlab.solvers import solver_options
-from deqlab.solvers.capture import CapturedSolver
+from deqlab.solvers.capture import CapturedSolver, check_capturable
 
 from .baseline import TutorialDEQFixedPoint
 from .cells import resnet_problem, tanh_problem, tutorial_model
@@ -441,8 +441,11 @@ def model_step(
                 cfg = compose(overrides, "/tmp/deqlab-bench")
                 torch.manual_seed(0)
                 module = hydra.utils.instantiate(cfg.task.module).to(device).train()
-                if captured and any(getattr(m, "p", 0) > 0 for m in module.modules()):
-                    continue  # variational dropout inside the cell: capture refuses it
+                if captured:
+                    try:
+                        check_capturable(module.net.cell)
+                    except ValueError:  # variational dropout inside the cell
+                        continue
                 batch = cfg.task.datamodule.batch_size
                 x = torch.randn(batch, 3, 32, 32, device=device)
                 y = torch.randint(0, 10, (batch,), device=device)

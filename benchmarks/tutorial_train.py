@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from .baseline import TutorialDEQFixedPoint
+from .baseline import tutorial_sequential
 
 
 def main() -> None:
@@ -48,15 +48,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     chan = 48
     f = ResNetCell(chan, 64, groups=8)  # the tutorial's ResNetLayer (tests/test_parity.py)
-    model = nn.Sequential(
-        nn.Conv2d(3, chan, kernel_size=3, bias=True, padding=1),
-        nn.BatchNorm2d(chan),
-        TutorialDEQFixedPoint(f, tol=1e-2, max_iter=25, m=5),
-        nn.BatchNorm2d(chan),
-        nn.AvgPool2d(8, 8),
-        nn.Flatten(),
-        nn.Linear(chan * 4 * 4, 10),
-    ).to(device)
+    model = tutorial_sequential(f, chan).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         opt, args.epochs * len(train_loader), eta_min=1e-6

@@ -151,6 +151,7 @@ class DEQ(nn.Module):
         self.captured = (
             CapturedSolver(self.solve, self.solver_cfg.name) if self.solver_cfg.capture else None
         )
+        self._warned_capture = False  # capture asked for on a CPU: said once per layer
         self.mode = GRAD_MODES.get(self.grad_cfg.name)
 
     def extra_repr(self) -> str:
@@ -183,7 +184,7 @@ class DEQ(nn.Module):
         if self.captured is not None:
             if as_tuple(z0)[0].is_cuda:
                 solve = self.captured
-            elif not getattr(self, "_warned_capture", False):
+            elif not self._warned_capture:
                 warnings.warn(
                     "solver.capture: CUDA graphs need a CUDA device; on "
                     f"{as_tuple(z0)[0].device.type} the solve runs eagerly (testing every "

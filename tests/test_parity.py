@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import deqlab.core
-from benchmarks.baseline import TutorialDEQFixedPoint, tutorial_anderson
+from benchmarks.baseline import tutorial_anderson, tutorial_sequential
 from deqlab.runner.config import compose
 from deqlab.tasks.cifar.convert import _layer_map, from_locuslab_mdeq
 from deqlab.tasks.lm.convert import LAYERS, from_locuslab_deq
@@ -478,15 +478,7 @@ def tutorial_reference(chan: int, inner: int, groups: int, std: float = 0.01) ->
     f = ConvCell(chan, inner, groups)
     for conv in (f.conv1, f.conv2):
         conv.weight.data.normal_(0, std)
-    return nn.Sequential(
-        nn.Conv2d(3, chan, kernel_size=3, bias=True, padding=1),
-        nn.BatchNorm2d(chan),
-        TutorialDEQFixedPoint(f, tol=1e-2, max_iter=25, m=5),
-        nn.BatchNorm2d(chan),
-        nn.AvgPool2d(8, 8),
-        nn.Flatten(),
-        nn.Linear(chan * 4 * 4, 10),
-    )
+    return tutorial_sequential(f, chan)
 
 
 TUTORIAL_TINY = [

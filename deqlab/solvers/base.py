@@ -289,27 +289,37 @@ class Tracker:
             self.best_z = torch.empty_like(self.latest_z)
         set_rows_(self.best_z, rows, self.latest_z, self.on_cpu)
 
+    def _record(
+        self, k: int, z: Tensor, fz: Tensor, diff: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Write step k's residuals into the traces (and z into ``saved`` if asked); return
+        the per-sample residual in ``stop_mode``, the batch-wide one (``batch_*`` modes, else
+        None) and the step's row of improvement flags."""
+        rel_row, abs_row, improved_row = self._rows[k]
+        abs_res = torch.linalg.vector_norm(diff, dim=1, out=abs_row)
+        denom = torch.linalg.vector_norm(fz, dim=1).add_(REL_EPS)
+        rel_res = torch.div(abs_res, denom, out=rel_row)
+        self.fz_norm = denom  # ||f(z_k)||: the scale of rounding error in f(z_k) - z_k
+        self.steps = k + 1
+        if k in self.save_at:
+            self.saved[k] = z.clone()
+        batch_res = None
+        if self.per_batch:  # ||F(Z) - Z|| (/ ||F(Z)||) over the whole batch: one system
+            batch_res = abs_res.square().sum().sqrt()
+            if self.use_rel:
+                batch_res = batch_res / (denom - REL_EPS).square().sum().sqrt().add_(REL_EPS)
+        return (rel_res if self.use_rel else abs_res), batch_res, improved_row
+
     def step(self, k: int, z: Tensor, fz: Tensor, diff: Tensor | None = None) -> bool:
         """Record iterate z (= z_k) and its image fz. ``diff`` may pass f(z) - z if known."""
         if diff is None:
             diff = fz - z
         if self.deferred:
             return self._step_deferred(k, z, fz, diff)
-        rel_row, abs_row, improved_row = self._rows[k]
-        abs_res = torch.linalg.vector_norm(diff, dim=1, out=abs_row)
-        denom = torch.linalg.vector_norm(fz, dim=1).add_(REL_EPS)
-        rel_res = torch.div(abs_res, denom, out=rel_row)
-        self.fz_norm = denom  # ||f(z_k)||: the scale of rounding error in f(z_k) - z_k
-        res = rel_res if self.use_rel else abs_res
-        self.steps = k + 1
-        if k in self.save_at:
-            self.saved[k] = z.clone()
+        res, batch_res, improved_row = self._record(k, z, fz, diff)
 
         # NaN compares False, so a non-finite iterate is never taken as best.
-        if self.per_batch:  # ||F(Z) - Z|| (/ ||F(Z)||) over the whole batch: one system
-            batch_res = abs_res.square().sum().sqrt()
-            if self.use_rel:
-                batch_res = batch_res / (denom - REL_EPS).square().sum().sqrt().add_(REL_EPS)
+        if batch_res is not None:
             if self.return_final:  # every finite iterate replaces the last
                 improve = torch.isfinite(batch_res).expand_as(res)
             else:
@@ -366,20 +376,9 @@ class Tracker:
         converged sample (batch) is frozen by setting its best residual to -inf, the best
         iterate is copied out at every step (a replay that stops early cannot follow lazy
         references), and non-finite residuals are remembered in ``finite``."""
-        rel_row, abs_row, improved_row = self._rows[k]
-        abs_res = torch.linalg.vector_norm(diff, dim=1, out=abs_row)
-        denom = torch.linalg.vector_norm(fz, dim=1).add_(REL_EPS)
-        rel_res = torch.div(abs_res, denom, out=rel_row)
-        self.fz_norm = denom
-        res = rel_res if self.use_rel else abs_res
-        self.steps = k + 1
-        if k in self.save_at:
-            self.saved[k] = z.clone()
+        res, batch_res, improved_row = self._record(k, z, fz, diff)
         inf = float("-inf")
-        if self.per_batch:
-            batch_res = abs_res.square().sum().sqrt()
-            if self.use_rel:
-                batch_res = batch_res / (denom - REL_EPS).square().sum().sqrt().add_(REL_EPS)
+        if batch_res is not None:
             if self.return_final:  # every finite iterate until the batch converged
                 improve = torch.isfinite(batch_res).logical_and_(self.best_batch > inf)
             else:  # -inf once converged: nothing improves on it

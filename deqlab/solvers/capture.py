@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..dropout import VariationalDropout
+
 _local = threading.local()
 
 
@@ -126,7 +128,7 @@ def check_capturable(f: Callable[..., Any]) -> None:
     if not isinstance(f, nn.Module) or not f.training:
         return
     for name, m in f.named_modules():
-        if hasattr(m, "reset") and getattr(m, "p", 0) > 0 and hasattr(m, "mask"):
+        if isinstance(m, VariationalDropout) and m.p > 0:
             raise ValueError(
                 f"solver.capture cannot replay {type(m).__name__} {name!r} (p={m.p}) in "
                 "training: its mask is drawn anew for each batch outside the graph. Set its "
