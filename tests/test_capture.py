@@ -71,6 +71,68 @@ def test_deferred_tests_report_a_non_finite_residual(name):
     assert torch.equal(eager.best_step[1], deferred.best_step[1])
 
 
+@pytest.mark.parametrize("stop_mode", MODES)
+def test_deferred_tests_return_the_best_iterate_of_a_rising_residual(stop_mode):
+    """f(z) = A z + x with A non-normal (||A^k e|| grows for steps before it decays) from
+    z0 = z* + e: the residual falls, then rises over the rest of the budget, so the best
+    iterate is an early one (step 2), in the batch modes too."""
+    torch.manual_seed(0)
+    a = torch.zeros(8, 8, dtype=torch.float64)
+    for i in range(0, 8, 2):
+        a[i, i] = a[i + 1, i + 1] = 0.6
+        a[i, i + 1] = 4.0
+    x = 100 * torch.randn(5, 8, dtype=torch.float64)  # ||f(z)|| large: rel rises with abs
+
+    def f(z):
+        return z @ a.T + x
+
+    z_star = torch.linalg.solve(torch.eye(8, dtype=torch.float64) - a, x.T).T
+    z0 = z_star + torch.randn(5, 8, dtype=torch.float64) * torch.tensor([0.0, 1.0] * 4)
+    kw = dict(max_iter=7, tol=1e-12, stop_mode=stop_mode)
+    eager = get_solver("fixed_point")(f, z0, **kw)
+    deferred = get_solver("fixed_point")(f, z0, check_every=2, **kw)
+    assert (eager.best_step == 2).all() and not eager.converged.any()  # the premise
+    same_result(eager, deferred)
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "batch_abs"])
+def test_a_residual_equal_to_tol_converges_under_deferred_tests(stop_mode):
+    """f(z) = z / 2 from z0 = 1: the residual is 2^-(k+1), exactly tol = 1/8 at step 2. That
+    step converges (residual <= tol) whether tested at once or at step 4."""
+    z0 = torch.ones(1, 1, dtype=torch.float64)
+    kw = dict(max_iter=10, tol=0.125, stop_mode=stop_mode)
+    eager = get_solver("fixed_point")(lambda z: z / 2, z0, **kw)
+    deferred = get_solver("fixed_point")(lambda z: z / 2, z0, check_every=4, **kw)
+    assert eager.nfe == 3 and eager.best_step.item() == 2  # the premise
+    same_result(eager, deferred, 3)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_deferred_tests_keep_the_states_asked_for(every):
+    """save_at keeps z_k at the listed steps, whether the tests run at every step or not."""
+    f, z0 = staggered()
+    kw = dict(max_iter=30, tol=1e-6, save_at=[1, 4, 9])
+    eager = get_solver("anderson")(f, z0, **kw)
+    deferred = get_solver("anderson")(f, z0, check_every=every, **kw)
+    unrolled = [z0]
+    for _ in range(9):  # the first Anderson step is a plain f step; later ones mix
+        unrolled.append(f(unrolled[-1]))
+    assert torch.equal(eager.saved[0], unrolled[1])
+    for a, b in zip(eager.saved, deferred.saved, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("check_every", [1, 2])
+def test_batch_relative_residual_is_scaled_by_the_norm_of_f(check_every):
+    """batch_rel = ||F(Z) - Z|| / (||F(Z)|| + 1e-9), checked where the 1e-9 decides: F = 0
+    and Z = 1e-12 give 1e-3 at step 0 (above tol 5e-4), then 0 at step 1."""
+    z0 = torch.full((1, 1), 1e-12, dtype=torch.float64)
+    out = get_solver("fixed_point")(
+        lambda z: 0 * z, z0, max_iter=4, tol=5e-4, stop_mode="batch_rel", check_every=check_every
+    )
+    assert out.best_step.item() == 1 and out.converged.all()
+
+
 class FakeRecorder:
     """A recorder without graphs: the tracker runs eagerly and hands over its flags."""
 

@@ -408,10 +408,7 @@ class Tracker:
         if self.recorder is not None:  # the graph ends here; the replay reads `done`
             self.recorder.cut(done)
             return False
-        if not done.item():  # the one host read
-            return False
-        self.nonfinite = not bool(self.finite)
-        return True
+        return bool(done.item())  # the one host read (result() reads ``finite`` itself)
 
     def best(self) -> Tensor:
         """Each sample's best iterate (valid for every sample with a finite best residual)."""
