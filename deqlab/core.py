@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -90,12 +90,14 @@ class DEQInfo(SolverResult):
 class Core(Protocol):  # pragma: no mutate block
     """What a LightningModule asks of a DEQ core.
 
-    ``core(f, z0, max_iter=..., jac_vecs=...)`` returns ``(z, info)``: ``info.states`` the
+    ``core(f, z0, max_iter=..., jac_vecs=..., **solver_options)`` returns ``(z, info)``:
+    ``info.states`` the
     states the loss reads (last = z), ``info.nfe``, ``info.abs_residual`` and
     ``info.rel_residual`` (per sample), ``info.trace`` ((steps, B) relative residuals),
     ``info.backward`` (backward solves, filled in during ``backward()``) and ``info.jac_loss``
-    (when ``jac_vecs`` > 0). ``max_iter`` overrides the training budget for this call;
-    ``max_iter_for_training()`` is that budget. In eval mode a core only solves.
+    (when ``jac_vecs`` > 0). ``max_iter`` overrides the budget for this call, and
+    ``solver_options`` (``tol=``, ``m=``, ...) the solver's settings;
+    ``max_iter_for_training()`` is the training budget. In eval mode a core only solves.
     """
 
     training: bool
@@ -107,6 +109,7 @@ class Core(Protocol):  # pragma: no mutate block
         *,
         max_iter: int | None = None,
         jac_vecs: int = 0,
+        **solver_options: Any,
     ) -> tuple[State, DEQInfo]: ...
 
     def max_iter_for_training(self) -> int: ...
@@ -164,8 +167,29 @@ class DEQ(nn.Module):
     def max_iter_for_training(self) -> int:
         return self.solver_cfg.max_iter
 
-    def budget(self) -> int:
-        return self.solver_cfg.max_iter if self.training else self.solver_cfg.eval_budget()
+    def budget(self, cfg: SolverConfig | None = None) -> int:
+        cfg = cfg or self.solver_cfg
+        return cfg.max_iter if self.training else cfg.eval_budget()
+
+    def call_config(self, options: Mapping[str, Any]) -> SolverConfig:
+        """This call's solver settings: the layer's, with ``options`` in place of its fields
+        (``tol``, ``stop_mode``, ``m``, ``tau``, ...; a solver's own options join
+        ``options``), checked as a config is. The solver itself is the layer's."""
+        if not options:
+            return self.solver_cfg
+        fixed = sorted({"name", "capture", "options"} & set(options))
+        if fixed:
+            raise ValueError(
+                f"{fixed} cannot change per call: they are the layer's (build another DEQ, "
+                "or set them in its solver config)"
+            )
+        named = {f.name for f in fields(SolverConfig)}
+        own = {k: v for k, v in options.items() if k not in named}
+        return replace(
+            self.solver_cfg,
+            **{k: v for k, v in options.items() if k in named},
+            options={**self.solver_cfg.options, **own},
+        )
 
     def sample_steps(self, budget: int) -> list[int]:
         """Solver steps of the sampled states, TorchDEQ's rule; the last is the budget."""
@@ -177,9 +201,15 @@ class DEQ(nn.Module):
         return [k for k in c.indexing if k < budget] + [budget]
 
     def run_solver(
-        self, f: Callable[[State], State], z0: State, budget: int, save_at: list[int]
+        self,
+        f: Callable[[State], State],
+        z0: State,
+        budget: int,
+        save_at: list[int],
+        cfg: SolverConfig | None = None,
     ) -> SolverResult:
-        s = self.solver_cfg
+        s = cfg or self.solver_cfg
+        kwargs = self.solver_kwargs if s is self.solver_cfg else s.solver_kwargs()
         solve = self.solve
         if self.captured is not None:
             if as_tuple(z0)[0].is_cuda:
@@ -200,7 +230,7 @@ class DEQ(nn.Module):
                 tol=s.tol,
                 stop_mode=s.stop_mode,
                 save_at=save_at,
-                **self.solver_kwargs,
+                **kwargs,
             )
         _warn_nonfinite(res, s.name)
         return res
@@ -230,6 +260,7 @@ class DEQ(nn.Module):
         *,
         max_iter: int | None = None,
         jac_vecs: int = 0,
+        **solver_options: Any,
     ) -> tuple[State, DEQInfo]:
         """Solve z* = f(z*) from z0 and attach the configured gradient.
 
@@ -237,12 +268,15 @@ class DEQ(nn.Module):
             max_iter: overrides this call's forward budget (e.g. a jittered budget).
             jac_vecs: if > 0, ``info.jac_loss`` holds the Hutchinson estimate of
                 ||J_f(z*)||_F^2 / dim with this many probe vectors, differentiable.
+            solver_options: this call's solver settings in place of the layer's, e.g.
+                ``deq(f, z0, tol=1e-6, m=8)`` (see :meth:`call_config`).
         """
-        budget = max_iter or self.budget()
+        cfg = self.call_config(solver_options)
+        budget = max_iter or self.budget(cfg)
         track = torch.is_grad_enabled()
         at = self.sample_steps(budget) if track else [budget]
         with parametrize.cached():
-            res = self.run_solver(f, z0, budget, at[:-1])
+            res = self.run_solver(f, z0, budget, at[:-1], cfg)
         info = DEQInfo.from_result(res)
         if not track:
             info.states = [res.z]
@@ -279,17 +313,19 @@ class SlicedDEQ(DEQ):
         *,
         max_iter: int | None = None,
         jac_vecs: int = 0,
+        **solver_options: Any,
     ) -> tuple[State, DEQInfo]:
         if not torch.is_grad_enabled():
-            return super().forward(f, z0, max_iter=max_iter)
-        segments = self.segments(max_iter or self.budget())
+            return super().forward(f, z0, max_iter=max_iter, **solver_options)
+        cfg = self.call_config(solver_options)
+        segments = self.segments(max_iter or self.budget(cfg))
         steps = self.grad_cfg.steps_for(len(segments))
         states: list[State] = []
         nfe, traces, backward = 0, [], []
         z = z0
         for i, budget in enumerate(segments):
             with parametrize.cached():
-                res = self.run_solver(f, z, budget, [])
+                res = self.run_solver(f, z, budget, [], cfg)
             nfe, traces = nfe + res.nfe, [*traces, res.trace]
             info = DEQInfo.from_result(res, backward=backward)  # one list for every segment
             with parametrize.cached():
@@ -325,7 +361,8 @@ def build_core(
         if not isinstance(core, Core):
             raise TypeError(
                 f"{type(core).__name__} is not a DEQ core: it needs forward(f, z0, *, max_iter, "
-                "jac_vecs) -> (z, DEQInfo) and max_iter_for_training() (see deqlab.core.Core)"
+                "jac_vecs, **solver_options) -> (z, DEQInfo) and max_iter_for_training() (see "
+                "deqlab.core.Core)"
             )
         return core
     c = to_config(CoreConfig, core, "core")

@@ -36,6 +36,8 @@ from .state import State, as_tuple, leaf, like
 
 SOLVER_NAMES = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
 GRAPHS = ("indexing", "sliced")
+# the solver options TorchDEQ's solvers share with ours, which it also takes per call
+PER_CALL = ("m", "lam", "tau", "return_final")
 
 
 def _torchdeq() -> Any:
@@ -90,9 +92,7 @@ class TorchDEQCore(nn.Module):
                 "solver.capture and solver.check_every need core=indexing or core=sliced"
             )
         # the options TorchDEQ's solvers share with ours (its Broyden has no memory option)
-        self.solver_kwargs = {
-            k: v for k, v in s.solver_kwargs().items() if k in ("m", "lam", "tau", "return_final")
-        }
+        self.solver_kwargs = {k: v for k, v in s.solver_kwargs().items() if k in PER_CALL}
         onestep = g.name == "onestep"
         if g.name not in ("ift", "phantom", "onestep"):
             raise ValueError(f"core=torchdeq: gradient mode {g.name!r} has no TorchDEQ counterpart")
@@ -126,7 +126,16 @@ class TorchDEQCore(nn.Module):
         *,
         max_iter: int | None = None,
         jac_vecs: int = 0,
+        **solver_options: Any,
     ) -> tuple[State, DEQInfo]:
+        """As :meth:`deqlab.DEQ.forward`; per call TorchDEQ takes only the solver's own
+        options (m, lam, tau, return_final), not tol or stop_mode."""
+        other = sorted(set(solver_options) - set(PER_CALL))
+        if other:
+            raise ValueError(
+                f"core=torchdeq: TorchDEQ takes no per-call {other}; per call it takes "
+                f"{list(PER_CALL)} (or use core=indexing)"
+            )
         self.deq.train(self.training)
         backward: list[SolverResult] = []
         nfe = 0
@@ -136,7 +145,7 @@ class TorchDEQCore(nn.Module):
             nfe += not torch.is_grad_enabled()
             return f(z)
 
-        kwargs = dict(self.solver_kwargs)
+        kwargs = {**self.solver_kwargs, **solver_options}
         if max_iter is not None:
             kwargs["f_max_iter"] = max_iter
         writer = lambda stats: backward.append(self._result(leaf(z0, False), stats, 0))

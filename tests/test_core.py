@@ -63,6 +63,54 @@ def test_eval_budget_and_call_override():
     assert info.nfe == 2
 
 
+@pytest.mark.parametrize("core", ["indexing", "sliced"])
+def test_per_call_solver_options_solve_as_a_layer_built_with_them(core):
+    """deq(f, z0, tol=..., m=..., tau=...) gives what a layer configured so gives, in training
+    (forward and gradient) and in evaluation; the layer's own settings stay as they were."""
+    from deqlab.core import SlicedDEQ
+
+    make = DEQ if core == "indexing" else SlicedDEQ
+    p = LinearProblem(norm=0.95)
+    base = {"name": "anderson", "max_iter": 40, "tol": 1e-2, "m": 5, "tau": 1.0}
+    per_call = {"tol": 1e-9, "m": 2, "tau": 0.7, "stop_mode": "abs"}
+    layer = make(solver=base, grad={"name": "ift", "tol": 1e-10, "max_iter": 60})
+    built = make(solver={**base, **per_call}, grad={"name": "ift", "tol": 1e-10, "max_iter": 60})
+    for train in (True, False):
+        layer.train(train), built.train(train)
+        a, info_a = layer(p.f, torch.zeros_like(p.x), **per_call)
+        b, info_b = built(p.f, torch.zeros_like(p.x))
+        assert torch.equal(a, b) and info_a.nfe == info_b.nfe
+        assert torch.equal(info_a.abs_residual, info_b.abs_residual)
+        assert (info_a.abs_residual < 1e-8).all()  # tol 1e-9 at the solve, 1e-2 without
+    (ga,) = torch.autograd.grad(layer(p.f, torch.zeros_like(p.x), **per_call)[0].sum(), p.W)
+    (gb,) = torch.autograd.grad(built(p.f, torch.zeros_like(p.x))[0].sum(), p.W)
+    assert torch.equal(ga, gb)
+    assert layer.solver_cfg == SolverConfig(**base)
+    _, info = layer(p.f, torch.zeros_like(p.x))  # without options: the layer's tol again
+    assert info.rel_residual.max() > 1e-9 and info.nfe < info_a.nfe
+
+
+def test_per_call_options_are_checked_as_a_config_is():
+    p = LinearProblem()
+    deq = DEQ(solver={"name": "anderson"})
+    z0 = torch.zeros_like(p.x)
+    with pytest.raises(ValueError) as e:
+        deq(p.f, z0, tol=0)
+    assert str(e.value) == "solver.tol must be > 0 (or null: exactly max_iter steps), got 0"
+    with pytest.raises(ValueError) as e:
+        deq(p.f, z0, beta=2)
+    assert str(e.value).startswith("solver 'anderson' takes no option(s) ['beta']; its options")
+    with pytest.raises(ValueError) as e:
+        deq(p.f, z0, name="broyden")
+    assert str(e.value) == (
+        "['name'] cannot change per call: they are the layer's (build another DEQ, or set them "
+        "in its solver config)"
+    )
+    deq.eval()
+    with torch.no_grad():  # the eval budget too
+        assert deq(p.f, z0, tol=None, eval_max_iter=6)[1].nfe == 6
+
+
 def test_eval_budget_is_max_iter_times_eval_factor():
     """TorchDEQ's eval_factor: in eval mode the budget is int(max_iter * eval_factor) f
     evaluations; eval_max_iter, when set, wins."""

@@ -261,8 +261,8 @@ def test_a_module_that_is_not_a_core_is_refused_by_name():
     with pytest.raises(TypeError) as err:
         build_core(nn.Linear(2, 2), None, None)
     assert str(err.value) == (
-        "Linear is not a DEQ core: it needs forward(f, z0, *, max_iter, jac_vecs) -> (z, "
-        "DEQInfo) and max_iter_for_training() (see deqlab.core.Core)"
+        "Linear is not a DEQ core: it needs forward(f, z0, *, max_iter, jac_vecs, "
+        "**solver_options) -> (z, DEQInfo) and max_iter_for_training() (see deqlab.core.Core)"
     )
 
 

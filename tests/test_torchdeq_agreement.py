@@ -98,3 +98,28 @@ def test_torchdeq_core_refuses_what_it_cannot_do():
         build_core({"name": "torchdeq"}, {"capture": True}, None)
     with pytest.raises(ValueError, match=r"solver\.capture and solver\.check_every need core"):
         build_core({"name": "torchdeq"}, {"check_every": 5}, None)
+
+
+def test_torchdeq_core_takes_the_solvers_own_options_per_call():
+    """Per call TorchDEQ takes m, lam, tau, return_final (its tol and stop mode are fixed at
+    construction): the same iterates as a TorchDEQ core built with those options."""
+    from deqlab import build_core
+
+    w = contraction(12, 0.9)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ w.T + x)
+    solver = {"name": "anderson", "max_iter": 12, "tol": 1e-12, "lam_mode": "absolute"}
+    layer = build_core({"name": "torchdeq"}, solver, None).eval()
+    built = build_core({"name": "torchdeq"}, {**solver, "m": 2, "tau": 0.6}, None).eval()
+    with torch.no_grad():
+        za, _ = layer(f, torch.zeros_like(x), m=2, tau=0.6)
+        zb, _ = built(f, torch.zeros_like(x))
+        zc, _ = layer(f, torch.zeros_like(x))
+    assert torch.equal(za, zb)
+    assert not torch.allclose(za, zc, rtol=1e-6)  # the options took effect
+    with pytest.raises(ValueError) as e:
+        layer(f, torch.zeros_like(x), tol=1e-3)
+    assert str(e.value) == (
+        "core=torchdeq: TorchDEQ takes no per-call ['tol']; per call it takes "
+        "['m', 'lam', 'tau', 'return_final'] (or use core=indexing)"
+    )
