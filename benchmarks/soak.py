@@ -129,7 +129,7 @@ def main() -> None:
             "-m",
             "deqlab",
             *TASKS[args.task],
-            f"data_dir={args.data_dir}",
+            f"paths.data_dir={args.data_dir}",
             f"++trainer.max_steps={args.steps}",
             f"hydra.run.dir={Path(tmp) / 'run'}",
             "+callbacks.rss._target_=benchmarks.soak.RSSProbe",

@@ -703,7 +703,8 @@ def end_to_end(device: torch.device, data_dir: str, steps: int = 30) -> list[dic
         ]  # fmt: skip
     for name, overrides, unit in runs:
         cfg = compose(
-            [*overrides, f"data_dir={data_dir}", f"trainer={trainer_kind}"], "/tmp/deqlab-bench"
+            [*overrides, f"paths.data_dir={data_dir}", f"trainer={trainer_kind}"],
+            "/tmp/deqlab-bench",
         )
         L.seed_everything(0, verbose=False)
         datamodule = hydra.utils.instantiate(cfg.task.datamodule)
@@ -750,7 +751,7 @@ def tutorial_recipe(
     cfg = compose(
         [
             "experiment=cifar_tutorial",
-            f"data_dir={data_dir}",
+            f"paths.data_dir={data_dir}",
             "trainer=" + ("gpu" if device.type == "cuda" else "cpu"),
         ],
         "/tmp/deqlab-bench",

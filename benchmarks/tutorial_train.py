@@ -40,7 +40,9 @@ def main() -> None:
     from deqlab.runner.config import compose
     from deqlab.tasks.cifar.model import ResNetCell
 
-    cfg = compose(["experiment=cifar_tutorial", f"data_dir={args.data}"], "/tmp/tutorial-train")
+    cfg = compose(
+        ["experiment=cifar_tutorial", f"paths.data_dir={args.data}"], "/tmp/tutorial-train"
+    )
     datamodule = hydra.utils.instantiate(cfg.task.datamodule)
     datamodule.setup("fit")
     train_loader, test_loader = datamodule.make_train_loader(), datamodule.test_dataloader()

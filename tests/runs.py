@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def short_real_cifar_run(
 
     overrides = [
         f"experiment={experiment}",
-        f"data_dir={data_dir}",
+        f"paths.data_dir={data_dir}",
         "task.datamodule.subset=4000",
         "task.datamodule.val_size=500",
         f"trainer.max_epochs={epochs}",
@@ -174,3 +175,17 @@ class SendSignal(Callback):
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args) -> None:
         if self.during == "validation" and not trainer.sanity_checking:
             self._send(trainer)
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    """Rows of the run's latest CSV log (each launch in a folder writes a new version)."""
+    files = sorted(
+        (run_dir / "csv").glob("version_*/metrics.csv"),
+        key=lambda p: int(p.parent.name.split("_")[1]),
+    )
+    with open(files[-1]) as fh:
+        return list(csv.DictReader(fh))
+
+
+def last_value(rows: list[dict[str, str]], key: str) -> float:
+    return float([r[key] for r in rows if r.get(key)][-1])

@@ -18,8 +18,7 @@ import torch
 
 from deqlab.runner.cluster import LOCK_NAME, RunFolderInUse, hold_run_folder
 
-from .runs import CLI_ENV, TINY, run_cli, write_cifar_folder
-from .test_runner import last_value, metrics
+from .runs import CLI_ENV, TINY, last_value, metrics, run_cli, write_cifar_folder
 
 HOLDER = """
 import sys
@@ -77,7 +76,7 @@ def test_cli_refuses_a_run_folder_in_use_before_reading_its_checkpoint(tmp_path)
     holder = start_holder(run)
     try:
         proc = run_cli(
-            [*TINY, f"data_dir={tmp_path}", f"hydra.run.dir={run}", "ckpt_path=last"],
+            [*TINY, f"paths.data_dir={tmp_path}", f"hydra.run.dir={run}", "ckpt_path=last"],
             tmp_path,
             check=False,
         )
@@ -132,7 +131,7 @@ def test_signal_mid_epoch_checkpoints_and_the_resumed_run_is_bitwise_equal(
     name, step, during, saved_step, tmp_path
 ):
     data = write_cifar_folder(tmp_path / "data")
-    args = [*CIFAR, f"data_dir={data}"]
+    args = [*CIFAR, f"paths.data_dir={data}"]
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     run_cli([*args, f"hydra.run.dir={full}"], tmp_path)
 
@@ -156,7 +155,7 @@ echo "$@" >> "$(dirname "$0")/scontrol.calls"
 @pytest.mark.slow
 def test_slurm_job_requeues_itself_and_resumes_in_its_folder(tmp_path):
     data = write_cifar_folder(tmp_path / "data")
-    args = [*CIFAR, f"data_dir={data}"]
+    args = [*CIFAR, f"paths.data_dir={data}"]
     full = tmp_path / "full"
     run_cli([*args, f"hydra.run.dir={full}"], tmp_path)
 

@@ -27,6 +27,7 @@ GROUPS = [
     "trainer",
     "logger",
     "callbacks",
+    "paths",
     "debug",
     "hparams_search",
     "experiment",
@@ -46,7 +47,8 @@ def test_every_group_is_composed():
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_config_composes_and_instantiates(group, option, tmp_path):
     override = f"experiment={option}" if group == "experiment" else f"{group}={option}"
-    cfg = compose_cfg([*WITH.get((group, option), []), override], tmp_path)
+    logs = f"paths.log_dir={tmp_path}"  # where a logger (MLflow's store) may write at once
+    cfg = compose_cfg([*WITH.get((group, option), []), override, logs], tmp_path)
     module = instantiate(cfg.task.module)
     if module.net is None:  # built once the data is known (e.g. a vocabulary size)
         module.attach_net(module.net_factory(n_token=1000))
@@ -56,8 +58,10 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path):
         instantiate(node)
     for node in cfg.logger.values():
         instantiate(node)
-    needs_gpu = cfg.trainer.get("accelerator") == "gpu"
-    if not needs_gpu or torch.cuda.is_available():
+    accelerator = cfg.trainer.get("accelerator")
+    if (accelerator != "gpu" or torch.cuda.is_available()) and (
+        accelerator != "mps" or torch.backends.mps.is_available()
+    ):
         instantiate(cfg.trainer)
 
 

@@ -67,7 +67,7 @@ def test_runner_on_gpu(tmp_path):
     data = write_cifar_folder(tmp_path / "data")
     overrides = [o for o in TINY if not o.startswith("trainer=")]
     cfg = compose_cfg(
-        [f"data_dir={data}", *overrides, "trainer=gpu", "trainer.precision=bf16-mixed"],
+        [f"paths.data_dir={data}", *overrides, "trainer=gpu", "trainer.precision=bf16-mixed"],
         tmp_path / "out",
     )
     assert run(cfg) is not None
@@ -177,7 +177,7 @@ def test_runner_trains_with_captured_solves_in_bf16(tmp_path):
     data = write_cifar_folder(tmp_path / "data")
     overrides = [o for o in TINY if not o.startswith("trainer=")]
     cfg = compose_cfg(
-        [f"data_dir={data}", *overrides, "trainer=gpu", "trainer.precision=bf16-mixed",
+        [f"paths.data_dir={data}", *overrides, "trainer=gpu", "trainer.precision=bf16-mixed",
          "solver.capture=true", "solver.check_every=4"],
         tmp_path / "out",
     )  # fmt: skip

@@ -127,7 +127,7 @@ def test_runner_smoke_run_downloads_wikitext103_from_a_local_hub_copy(tmp_path):
     counts = fixture_counts(splits)
     expected = "{" + ",".join(f"{k}:{v}" for k, v in counts.items()) + "}"
     args = [*TINY_LM, "task=wikitext103", "task.module.net.cutoffs=[]", "task.datamodule.batch_size=4",
-            "task.datamodule.tgt_len=8", "task.module.mem_len=8", f"data_dir={tmp_path / 'data'}",
+            "task.datamodule.tgt_len=8", "task.module.mem_len=8", f"paths.data_dir={tmp_path / 'data'}",
             "task.datamodule.download=true", f"task.datamodule.hub_source={hub}",
             f"task.datamodule.expected_counts={expected}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
     proc = run_cli(args, tmp_path)

@@ -35,7 +35,7 @@ from .runs import (
 )
 from .test_lm import write_corpus
 
-NO_DATA = "data_dir=/nonexistent/deqlab-data"  # any attempt to read data would fail
+NO_DATA = "paths.data_dir=/nonexistent/deqlab-data"  # any attempt to read data would fail
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cifar_ckpt(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cifar_run")
-    run(compose_cfg([f"data_dir={data_dir}", *TINY], out))
+    run(compose_cfg([f"paths.data_dir={data_dir}", *TINY], out))
     return out / "checkpoints" / "last.ckpt"
 
 
@@ -55,7 +55,7 @@ def ptb(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny corpus and the last checkpoint of a model trained on it."""
     root = write_ptb_folder(tmp_path_factory.mktemp("ptb_data"), lines=80)
     out = tmp_path_factory.mktemp("ptb_run")
-    run(compose_cfg([*TINY_LM, f"data_dir={root}"], out))
+    run(compose_cfg([*TINY_LM, f"paths.data_dir={root}"], out))
     return root, out / "checkpoints" / "last.ckpt"
 
 
@@ -73,7 +73,7 @@ def test_last_checkpoint_follows_every_validation_improved_or_not(data_dir, tmp_
     # lr=0: val/acc stays where it was at the first validation (step 2), so best.ckpt stays
     # there, while last.ckpt must follow the second validation (step 4) all the same.
     args = [
-        f"data_dir={data_dir}",
+        f"paths.data_dir={data_dir}",
         *TINY,
         "optim.optimizer.lr=0",
         "+trainer.val_check_interval=2",
@@ -125,7 +125,7 @@ def test_data_order_is_sharded_seeded_and_resumable(monkeypatch):
 
 @pytest.mark.slow
 def test_runs_started_in_the_same_second_get_their_own_folders(data_dir, tmp_path):
-    args = [sys.executable, "-m", "deqlab", f"data_dir={data_dir}", *TINY]
+    args = [sys.executable, "-m", "deqlab", f"paths.data_dir={data_dir}", *TINY]
     env = {**__import__("os").environ, **CLI_ENV}
     procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL) for _ in "ab"]
     assert [p.wait(timeout=600) for p in procs] == [0, 0]
@@ -149,7 +149,7 @@ def test_sweep_with_failing_jobs_keeps_every_job_to_itself(data_dir, tmp_path):
         [
             "-m",
             "solver.tol=-1,0.01",
-            f"data_dir=/nonexistent/deqlab-data,{data_dir}",
+            f"paths.data_dir=/nonexistent/deqlab-data,{data_dir}",
             "logger=wandb",
             f"hydra.sweep.dir={sweep}",
             *TINY,
@@ -166,8 +166,9 @@ def test_sweep_with_failing_jobs_keeps_every_job_to_itself(data_dir, tmp_path):
         records.append(wandb_records.finished_run(run_dir))
     failed, trained = records
     assert wandb_records.exit_code(failed) == 1 and wandb_records.exit_code(trained) == 0
-    assert json.loads(wandb_records.config(failed)["data_dir"]) == "/nonexistent/deqlab-data"
-    assert json.loads(wandb_records.config(trained)["data_dir"]) == str(data_dir)
+    paths = [json.loads(wandb_records.config(r)["paths"]) for r in (failed, trained)]
+    assert paths[0]["data_dir"] == "/nonexistent/deqlab-data"
+    assert paths[1]["data_dir"] == str(data_dir)
     assert "val/acc" in wandb_records.logged_keys(trained)
     assert "val/acc" not in wandb_records.logged_keys(failed)
 
@@ -195,7 +196,10 @@ def test_invalid_values_fail_before_any_data_is_read(override, message, tmp_path
 
 
 def test_root_keys_are_typed_at_composition(tmp_path):
-    for override, allowed in (("mode=eval", "[train, test]"), ("test_ckpt=newest", "[best, last]")):
+    for override, allowed in (
+        ("mode=evaluate", "[train, test, eval]"),
+        ("test_ckpt=newest", "[best, last]"),
+    ):
         with pytest.raises(Exception, match=f"Error merging override {override}") as failure:
             compose_cfg([override], tmp_path)
         assert f"expected one of {allowed}" in str(failure.value.__cause__)
@@ -331,7 +335,7 @@ def test_training_time_is_carried_across_a_resume():
 
 
 def test_checkpoint_of_another_network_is_refused_in_one_line(data_dir, cifar_ckpt, tmp_path):
-    wider = [f"data_dir={data_dir}", *TINY, "mode=test", f"ckpt_path={cifar_ckpt}"]
+    wider = [f"paths.data_dir={data_dir}", *TINY, "mode=test", f"ckpt_path={cifar_ckpt}"]
     with pytest.raises(CheckpointError, match=r"network differs .* shape .* in the checkpoint"):
         run(compose_cfg([*wider, "task.module.net.channels=16"], tmp_path / "a"))
     with pytest.raises(CheckpointError, match="network differs"):
@@ -341,7 +345,7 @@ def test_checkpoint_of_another_network_is_refused_in_one_line(data_dir, cifar_ck
 def test_checkpoint_of_another_task_is_refused(ptb, data_dir, tmp_path):
     _root, lm_ckpt = ptb
     cfg = compose_cfg(
-        [f"data_dir={data_dir}", *TINY, "mode=test", f"ckpt_path={lm_ckpt}"], tmp_path
+        [f"paths.data_dir={data_dir}", *TINY, "mode=test", f"ckpt_path={lm_ckpt}"], tmp_path
     )
     with pytest.raises(
         CheckpointError, match=r"written by deqlab\.tasks\.lm\.module\.LMModule, this run"
@@ -358,7 +362,9 @@ def test_lm_checkpoint_on_a_reordered_vocabulary_is_refused(ptb, tmp_path):
         text = text.replace("w0 ", "@ ").replace("w1 ", "w0 ").replace("@ ", "w1 ")
         (moved / "ptb" / f"ptb.{split}.txt").write_text(text)
     assert Corpus.load(moved, "ptb").itos != Corpus.load(root, "ptb").itos
-    cfg = compose_cfg([*TINY_LM, f"data_dir={moved}", "mode=test", f"ckpt_path={ckpt}"], tmp_path)
+    cfg = compose_cfg(
+        [*TINY_LM, f"paths.data_dir={moved}", "mode=test", f"ckpt_path={ckpt}"], tmp_path
+    )
     with pytest.raises(
         ValueError, match=r"trained on a vocabulary of 32 words .* this corpus has 32"
     ):

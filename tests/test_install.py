@@ -128,7 +128,7 @@ def test_wheel_installs_and_runs_from_any_folder(tmp_path):
         venv / "bin" / "deqlab",
         "experiment=cifar_cpu",
         "debug=fdr",
-        "data_dir=data",
+        "paths.data_dir=data",
         "task.datamodule.val_size=16",
         "task.datamodule.batch_size=8",
         "~callbacks.progress",
@@ -138,7 +138,9 @@ def test_wheel_installs_and_runs_from_any_folder(tmp_path):
     assert "deqlab: train done" in out
     assert list((work / "outputs" / "runs").iterdir())  # results land where the user is
     write_ptb_folder(work / "data")  # and a tiny job of the other task
-    out = sh(venv / "bin" / "deqlab", *TINY_LM, "debug=fdr", "data_dir=data", cwd=work, env=env)
+    out = sh(
+        venv / "bin" / "deqlab", *TINY_LM, "debug=fdr", "paths.data_dir=data", cwd=work, env=env
+    )
     assert "deqlab: train done" in out
 
     env["PYTHONPATH"] = str(work)  # the user's own package
@@ -146,7 +148,7 @@ def test_wheel_installs_and_runs_from_any_folder(tmp_path):
         venv / "bin" / "deqlab",
         "hydra.searchpath=[file://my_conf]",
         "experiment=mine",
-        "data_dir=data",
+        "paths.data_dir=data",
         "trainer.max_epochs=1",
         "~callbacks.progress",
         "hydra.run.dir=mine",

@@ -248,7 +248,7 @@ def test_runner_trains_on_a_tiny_corpus(tmp_path):
 
     root = write_ptb_folder(tmp_path / "data", learnable=True)
     fast = ["optim.optimizer.lr=1e-2", "trainer.max_epochs=2"]
-    ppl = run(compose_cfg([*TINY_LM, *fast, f"data_dir={root}"], tmp_path / "out"))
+    ppl = run(compose_cfg([*TINY_LM, *fast, f"paths.data_dir={root}"], tmp_path / "out"))
     assert ppl is not None and ppl < 18  # 13.1 measured; 32.0 after one step at lr 1e-9
 
 
@@ -264,7 +264,7 @@ def test_real_ptb_standard_counts_and_short_training(tmp_path):
     cfg = compose_cfg(
         [
             "experiment=ptb_deq_transformer_cpu",
-            f"data_dir={REAL_DATA}",
+            f"paths.data_dir={REAL_DATA}",
             "trainer.max_epochs=1",
             "+trainer.limit_train_batches=400",
             "+trainer.limit_val_batches=40",
@@ -343,7 +343,7 @@ def test_perplexity_is_from_the_summed_token_nll_of_the_whole_split(tmp_path):
     from hydra.utils import instantiate
 
     root = write_ptb_folder(tmp_path / "data")
-    cfg = compose_cfg([*TINY_LM, f"data_dir={root}"], tmp_path / "out")
+    cfg = compose_cfg([*TINY_LM, f"paths.data_dir={root}"], tmp_path / "out")
     data, module = instantiate(cfg.task.datamodule), instantiate(cfg.task.module)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
 

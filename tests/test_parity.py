@@ -576,7 +576,7 @@ def test_cifar_images_are_what_the_references_transforms_give(experiment, normal
 
     write_cifar_folder(tmp_path)
     overrides = ["task.datamodule.batch_size=10", "task.datamodule.eval_batch_size=10"]
-    cfg = compose([f"experiment={experiment}", f"data_dir={tmp_path}", *overrides], tmp_path)
+    cfg = compose([f"experiment={experiment}", f"paths.data_dir={tmp_path}", *overrides], tmp_path)
     data = instantiate(cfg.task.datamodule)
     data.setup("fit")
     steps = [transforms.ToTensor()] + ([transforms.Normalize(*normalize)] if normalize else [])

@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from .runs import CLI_ENV, TINY, TINY_LM, run_cli, write_cifar_folder, write_ptb_folder
-from .test_runner import last_value, metrics
+from .runs import (
+    CLI_ENV,
+    TINY,
+    TINY_LM,
+    last_value,
+    metrics,
+    run_cli,
+    write_cifar_folder,
+    write_ptb_folder,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +93,7 @@ def test_run_killed_twice_resumes_to_the_uninterrupted_result(task, tmp_path):
     else:
         data, args, keys = write_ptb_folder(tmp_path / "data"), LM, ("val/ppl", "test/ppl")
         steps_per_epoch = 85
-    args = [*args, f"data_dir={data}"]
+    args = [*args, f"paths.data_dir={data}"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_cli([*args, f"hydra.run.dir={full}"], tmp_path)
 

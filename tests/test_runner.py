@@ -3,7 +3,6 @@ W&B offline and DDP on CPU (sweeps: tests/test_sweeps.py)."""
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 from pathlib import Path
@@ -15,7 +14,7 @@ from deqlab.runner.main import run
 
 from . import wandb_records
 from .problems import GRADS, SOLVERS
-from .runs import TINY, compose_cfg, run_cli, wait_for, write_cifar_folder
+from .runs import TINY, compose_cfg, last_value, metrics, run_cli, wait_for, write_cifar_folder
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +22,16 @@ def data_dir(tmp_path_factory) -> Path:
     return write_cifar_folder(tmp_path_factory.mktemp("data"))
 
 
-def metrics(run_dir: Path) -> list[dict[str, str]]:
-    """Rows of the run's latest CSV log (each launch in a folder writes a new version)."""
-    files = sorted(
-        (run_dir / "csv").glob("version_*/metrics.csv"),
-        key=lambda p: int(p.parent.name.split("_")[1]),
-    )
-    with open(files[-1]) as fh:
-        return list(csv.DictReader(fh))
-
-
-def last_value(rows: list[dict[str, str]], key: str) -> float:
-    return float([r[key] for r in rows if r.get(key)][-1])
-
-
 def test_cli_trains_tests_and_writes_its_outputs(data_dir, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(
-        ["task=cifar", "solver=broyden", f"data_dir={data_dir}", f"hydra.run.dir={out}", *TINY],
+        [
+            "task=cifar",
+            "solver=broyden",
+            f"paths.data_dir={data_dir}",
+            f"hydra.run.dir={out}",
+            *TINY,
+        ],
         tmp_path,
     )
     assert "deqlab: train done; best val/acc=" in proc.stdout
@@ -81,7 +72,7 @@ def test_every_solver_grad_norm_combination_runs_a_step(solver, grad, norm, data
             f"solver={solver}",
             f"grad={grad}",
             f"norm={norm}",
-            f"data_dir={data_dir}",
+            f"paths.data_dir={data_dir}",
             *TINY,
             "+trainer.fast_dev_run=1",
             "logger=csv",
@@ -113,7 +104,9 @@ def test_each_core_trains_through_the_runner_and_logs_the_deq_statistics(core, d
     )
     out = tmp_path / "run"
     searchpath = f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
-    run_cli([*TINY, *core, f"data_dir={data_dir}", f"hydra.run.dir={out}", searchpath], tmp_path)
+    run_cli(
+        [*TINY, *core, f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", searchpath], tmp_path
+    )
     rows = metrics(out)
     for key in DEQ_STATS:
         assert any(r.get(key) for r in rows), f"{key} never logged"
@@ -123,20 +116,10 @@ def test_each_core_trains_through_the_runner_and_logs_the_deq_statistics(core, d
         assert any(r.get("deq/bwd_nfe") for r in rows)
 
 
-def test_progress_bar_switched_off_from_the_trainer(data_dir, tmp_path):
-    """trainer.enable_progress_bar=false drops the progress callback (Lightning refuses a
-    progress-bar callback with the bar switched off)."""
-    with_bar = [o for o in TINY if o != "~callbacks.progress"]  # TINY drops the callback
-    cfg = compose_cfg(
-        [f"data_dir={data_dir}", *with_bar, "trainer.enable_progress_bar=false"], tmp_path
-    )
-    assert cfg.callbacks.progress is not None
-    assert run(cfg) is not None
-
-
 def test_a_captured_config_trains_on_a_cpu_with_a_warning(data_dir, tmp_path):
     cfg = compose_cfg(
-        [f"data_dir={data_dir}", *TINY, "solver.capture=true", "solver.check_every=2"], tmp_path
+        [f"paths.data_dir={data_dir}", *TINY, "solver.capture=true", "solver.check_every=2"],
+        tmp_path,
     )
     with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device; on cpu"):
         assert run(cfg) is not None
@@ -145,7 +128,7 @@ def test_a_captured_config_trains_on_a_cpu_with_a_warning(data_dir, tmp_path):
 def _train(data_dir, out, epochs, extra=()):
     cfg = compose_cfg(
         [
-            f"data_dir={data_dir}",
+            f"paths.data_dir={data_dir}",
             *TINY,
             f"trainer.max_epochs={epochs}",
             "jac_reg=hutchinson",
@@ -198,7 +181,7 @@ def test_test_mode_evaluates_a_checkpoint(data_dir, tmp_path, monkeypatch):
     _train(data_dir, tmp_path / "last", 2, ["test_ckpt=last"])
     assert tested[-1] is None  # the weights in memory: the last ones
     cfg = compose_cfg(
-        [f"data_dir={data_dir}", *TINY, "mode=test", f"ckpt_path={best}"], tmp_path / "b"
+        [f"paths.data_dir={data_dir}", *TINY, "mode=test", f"ckpt_path={best}"], tmp_path / "b"
     )
     score = run(cfg)
     assert score == pytest.approx(last_value(rows, "test/acc"), abs=1e-7)
@@ -210,7 +193,7 @@ def test_wandb_offline_writes_a_local_run(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     norm = ["norm=weight_norm", "jac_reg=hutchinson"]
-    cfg = compose_cfg([f"data_dir={data_dir}", *TINY, *norm, "logger=many"], tmp_path)
+    cfg = compose_cfg([f"paths.data_dir={data_dir}", *TINY, *norm, "logger=many"], tmp_path)
     run(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -235,7 +218,8 @@ def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
     out = tmp_path / "ddp"
     batch = "task.datamodule.batch_size=16"  # the global batch: 8 per process
     proc = run_cli(
-        [f"data_dir={data_dir}", f"hydra.run.dir={out}", *TINY, batch, "trainer=ddp_cpu"], tmp_path
+        [f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *TINY, batch, "trainer=ddp_cpu"],
+        tmp_path,
     )
     assert "deqlab: train done" in proc.stdout
     rows = metrics(out)
@@ -256,24 +240,24 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(data_dir, tmp_path
     _train(data_dir, tmp_path / "a", 1)
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     trained = torch.load(ckpt, weights_only=True)["state_dict"]
-    cfg = compose_cfg([f"data_dir={data_dir}", *TINY, f"init_from={ckpt}"], tmp_path / "b")
+    cfg = compose_cfg([f"paths.data_dir={data_dir}", *TINY, f"init_from={ckpt}"], tmp_path / "b")
     module = instantiate(cfg.task.module)
     module.setup("fit")
     for name, value in module.net.state_dict().items():
         torch.testing.assert_close(value, trained[f"net.{name}"], rtol=0, atol=0)
     tested = run(
         compose_cfg(
-            [f"data_dir={data_dir}", *TINY, "mode=test", f"init_from={ckpt}"], tmp_path / "c"
+            [f"paths.data_dir={data_dir}", *TINY, "mode=test", f"init_from={ckpt}"], tmp_path / "c"
         )
     )
     reference = run(
         compose_cfg(
-            [f"data_dir={data_dir}", *TINY, "mode=test", f"ckpt_path={ckpt}"], tmp_path / "d"
+            [f"paths.data_dir={data_dir}", *TINY, "mode=test", f"ckpt_path={ckpt}"], tmp_path / "d"
         )
     )
     assert tested == reference  # the same weights, the same test accuracy
 
-    wider = [f"data_dir={data_dir}", *TINY, "task.module.net.inner=12", f"init_from={ckpt}"]
+    wider = [f"paths.data_dir={data_dir}", *TINY, "task.module.net.inner=12", f"init_from={ckpt}"]
     with pytest.raises(ValueError, match=r"(?s)do not fit this network.*init_from_strict=false"):
         instantiate(compose_cfg(wider, tmp_path / "e").task.module).setup("fit")
     module = instantiate(

@@ -39,7 +39,7 @@ def test_two_job_sweep_ends_in_a_report(data_dir, tmp_path):
             "-m",
             "solver=anderson,broyden",
             "grad=ift",
-            f"data_dir={data_dir}",
+            f"paths.data_dir={data_dir}",
             f"hydra.sweep.dir={sweep}",
             "logger=wandb",
             *TINY,
@@ -85,7 +85,7 @@ def test_optuna_search_runs_its_trials(data_dir, tmp_path):
             "-m",
             "hparams_search=cifar_optuna",
             "hydra.sweeper.n_trials=2",
-            f"data_dir={data_dir}",
+            f"paths.data_dir={data_dir}",
             f"hydra.sweep.dir={sweep}",
             *TINY,
         ],
@@ -103,7 +103,7 @@ def test_optuna_search_runs_its_trials(data_dir, tmp_path):
 
 
 def test_report_of_a_single_run_and_of_a_folder_without_runs(data_dir, tmp_path):
-    run(compose_cfg([f"data_dir={data_dir}", *TINY], tmp_path / "runs" / "one"))
+    run(compose_cfg([f"paths.data_dir={data_dir}", *TINY], tmp_path / "runs" / "one"))
     report(tmp_path / "runs")
     with open(tmp_path / "runs" / "report.csv") as fh:
         (row,) = list(csv.DictReader(fh))
@@ -166,7 +166,7 @@ def test_dashboard_workspace_has_the_deqlab_panels():
 def test_deqlab_command_dispatches_report(data_dir, tmp_path, monkeypatch, capsys):
     from deqlab.runner import cli
 
-    run(compose_cfg([f"data_dir={data_dir}", *TINY], tmp_path / "one"))
+    run(compose_cfg([f"paths.data_dir={data_dir}", *TINY], tmp_path / "one"))
     monkeypatch.setattr("sys.argv", ["deqlab", "report", str(tmp_path)])
     cli.main()
     out = capsys.readouterr().out
@@ -179,7 +179,7 @@ def test_deqlab_command_dispatches_report(data_dir, tmp_path, monkeypatch, capsy
 def test_log_model_without_a_login_fails_by_name(data_dir, tmp_path, monkeypatch):
     # uploading checkpoints needs an online run; offline, say so instead of dropping it
     monkeypatch.setenv("WANDB_MODE", "offline")
-    args = [f"data_dir={data_dir}", *TINY, "logger=wandb", "logger.wandb.log_model=true"]
+    args = [f"paths.data_dir={data_dir}", *TINY, "logger=wandb", "logger.wandb.log_model=true"]
     with pytest.raises(Exception, match=r"log_model=true uploads the checkpoints.*wandb login"):
         run(compose_cfg(args, tmp_path))
 
@@ -189,7 +189,7 @@ def test_python_m_deqlab_is_the_deqlab_command(data_dir, tmp_path):
     lists real options only (no schema), with the subcommands."""
     from .runs import run_cli
 
-    run(compose_cfg([f"data_dir={data_dir}", *TINY], tmp_path / "one"))
+    run(compose_cfg([f"paths.data_dir={data_dir}", *TINY], tmp_path / "one"))
     proc = run_cli(["report", str(tmp_path)], tmp_path)
     assert "| completed |" in proc.stdout and (tmp_path / "report.md").is_file()
     help_text = run_cli(["--help"], tmp_path).stdout

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..core import CoreConfig
@@ -33,6 +34,7 @@ from ..initial_state import InitConfig
 from ..norm import NormConfig
 from ..settings import to_config
 from ..solvers import SolverConfig
+from .extras import ExtrasConfig
 from .fit import FitConfig, JacRegConfig
 from .optim import OptimConfig
 
@@ -60,10 +62,12 @@ VALIDATED = {**SCHEMAS, "task.module.fit": FitConfig}
 
 
 class Mode(str, Enum):
-    """train: fit, then test a checkpoint; test: evaluate ``ckpt_path`` only."""
+    """train: fit, then test a checkpoint; test: evaluate ``ckpt_path`` on the test split;
+    eval: on the validation split, then the test split."""
 
     train = "train"
     test = "test"
+    eval = "eval"
 
     def __str__(self) -> str:
         return self.value
@@ -85,14 +89,14 @@ class RootConfig:
     groups are typed by their own schemas."""
 
     seed: int = 0
-    data_dir: str = "data"
     ckpt_path: str | None = None
     init_from: str | None = None
     init_from_strict: bool = True
     mode: Mode = Mode.train
     test_ckpt: TestCheckpoint = TestCheckpoint.best
-    output_dir: str = "outputs"
     run_name: str = ""
+    tags: list[str] = field(default_factory=list)
+    extras: ExtrasConfig = field(default_factory=ExtrasConfig)
     task: Any = None
     core: Any = None
     solver: Any = None
@@ -104,6 +108,7 @@ class RootConfig:
     trainer: Any = None
     logger: Any = None
     callbacks: Any = None
+    paths: Any = None
 
 
 # Distinguishes runs started in the same second: part of every run and sweep folder's name.
@@ -149,7 +154,8 @@ def help_text() -> str:
         [
             "deqlab: train and test Deep Equilibrium models.",
             "",
-            "  deqlab [group=option ...] [key=value ...]   train (mode=train) or test (mode=test)",
+            "  deqlab [group=option ...] [key=value ...]   train (mode=train), or evaluate a",
+            "                                              checkpoint (mode=test, mode=eval)",
             "  deqlab -m group=a,b ...                     a sweep, one job per combination",
             "  deqlab report FOLDER                        compare the runs of a sweep",
             "  deqlab dashboard --project P --entity E     the W&B workspace",
@@ -176,7 +182,7 @@ def job_name() -> str:
     ``grad=phantom,solver=broyden`` (keys swept on the command line or in
     ``hydra.sweeper.params``, e.g. an Optuna search space). A single run, or a job whose
     sweep is not known (a job started by a cluster launcher), gets all its overrides
-    (``data_dir`` and ``ckpt_path`` aside); no overrides give ''."""
+    (``paths.*`` and ``ckpt_path`` aside); no overrides give ''."""
     hydra_cfg = _hydra()
     if hydra_cfg is None:
         return ""
@@ -184,7 +190,7 @@ def job_name() -> str:
     overrides = [
         o
         for o in parser.parse_overrides(list(hydra_cfg.overrides.task))
-        if o.key_or_group not in ("data_dir", "ckpt_path")
+        if o.key_or_group != "ckpt_path" and not o.key_or_group.startswith("paths.")
     ]
     swept = set(hydra_cfg.sweeper.get("params") or {})
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -237,10 +243,30 @@ def validate(cfg: DictConfig) -> None:
             "task.datamodule.val_size=0 validates on the test split, so the best checkpoint "
             "would be chosen by test accuracy: set test_ckpt=last"
         )
-    if cfg.mode == "test" and not (cfg.ckpt_path or cfg.get("init_from")):
+    if cfg.mode != "train" and not (cfg.ckpt_path or cfg.get("init_from")):
         raise ConfigError(
-            "mode=test evaluates a checkpoint: pass ckpt_path=<file.ckpt> (or init_from=<weights>)"
+            f"mode={cfg.mode} evaluates a checkpoint: pass ckpt_path=<file.ckpt> "
+            "(or init_from=<weights>)"
         )
+    if cfg.mode == "train" and cfg.test_ckpt == "best" and not _keeps_best(cfg.callbacks):
+        raise ConfigError(
+            "test_ckpt=best tests the best checkpoint, but no callback keeps one (a "
+            "ModelCheckpoint with a monitor, callbacks.checkpoint in callbacks=default): add "
+            "callbacks=[...,checkpoints] or set test_ckpt=last"
+        )
+
+
+def _keeps_best(callbacks: DictConfig | None) -> bool:
+    """Whether a configured callback is a ModelCheckpoint that monitors a metric."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for node in (callbacks or {}).values():
+        target = node.get("_target_") if OmegaConf.is_dict(node) else None
+        if target and node.get("monitor"):
+            cls = get_class(target)
+            if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
+                return True
+    return False
 
 
 def compose(overrides: list[str], output_dir: str | Path, keep_hydra: bool = False) -> DictConfig:
@@ -255,7 +281,7 @@ def compose(overrides: list[str], output_dir: str | Path, keep_hydra: bool = Fal
         cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
-        cfg.output_dir = str(output_dir)
+        cfg.paths.output_dir = str(output_dir)
         if not keep_hydra:
             del cfg["hydra"]
     return cfg

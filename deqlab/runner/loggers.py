@@ -1,8 +1,8 @@
 """Logger plumbing for the runner: an offline-first W&B logger and figures for any logger.
 
 Every logger receives the same metric names (``train/loss``, ``val/acc``, ``deq/fwd_nfe``...);
-figures go to the loggers that take images (TensorBoard, W&B) and, for CSV, to a PNG beside
-its metrics file.
+figures go to the loggers that take images (TensorBoard, W&B, MLflow) and, for CSV, to a PNG
+beside its metrics file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures are rendered to arrays, never shown
 import matplotlib.pyplot as plt
 import numpy as np
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import (
+    CSVLogger,
+    Logger,
+    MLFlowLogger,
+    TensorBoardLogger,
+    WandbLogger,
+)
 from torch import Tensor
 
 
@@ -51,6 +57,7 @@ def wandb_logger(
     name: str | None = None,
     group: str | None = None,
     tags: Sequence[str] = (),
+    run_tags: Sequence[str] = (),
     summaries: Mapping[str, str] | None = None,
     log_model: bool = False,
     **kwargs: Any,
@@ -59,7 +66,8 @@ def wandb_logger(
 
     Online when the user is logged in (:func:`wandb_credentials`) or ``WANDB_MODE=online``;
     otherwise offline, never prompting, writing a local run under ``save_dir/wandb`` that
-    ``wandb sync`` uploads later. The run's summary holds each metric of ``summaries`` at its
+    ``wandb sync`` uploads later. Its tags are the config choices ``tags`` and the run's own
+    ``run_tags``. The run's summary holds each metric of ``summaries`` at its
     best value (``min`` or ``max``, as the task's config says), not its last; ``log_model``
     uploads the checkpoints as an artifact when training ends.
     """
@@ -78,7 +86,7 @@ def wandb_logger(
         save_dir=save_dir,
         name=name or None,  # W&B draws a name for a run without overrides
         group=group,
-        tags=list(tags),
+        tags=[*tags, *run_tags],
         offline=offline,
         log_model=log_model,
         **kwargs,
@@ -90,6 +98,36 @@ def wandb_logger(
                 raise ValueError(f"the summary of {metric} must be min or max, got {mode!r}")
             run.define_metric(metric, summary=mode)
     return logger
+
+
+def mlflow_logger(
+    experiment_name: str = "deqlab",
+    run_name: str | None = None,
+    tracking_uri: str = "sqlite:///mlflow.db",
+    tags: Mapping[str, str] | None = None,
+    run_tags: Sequence[str] = (),
+    **kwargs: Any,
+) -> Logger:
+    """An MLFlowLogger writing to ``tracking_uri``: a local SQLite store (MLflow's
+    successor to its file store, which it no longer develops) or a server. Its tags are
+    ``tags`` (the config choices: ``tags.solver = 'broyden'`` in MLflow's search) and the
+    run's own ``run_tags``, comma-joined under ``tags``."""
+    from lightning.pytorch.loggers.mlflow import _MLFLOW_AVAILABLE
+
+    if not _MLFLOW_AVAILABLE:
+        raise ModuleNotFoundError(
+            "logger=mlflow needs MLflow's client: pip install 'deqlab[mlflow]' (mlflow-skinny)"
+        )
+    all_tags = dict(tags or {})
+    if run_tags:
+        all_tags["tags"] = ",".join(run_tags)
+    return MLFlowLogger(
+        experiment_name=experiment_name,
+        run_name=run_name or None,  # MLflow draws a name for a run without overrides
+        tracking_uri=tracking_uri,
+        tags=all_tags,
+        **kwargs,
+    )
 
 
 def residual_trace_figure(trace: Tensor, epoch: int) -> plt.Figure:
@@ -120,6 +158,8 @@ def log_figure(
             logger.experiment.add_image(key, image, step, dataformats="HWC")
         elif isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[image], step=step)
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_figure(logger.run_id, fig, f"{key}_step{step}.png")
         elif isinstance(logger, CSVLogger):
             out = Path(logger.log_dir) / "figures"
             out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ python -m deqlab task=cifar solver=broyden grad=phantom norm=weight_norm
 python -m deqlab experiment=cifar_tutorial logger=wandb
 python -m deqlab -m solver=anderson,broyden grad=ift,phantom      # a local sweep
 python -m deqlab mode=test ckpt_path=outputs/runs/<run>/checkpoints/best.ckpt
+python -m deqlab mode=eval ckpt_path=...    # the validation and the test split of a checkpoint
 python -m deqlab hydra.run.dir=outputs/runs/<run> ckpt_path=last  # resume a killed run
 python -m deqlab report outputs/multiruns/<sweep>                  # as `deqlab report`
 """
@@ -41,6 +42,7 @@ from deqlab.runner.cluster import (
     requeued_checkpoint,
 )
 from deqlab.runner.config import CONF_DIR, register_configs, validate
+from deqlab.runner.extras import run_extras
 
 register_configs()
 
@@ -65,10 +67,11 @@ def run(cfg: DictConfig) -> float | None:
     reads a checkpoint. Loggers are closed whatever happens, a failed run marked as failed
     (a W&B run with a non-zero exit code), so the next job of a sweep starts its own.
     """
-    out = Path(cfg.output_dir)
+    out = Path(cfg.paths.output_dir)
     with ExitStack() as held:
         try:
             validate(cfg)
+            held.enter_context(run_extras(cfg.extras))
             if rank_zero_only.rank == 0:  # DDP processes started by this one share its lock
                 stale = held.enter_context(hold_run_folder(out))
                 if stale:
@@ -117,38 +120,44 @@ def fit_and_test(
     callbacks: list[Any],
     ckpt: Path | None,
 ) -> float | None:
-    if cfg.mode == "test":
-        results = trainer.test(module, datamodule, ckpt_path=ckpt)
-        score = results[0].get(cfg.task.test_metric) if results else None
-    else:
+    """Run ``cfg.mode``; returns the score a sweep compares: the best monitored validation
+    metric (train), the monitored metric of the checkpoint (eval), the test metric (test)."""
+    reported: dict[str, float] = {}
+    if cfg.mode == "train":
         trainer.fit(module, datamodule, ckpt_path=ckpt)
         best_ckpt = next(
             (c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None
         )
         best = best_ckpt.best_model_path if best_ckpt is not None else ""
-        # the weights in memory are the last ones
-        trainer.test(
-            module, datamodule, ckpt_path=(best or None) if cfg.test_ckpt == "best" else None
-        )
+        # without a best checkpoint, the last validation's score (testing resets the metrics)
         score = (
             best_ckpt.best_model_score
             if best_ckpt is not None
             else trainer.callback_metrics.get(cfg.task.monitor)
         )
+        # the weights in memory are the last ones
+        reported.update(
+            *trainer.test(
+                module, datamodule, ckpt_path=(best or None) if cfg.test_ckpt == "best" else None
+            )
+        )
+    else:
+        if cfg.mode == "eval":  # the validation split first, then the test split
+            reported.update(*trainer.validate(module, datamodule, ckpt_path=ckpt))
+        reported.update(*trainer.test(module, datamodule, ckpt_path=ckpt))
+        score = reported.get(cfg.task.monitor if cfg.mode == "eval" else cfg.task.test_metric)
     score = None if score is None else float(score)
-    tested = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     if trainer.is_global_zero:
         shown = "n/a" if score is None else f"{score:.4f}"
-        tests = ", ".join(f"{k}={v:.4f}" for k, v in sorted(tested.items()))
-        print(
-            f"deqlab: {cfg.mode} done; best {cfg.task.monitor}={shown}; {tests}; outputs in {cfg.output_dir}"
-        )
+        metrics = ", ".join(f"{k}={float(v):.4f}" for k, v in sorted(reported.items()))
+        best = f"best {cfg.task.monitor}={shown}; " if cfg.mode == "train" else ""
+        print(f"deqlab: {cfg.mode} done; {best}{metrics}; outputs in {cfg.paths.output_dir}")
     return score
 
 
 def print_config(cfg: DictConfig) -> None:
     """The composed config as a tree, one branch per group, as the run starts."""
-    tree = rich.tree.Tree(f"config of {cfg.output_dir}")
+    tree = rich.tree.Tree(f"config of {cfg.paths.output_dir}")
     for key, value in cfg.items():
         if OmegaConf.is_config(value):
             text = OmegaConf.to_yaml(value, resolve=True)

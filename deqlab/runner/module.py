@@ -315,5 +315,6 @@ class DEQLitModule(L.LightningModule):
         opt, sched = self.optim_cfg.build(self, total)
         return {
             "optimizer": opt,
-            "lr_scheduler": {"scheduler": sched, "interval": "step"},
+            # name: what callbacks.lr_monitor logs it as (optim/lr/pg1, ...)
+            "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "optim/lr"},
         }

@@ -40,7 +40,7 @@ from .files import replacing
 from .sweep import read_manifest
 
 # overrides that say where a run reads or resumes from, not what it is
-HIDDEN_OVERRIDES = ("data_dir=", "ckpt_path=", "hydra.")
+HIDDEN_OVERRIDES = ("paths.", "ckpt_path=", "hydra.")
 
 
 @dataclass
