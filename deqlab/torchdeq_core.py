@@ -7,7 +7,8 @@ compare results and speed (``pip install -e '.[torchdeq]'``). What maps onto wha
     solver.name fixed_point | anderson | broyden  ->  f_solver fixed_point_iter | anderson | broyden
     solver.max_iter, tol, stop_mode (abs, rel)     ->  f_max_iter, f_tol, f_stop_mode
     solver eval budget                             ->  eval_f_max_iter
-    solver.m, lam, tau (anderson), return_final    ->  the solver's m, lam, tau, return_final
+    solver.m, lam, tau (anderson), ls (broyden)    ->  the solver's m, lam, tau, ls
+    solver.return_final                            ->  return_final
     grad.name ift                                  ->  ift=True, b_solver, b_max_iter, b_tol, b_stop_mode
     grad.steps, tau, sup_gap, sup_loc              ->  grad, tau, sup_gap, sup_loc
     grad.name onestep                              ->  grad=1, tau=1.0
@@ -37,7 +38,7 @@ from .state import State, as_tuple, leaf, like
 SOLVER_NAMES = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
 GRAPHS = ("indexing", "sliced")
 # the solver options TorchDEQ's solvers share with ours, which it also takes per call
-PER_CALL = ("m", "lam", "tau", "return_final")
+PER_CALL = ("m", "lam", "tau", "ls", "return_final")
 
 
 def _torchdeq() -> Any:
@@ -129,7 +130,7 @@ class TorchDEQCore(nn.Module):
         **solver_options: Any,
     ) -> tuple[State, DEQInfo]:
         """As :meth:`deqlab.DEQ.forward`; per call TorchDEQ takes only the solver's own
-        options (m, lam, tau, return_final), not tol or stop_mode."""
+        options (m, lam, tau, ls, return_final), not tol or stop_mode."""
         other = sorted(set(solver_options) - set(PER_CALL))
         if other:
             raise ValueError(

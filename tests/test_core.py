@@ -37,7 +37,11 @@ def test_only_the_solvers_own_options_are_passed():
         "tau": 1.0,
         **common,
     }
-    assert SolverConfig(name="broyden", memory=7).solver_kwargs() == {"memory": 7, **common}
+    assert SolverConfig(name="broyden", memory=7).solver_kwargs() == {
+        "memory": 7,
+        "ls": False,
+        **common,
+    }
     assert SolverConfig(name="fixed_point", tau=0.5).solver_kwargs() == {"tau": 0.5, **common}
 
 

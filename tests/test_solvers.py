@@ -771,7 +771,7 @@ def test_cpu_solves_recycle_their_history_buffers(name, history):
 CONFIG_OPTIONS = {
     "fixed_point": ("tau", "return_final", "check_every"),
     "anderson": ("m", "lam", "lam_mode", "tau", "return_final", "check_every"),
-    "broyden": ("memory", "return_final", "check_every"),
+    "broyden": ("memory", "ls", "return_final", "check_every"),
 }
 
 
@@ -825,3 +825,93 @@ def test_a_solver_must_be_a_function(restore_registries):
     with pytest.raises(TypeError) as e:
         register_solver("number", 3)
     assert str(e.value) == "solver 'number' must be a function, got int"
+
+
+# --- Broyden's line search (ls) ----------------------------------------------------------
+
+
+def overshooting_problem(batch: int = 3, dim: int = 8, start: float = 3.0):
+    """g(z) = f(z) - z = -atan(A (z - c)): the secant steps aim at the root like Newton's,
+    which overshoots atan's flat tails from ``start`` away."""
+    torch.manual_seed(0)
+    c = torch.randn(batch, dim, dtype=torch.float64)
+    a = 3 * torch.eye(dim, dtype=torch.float64) + 0.3 * torch.randn(dim, dim, dtype=torch.float64)
+    return (lambda z: z - torch.atan((z - c) @ a.T)), c + start, c
+
+
+def test_line_search_rescues_broyden_where_the_full_step_overshoots():
+    f, z0, c = overshooting_problem()
+    kw = dict(max_iter=40, tol=1e-8, stop_mode="abs")
+    plain = get_solver("broyden")(f, z0, **kw)
+    searched = get_solver("broyden")(f, z0, ls=True, **kw)
+    # the premise: the full steps run away, to |z| ~ 1e16, where f(z) - z rounds to 0
+    assert (plain.z - c).abs().max() > 1e6
+    assert searched.converged.all()
+    torch.testing.assert_close(searched.z, c, rtol=0, atol=1e-8)
+    assert searched.nfe > len(searched.trace)  # trials are f evaluations, not steps
+
+
+def test_line_search_solves_each_sample_as_if_alone():
+    """Each sample takes its own step size: a batch's solve is its samples' solves."""
+    f, z0, _ = overshooting_problem(batch=3)
+    together = get_solver("broyden")(f, z0, max_iter=25, tol=None, ls=True)
+    for i in range(3):
+        alone = get_solver("broyden")(
+            lambda z, i=i: f(z.expand(3, -1))[i : i + 1],
+            z0[i : i + 1],
+            max_iter=25,
+            tol=None,
+            ls=True,
+        )
+        torch.testing.assert_close(alone.z, together.z[i : i + 1], rtol=1e-12, atol=1e-12)
+
+
+def test_armijo_step_on_atan_takes_the_quadratics_minimiser():
+    """g(z) = -atan(z) from z = 3 along Newton's direction d = -atan(3) (1 + 3^2): the full step
+    (to -9.49) raises ||g||^2; the quadratic through phi(0), phi'(0) = -phi(0) and phi(1) has
+    its minimum at s = phi(0) / (2 phi(1)), which Armijo's condition accepts. Beside it, a
+    sample whose full step lands on the root keeps s = 1: each sample searches for itself."""
+    from deqlab.solvers.broyden import armijo_step
+
+    f = lambda z: z - torch.atan(z)
+    z = torch.tensor([[3.0], [0.5]], dtype=torch.float64)
+    gz = f(z) - z
+    d = torch.cat([-torch.atan(z[:1]) * 10, -z[1:]])
+    phi0, phi1 = torch.atan(z[0]) ** 2, torch.atan(z[0] + d[0]) ** 2
+    expected = phi0 / (2 * phi1)
+    z_new, fz_new, s, evals = armijo_step(f, z, gz, d)
+    assert evals == 2
+    torch.testing.assert_close(s[0], expected, rtol=1e-13, atol=0)
+    assert s[1].item() == 1.0 and z_new[1].item() == 0.0
+    torch.testing.assert_close(z_new, z + s * d, rtol=1e-15, atol=0)
+    assert torch.equal(fz_new, f(z_new))
+    assert (torch.atan(z_new[0]) ** 2 <= phi0 * (1 - 1e-4 * s[0])).all()
+
+
+def test_armijo_step_takes_the_full_step_when_no_step_size_helps():
+    """Along an ascent direction every trial fails: s shrinks to below 0.01 (at most 8
+    evaluations), then the full step is taken, as the references' search does."""
+    from deqlab.solvers.broyden import armijo_step
+
+    f = lambda z: z - torch.atan(z)
+    z = torch.tensor([[3.0], [0.5]], dtype=torch.float64)
+    d = torch.tensor([[1.0], [-0.5]], dtype=torch.float64)  # sample 1: straight to the root
+    z_new, _, s, evals = armijo_step(f, z, f(z) - z, d)
+    assert s.flatten().tolist() == [1.0, 1.0]
+    assert torch.equal(z_new, z + d)
+    assert 2 <= evals <= 8
+
+
+def test_line_search_is_refused_where_it_cannot_run():
+    f, z0, _ = overshooting_problem()
+    with pytest.raises(ValueError) as e:
+        get_solver("broyden")(f, z0, max_iter=5, tol=1e-3, ls=True, check_every=2)
+    assert str(e.value) == (
+        "broyden: ls reads its Armijo test back at every trial, so it cannot defer its "
+        "convergence tests: set check_every=1 (and capture=false) or ls=false"
+    )
+    from deqlab import SolverConfig
+
+    with pytest.raises(ValueError) as e:
+        SolverConfig(name="anderson", ls=True)
+    assert str(e.value) == "solver.ls is Broyden's line search; solver 'anderson' has none"

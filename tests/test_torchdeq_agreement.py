@@ -101,7 +101,7 @@ def test_torchdeq_core_refuses_what_it_cannot_do():
 
 
 def test_torchdeq_core_takes_the_solvers_own_options_per_call():
-    """Per call TorchDEQ takes m, lam, tau, return_final (its tol and stop mode are fixed at
+    """Per call TorchDEQ takes m, lam, tau, ls, return_final (its tol and stop mode are fixed at
     construction): the same iterates as a TorchDEQ core built with those options."""
     from deqlab import build_core
 
@@ -121,5 +121,5 @@ def test_torchdeq_core_takes_the_solvers_own_options_per_call():
         layer(f, torch.zeros_like(x), tol=1e-3)
     assert str(e.value) == (
         "core=torchdeq: TorchDEQ takes no per-call ['tol']; per call it takes "
-        "['m', 'lam', 'tau', 'return_final'] (or use core=indexing)"
+        "['m', 'lam', 'tau', 'ls', 'return_final'] (or use core=indexing)"
     )

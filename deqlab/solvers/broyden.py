@@ -17,6 +17,10 @@ derived from a B that contained the dropped term. On long solves that diverges; 
 numerically zero (relative to ||dz^T B|| ||dg||) or non-finite, or whose dg is at the rounding
 level of the residuals (16 eps ||f(z)||, where the references' updates blow up), is skipped for
 that sample.
+
+``ls=True`` searches along each step (Armijo backtracking on phi(s) = ||g(z + s d)||^2, each
+sample its own step size; see :func:`armijo_step`), as TorchDEQ's ``ls`` and the DEQ code's
+Broyden do, where the full step overshoots.
 """
 
 from __future__ import annotations
@@ -64,6 +68,52 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(1).transpose(1, 2)).squeeze(2)
 
 
+def armijo_step(
+    f: Callable[[Tensor], Tensor],
+    z: Tensor,
+    gz: Tensor,
+    d: Tensor,
+    c1: float = 1e-4,
+    min_step: float = 1e-2,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """z + s d with, per sample, the first step size s that satisfies Armijo's condition on
+    phi(s) = ||g(z + s d)||^2, g(z) = f(z) - z:
+
+        phi(s) <= phi(0) (1 - c1 s)      (phi'(0) = -phi(0), as TorchDEQ and scipy assume)
+
+    trying s = 1, then the minimiser of the quadratic through phi(0), phi'(0) and the last
+    phi(s), kept within [0.1 s, 0.5 s] (Nocedal & Wright, 2006, section 3.5). A sample
+    whose s falls below ``min_step`` without success takes the full step, as the references'
+    search does. Returns the new iterates, f at them, the step sizes (B, 1) and the number of
+    f evaluations (at most 8, one when every full step is accepted)."""
+    phi0 = gz.square().sum(1, keepdim=True)
+    z_new = z + d
+    fz_new = f(z_new)
+    phi = (fz_new - z_new).square().sum(1, keepdim=True)
+    s = torch.ones_like(phi0)
+    done = phi <= phi0 * (1 - c1)  # NaN compares False: a non-finite trial is refused
+    evals = 1
+    trying = ~done
+    while bool(trying.any()):  # the host read that decides whether to search on
+        # the quadratic's minimiser, phi0 s^2 / (2 (phi(s) - phi0 + phi0 s)), safeguarded
+        quad = phi0 * s * s / (2 * (phi - phi0 + phi0 * s))
+        quad = torch.where(torch.isfinite(quad), quad, 0.5 * s)
+        s = torch.where(trying, torch.minimum(torch.maximum(quad, 0.1 * s), 0.5 * s), s)
+        trying.logical_and_(s >= min_step)
+        if not bool(trying.any()):
+            break
+        z_try = z + s * d
+        fz_try = f(z_try)
+        evals += 1
+        phi = (fz_try - z_try).square().sum(1, keepdim=True)
+        ok = (phi <= phi0 * (1 - c1 * s)).logical_and_(trying)
+        z_new = torch.where(ok, z_try, z_new)
+        fz_new = torch.where(ok, fz_try, fz_new)
+        done.logical_or_(ok)
+        trying.logical_and_(~ok)
+    return z_new, fz_new, torch.where(done, s, 1.0), evals
+
+
 def broyden(
     f: Callable[[State], State],
     z0: State,
@@ -75,11 +125,18 @@ def broyden(
     return_final: bool = False,
     check_every: int = 1,
     memory: int = 30,
+    ls: bool = False,
 ) -> SolverResult:
-    """Good Broyden with the ``memory`` most recent rank-one updates."""
+    """Good Broyden with the ``memory`` most recent rank-one updates; ``ls``: a line search
+    along each step (``max_iter`` then counts steps, and ``nfe`` the f evaluations)."""
     check_common(max_iter, tol, stop_mode, check_every)
     if memory < 1:
         raise ValueError(f"broyden: memory must be >= 1, got {memory}")
+    if ls and check_every != 1:
+        raise ValueError(
+            "broyden: ls reads its Armijo test back at every trial, so it cannot defer its "
+            "convergence tests: set check_every=1 (and capture=false) or ls=false"
+        )
     state = FlatState(z0)
     f_flat = state.flat_fn(f)
     z = state.flatten(z0)
@@ -94,6 +151,7 @@ def broyden(
     nfe = 0
     used = 0  # slots holding updates since the last (re)start from B = -I
     step = g_prev = None
+    direction = fz = None  # with ls: -B g of the last step (step = s * direction), f(z)
     # Only the first ``used`` slots are ever read, so the buffer needs no zeroing.
     with scratch((batch, 2 * slots, dim), dtype, device) as uv:
         us, vs = uv[:, :slots], uv[:, slots:]
@@ -105,8 +163,9 @@ def broyden(
             for n in range(slots + 1)
         ]
         for k in range(max_iter):
-            fz = f_flat(z)
-            nfe += 1
+            if fz is None:  # (a line search evaluated f at the new iterate already)
+                fz = f_flat(z)
+                nfe += 1
             gz = fz - z
             if track.step(k, z, fz, gz) or k == max_iter - 1:
                 break
@@ -134,7 +193,12 @@ def broyden(
                 # u = (dz - B dg) / den with B dg = B g_k - B g_{k-1}. When B made the last
                 # step, B g_{k-1} = -dz and u = -B g_k / den: no new vector to form. After a
                 # restart B = -I, so B g_{k-1} = -g_{k-1}.
-                numerator, factor = (step - bg - g_prev, inv_den) if restarted else (bg, -inv_den)
+                if restarted:
+                    numerator, factor = step - bg - g_prev, inv_den
+                elif ls:  # the step was s * direction: B g_{k-1} = -direction
+                    numerator, factor = step - bg - direction, inv_den
+                else:
+                    numerator, factor = bg, -inv_den
                 if compiling:
                     u.copy_(numerator * factor)
                 else:
@@ -144,8 +208,18 @@ def broyden(
                 # The step -B_new g_k with B_new g_k = B g_k + u (v . g_k); without a restart
                 # u is parallel to B g_k and that is a rescale.
                 vg = _dot(v, gz)
-                step = torch.addcmul(bg, u, vg).neg_() if restarted else bg * (vg * inv_den - 1.0)
-            z = z + step
+                if restarted or ls:
+                    step = torch.addcmul(bg, u, vg).neg_()
+                else:
+                    step = bg * (vg * inv_den - 1.0)
+            if ls:
+                direction = step
+                z, fz, size, evals = armijo_step(f_flat, z, gz, direction)
+                step = direction * size
+                nfe += evals
+            else:
+                z = z + step
+                fz = None
             g_prev = gz
     return track.result(state, nfe, "broyden")
 

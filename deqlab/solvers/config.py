@@ -14,7 +14,8 @@ class SolverConfig:
     """Forward solver settings (the ``solver`` config group).
 
     The named options go to the solvers that take them (anderson: m, lam, lam_mode, tau;
-    fixed_point: tau; broyden: memory; all: return_final); ``options`` holds extra options for
+    fixed_point: tau; broyden: memory, ls (a line search along each step); all:
+    return_final); ``options`` holds extra options for
     solvers registered by the user. The budget in eval mode is ``eval_max_iter`` if set, else
     ``max_iter * eval_factor`` (TorchDEQ's two options). ``tol: null`` runs exactly
     ``max_iter`` steps with no convergence test (no host syncs).
@@ -36,6 +37,7 @@ class SolverConfig:
     tau: float = 1.0
     lam_mode: str = "relative"
     memory: int = 30
+    ls: bool = False
     return_final: bool = False
     check_every: int = 1
     capture: bool = False
@@ -58,6 +60,13 @@ class SolverConfig:
                 f"solver {self.name!r} takes no check_every, so it can neither defer its "
                 "convergence tests nor be captured; set solver.check_every=1 and "
                 "solver.capture=false"
+            )
+        if self.ls and "ls" not in accepted:
+            raise ValueError(f"solver.ls is Broyden's line search; solver {self.name!r} has none")
+        if self.ls and (self.check_every != 1 or self.capture):
+            raise ValueError(
+                "solver.ls reads its Armijo test back at every trial: set solver.check_every=1 "
+                "and solver.capture=false, or solver.ls=false"
             )
         if not self.eval_factor > 0:
             raise ValueError(f"solver.eval_factor must be > 0, got {self.eval_factor}")
