@@ -19,7 +19,7 @@ from .dropout import (
 )
 from .grad import DivergenceWarning, GradConfig, GradMode, register_grad
 from .initial_state import InitConfig, mixed_init, zeros_init
-from .norm import NormConfig, apply_norm, remove_norm
+from .norm import NormConfig, apply_norm, register_norm, register_norm_module, remove_norm
 from .regularize import fp_correction, jacobian_loss, spectral_radius
 from .solvers import SolverConfig, SolverResult, get_solver, register_solver
 from .solvers.capture import Bound
@@ -51,6 +51,8 @@ __all__ = [
     "mixed_init",
     "register_core",
     "register_grad",
+    "register_norm",
+    "register_norm_module",
     "register_solver",
     "remove_norm",
     "reset_dropout",

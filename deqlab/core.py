@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .grad import GRAD_MODES, DivergenceWarning, GradConfig
+from .grad import GRAD_MODES, DivergenceWarning, GradConfig, evaluate
 from .registry import Registry
 from .regularize import jacobian_loss
 from .settings import to_config
@@ -248,7 +248,9 @@ class DEQ(nn.Module):
         mode = self.mode if last or not self.mode.at_equilibrium else GRAD_MODES.get("phantom")
         jac = last and jac_vecs > 0
         z = leaf(z_star, mode.needs_z_grad or jac)
-        fz = f(z)
+        # ift's backward solve takes many products through f(z*): recomputing f for each
+        # would cost more than it saves, so only the unrolled modes checkpoint f
+        fz = evaluate(f, z, self.grad_cfg.mem_gc and not mode.at_equilibrium and not jac)
         if jac:
             info.jac_loss = jacobian_loss(fz, z, vecs=jac_vecs)
         return mode.fn(f, z, fz, self.grad_cfg, steps, info.backward.append)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .registry import Registry
 from .solvers import SolverResult, get_solver, solver_options
@@ -66,6 +67,7 @@ class GradConfig:
     tau: float | None = None  # None: the mode's default
     sup_gap: int = -1
     sup_loc: list[int] = field(default_factory=list)
+    mem_gc: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -261,6 +263,15 @@ def implicit(
     return like(z_star, out)
 
 
+def evaluate(f: Callable[[State], State], z: State, checkpointed: bool) -> State:
+    """f(z), recorded for backward as it is or, ``checkpointed``, as its input only (f runs
+    again in backward: :func:`torch.utils.checkpoint.checkpoint`, which restores the random
+    state, so a dropout inside f draws the same mask)."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(f, z, use_reentrant=False)
+    return f(z)
+
+
 def phantom(
     f: Callable[[State], State], z: State, fz: State, cfg: GradConfig, steps: int
 ) -> list[State]:
@@ -273,7 +284,7 @@ def phantom(
     out, states = mix(z, fz, cfg.tau), []
     for k in range(1, steps + 1):
         if k > 1:
-            out = mix(out, f(out), cfg.tau)
+            out = mix(out, evaluate(f, out, cfg.mem_gc), cfg.tau)
         if k < steps and ((cfg.sup_gap > 0 and k % cfg.sup_gap == 0) or k in cfg.sup_loc):
             states.append(out)
     return [*states, out]

@@ -20,8 +20,9 @@ frozen at its initial value, which keeps the layer's function at the moment of a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
 
-NORM_KINDS = ("none", "weight_norm", "spectral_norm")
+from .registry import Registry
 
 
 @dataclass
@@ -47,8 +48,8 @@ class NormConfig:
     power_iters: int = 1
 
     def __post_init__(self) -> None:
-        if self.kind not in NORM_KINDS:
-            raise ValueError(f"unknown norm kind {self.kind!r}; choose one of {NORM_KINDS}")
+        if self.kind != "none":
+            NORMS.get(self.kind)  # raises for an unknown kind, naming the registered ones
         if not self.target_norm > 0 or not self.clip_value > 0:
             raise ValueError("norm.target_norm and norm.clip_value must be > 0")
 
@@ -61,9 +62,43 @@ class NormConfig:
         }
 
 
-def _out_dim(layer: nn.Module) -> int:
-    # ConvTranspose stores weights as (in, out, ...): the output unit is dim 1.
-    return 1 if isinstance(layer, _ConvTransposeNd) else 0
+# Which parameters of a layer are normalized, and the dimension of each that indexes output
+# units: a class's own entry or its nearest base class's (register_norm_module adds more).
+NORM_MODULES: dict[type, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    nn.Linear: (("weight",), (0,)),
+    _ConvNd: (("weight",), (0,)),
+    _ConvTransposeNd: (("weight",), (1,)),  # stored as (in, out, ...)
+}
+
+
+def register_norm_module(
+    cls: type, names: str | Sequence[str] = "weight", dims: int | Sequence[int] = 0
+) -> None:
+    """Normalize the parameters ``names`` of every ``cls`` layer (subclasses included) that
+    :func:`apply_norm` meets, each with its output units along ``dims``, e.g.
+    ``register_norm_module(nn.MultiheadAttention, "in_proj_weight")`` (TorchDEQ's
+    ``register_norm_module``, for every norm kind at once)."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    dims = (dims,) * len(names) if isinstance(dims, int) else tuple(dims)
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"register_norm_module: {cls!r} is not an nn.Module class")
+    if not names or len(dims) != len(names):
+        raise ValueError(
+            f"register_norm_module: one dim per parameter name, got names={list(names)} "
+            f"and dims={list(dims)}"
+        )
+    NORM_MODULES[cls] = (names, dims)
+
+
+def _norm_targets(layer: nn.Module) -> list[tuple[str, int]]:
+    """The (parameter, output dim) pairs of ``layer`` to normalize (none if unregistered)."""
+    for cls in type(layer).__mro__:
+        if cls in NORM_MODULES:
+            names, dims = NORM_MODULES[cls]
+            return [
+                (n, d) for n, d in zip(names, dims) if isinstance(getattr(layer, n, None), Tensor)
+            ]
+    return []
 
 
 def _as_matrix(w: Tensor, out_dim: int) -> Tensor:
@@ -145,8 +180,37 @@ class SpectralNorm(_Scale):
         return w * self.factor(sigma)
 
 
-def _normalizable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, _ConvNd))
+# A norm kind builds the parametrization of one weight: (weight, out_dim, NormConfig) -> module.
+NormFactory = Callable[[Tensor, int, NormConfig], nn.Module]
+
+
+def _check_factory(name: str, make: Any) -> None:
+    if not callable(make):
+        raise TypeError(f"norm {name!r} must be callable (weight, out_dim, NormConfig) -> module")
+
+
+NORMS: Registry[NormFactory] = Registry(
+    "norm kind", "add your own with deqlab.register_norm", _check_factory
+)
+
+
+def register_norm(name: str, make: NormFactory) -> NormFactory:
+    """Make ``make`` available as ``norm.kind=<name>`` / ``apply_norm(m, name)``: it builds the
+    parametrization of one weight from (weight, output dim, :class:`NormConfig`), as
+    :class:`WeightNorm` and :class:`SpectralNorm` are built (TorchDEQ's ``register_norm``)."""
+    return NORMS.register(name, make)
+
+
+register_norm("weight_norm", lambda w, out_dim, cfg: WeightNorm(w, out_dim, **cfg.scale_options()))
+register_norm(
+    "spectral_norm",
+    lambda w, out_dim, cfg: SpectralNorm(w, out_dim, cfg.power_iters, **cfg.scale_options()),
+)
+
+
+def _excluded(name: str, patterns: Sequence[str]) -> bool:
+    """``name`` is, or lies inside, a module that a pattern names (fnmatch: ``*``, ``?``)."""
+    return any(fnmatchcase(name, p) or fnmatchcase(name, p + ".*") for p in patterns)
 
 
 def apply_norm(
@@ -161,34 +225,36 @@ def apply_norm(
     clip_value: float = 1.0,
     power_iters: int = 1,
 ) -> nn.Module:
-    """Normalize the weight of every Linear/Conv layer (subclasses included) in ``module``.
+    """Normalize the weight of every Linear/Conv layer (subclasses included) in ``module``, and
+    the parameters :func:`register_norm_module` names for other layers.
 
-    ``exclude`` lists submodule names (qualified, as in ``named_modules``) whose layers,
-    and their children, are left alone. ``kind="none"`` does nothing. The scale options are
-    :class:`NormConfig`'s. Returns ``module``.
+    ``exclude`` lists submodule names (qualified, as in ``named_modules``), or fnmatch
+    patterns (``"*.attn"``, ``"head*"``), whose layers, and their children, are left alone.
+    ``kind="none"`` does nothing; other kinds are those of :func:`register_norm`. The scale
+    options are :class:`NormConfig`'s. Returns ``module``.
     """
-    cfg = NormConfig(kind, learn_scale, no_scale, target_norm, clip, clip_value)  # validates
-    scale = cfg.scale_options()
+    cfg = NormConfig(
+        kind, learn_scale, no_scale, target_norm, clip, clip_value, list(exclude), power_iters
+    )  # validates
     if kind == "none":
         return module
-    excluded = tuple(exclude)
+    make = NORMS.get(kind)
     found = 0
     for name, layer in module.named_modules():
-        if not _normalizable(layer) or any(name == e or name.startswith(e + ".") for e in excluded):
+        if _excluded(name, cfg.exclude):
             continue
-        if parametrize.is_parametrized(layer, "weight"):
-            raise ValueError(f"layer {name!r} already has a weight parametrization")
-        out_dim = _out_dim(layer)
-        if kind == "weight_norm":
-            p: nn.Module = WeightNorm(layer.weight, out_dim, **scale)
-        else:
-            p = SpectralNorm(layer.weight, out_dim, power_iters, **scale)
-        parametrize.register_parametrization(layer, "weight", p)
-        found += 1
+        for param, out_dim in _norm_targets(layer):
+            if parametrize.is_parametrized(layer, param):
+                raise ValueError(f"layer {name!r} already has a {param} parametrization")
+            p = make(getattr(layer, param), out_dim, cfg)
+            p._deqlab_norm = True  # what remove_norm takes off again
+            parametrize.register_parametrization(layer, param, p)
+            found += 1
     if found == 0:
         raise ValueError(
             f"apply_norm({kind!r}) found no Linear/Conv layer to normalize in "
-            f"{type(module).__name__} (after exclude={list(excluded)})"
+            f"{type(module).__name__} (after exclude={cfg.exclude}; other layers: "
+            "deqlab.register_norm_module)"
         )
     return module
 
@@ -196,10 +262,11 @@ def apply_norm(
 def remove_norm(module: nn.Module) -> nn.Module:
     """Bake normalized weights back into plain parameters. Returns ``module``."""
     for layer in module.modules():
-        if parametrize.is_parametrized(layer, "weight") and any(
-            isinstance(p, (WeightNorm, SpectralNorm)) for p in layer.parametrizations["weight"]
-        ):
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        if not parametrize.is_parametrized(layer):
+            continue
+        for param, chain in list(layer.parametrizations.items()):
+            if any(getattr(p, "_deqlab_norm", False) for p in chain):
+                parametrize.remove_parametrizations(layer, param, leave_parametrized=True)
     return module
 
 

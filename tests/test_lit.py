@@ -236,3 +236,20 @@ def test_no_weight_decay_on_biases_norms_and_scales():
     sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "weight_decay": 0.5}
     opt, _ = OptimConfig(optimizer=sgd).build(net, 10)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
+
+
+def test_mem_gc_recomputes_the_unrolled_pretraining_in_backward():
+    """grad.mem_gc checkpoints the pre-training's unrolled cell: each of its 3 taped calls
+    runs again in backward, and training takes the same steps."""
+    weights = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        module = Synthetic(
+            fit={"pretrain_steps": 2, "pretrain_unroll": 3},
+            solver={"max_iter": 5, "tol": None},
+            grad={"name": "ift", "mem_gc": gc},
+        )
+        _, rec = fit(module, steps=2)
+        assert [r["taped"] for r in rec.rows] == ([6, 6] if gc else [3, 3])
+        weights.append(module.net.w.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=0)

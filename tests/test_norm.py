@@ -261,3 +261,79 @@ def test_remove_norm_bakes_the_trained_weight_not_the_raw_one(kind):
     before = layer(x)
     remove_norm(layer)
     torch.testing.assert_close(layer(x), before)
+
+
+def test_exclude_takes_fnmatch_patterns():
+    """A pattern names submodules as a name does (the module and what lies inside it)."""
+    model = nn.Module()
+    model.layers = nn.ModuleList(
+        nn.ModuleDict({"attn": nn.Linear(3, 3), "ffn": nn.Linear(3, 3)}) for _ in range(2)
+    )
+    model.head = nn.Linear(3, 2)
+    apply_norm(model, "weight_norm", exclude=["layers.*.attn", "hea?"])
+    normalized = {n for n, m in model.named_modules() if parametrize.is_parametrized(m)}
+    assert normalized == {"layers.0.ffn", "layers.1.ffn"}
+
+
+def test_registered_module_parameters_are_normalized():
+    """register_norm_module reaches parameters that are not a Linear/Conv weight: attention's
+    in_proj_weight, per output row (q, k and v units alike); its out_proj is a Linear."""
+    from deqlab import register_norm_module
+    from deqlab.norm import NORM_MODULES
+
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(8, 2)
+    x = torch.randn(5, 3, 8)
+    before = attn(x, x, x)[0]
+    saved = dict(NORM_MODULES)
+    try:
+        register_norm_module(nn.MultiheadAttention, "in_proj_weight")
+        apply_norm(attn, "weight_norm")
+    finally:
+        NORM_MODULES.clear()
+        NORM_MODULES.update(saved)
+    chain = attn.parametrizations.in_proj_weight
+    assert isinstance(chain[0], WeightNorm) and chain[0].scale.shape == (24, 1)
+    assert isinstance(attn.out_proj.parametrizations.weight[0], WeightNorm)
+    torch.testing.assert_close(attn(x, x, x)[0], before)  # the function at applying it
+    with torch.no_grad():
+        chain.original.mul_(2.0)  # V scaled: W = s V / ||V|| does not move
+    torch.testing.assert_close(attn(x, x, x)[0], before)
+    remove_norm(attn)
+    assert not parametrize.is_parametrized(attn)
+    with pytest.raises(ValueError) as e:
+        register_norm_module(nn.Bilinear, ["weight", "bias"], [0])
+    assert str(e.value) == (
+        "register_norm_module: one dim per parameter name, got names=['weight', 'bias'] and "
+        "dims=[0]"
+    )
+
+
+class RowMaxNorm(nn.Module):
+    """W = V / max|V| per row: a user's norm kind."""
+
+    def __init__(self, weight, out_dim):
+        super().__init__()
+        self.out_dim = out_dim
+
+    def forward(self, v):
+        dims = [d for d in range(v.dim()) if d != self.out_dim]
+        return v / v.abs().amax(dim=dims, keepdim=True)
+
+
+def test_a_registered_norm_kind_is_applied_and_removed_like_the_built_in_ones():
+    from deqlab import register_norm
+    from deqlab.norm import NORMS, NormConfig
+
+    register_norm("row_max", lambda w, out_dim, cfg: RowMaxNorm(w, out_dim))
+    try:
+        conv = apply_norm(nn.Conv2d(2, 3, 3), "row_max")
+        assert conv.weight.detach().flatten(1).abs().amax(1).tolist() == [1.0, 1.0, 1.0]
+        assert NormConfig(kind="row_max").kind == "row_max"
+        remove_norm(conv)
+        assert not parametrize.is_parametrized(conv)
+    finally:
+        NORMS.entries.pop("row_max")
+    with pytest.raises(ValueError) as e:
+        NormConfig(kind="row_max")
+    assert str(e.value).startswith("unknown norm kind 'row_max'; known: spectral_norm, weight_norm")

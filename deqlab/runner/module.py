@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..core import CoreConfig, DEQInfo, GradConfig, SolverConfig, build_core
 from ..dropout import reset_dropout
+from ..grad import evaluate
 from ..initial_state import InitConfig
 from ..norm import NormConfig, apply_norm
 from ..regularize import fp_correction, spectral_radius
@@ -88,6 +89,7 @@ class DEQLitModule(L.LightningModule):
         built = [k for k, v in (("core", core), ("optim", optim)) if not _plain(v)]
         self.save_hyperparameters(ignore=["net", *built])
         self.deq = build_core(core, solver, grad)
+        self.grad_cfg = to_config(GradConfig, grad, "grad")  # mem_gc of unrolled pre-training
         self.init_cfg = to_config(InitConfig, init, "init")
         self.norm_cfg = to_config(NormConfig, norm, "norm")
         self.jac_cfg = to_config(JacRegConfig, jac_reg, "jac_reg")
@@ -153,7 +155,7 @@ class DEQLitModule(L.LightningModule):
         if self.global_step < t.pretrain_steps:
             z = z0
             for _ in range(t.pretrain_unroll):
-                z = f(z)
+                z = evaluate(f, z, self.grad_cfg.mem_gc)
             return [z], None
         kwargs: dict[str, Any] = {}
         if self.training and torch.is_grad_enabled():
