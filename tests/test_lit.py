@@ -253,3 +253,119 @@ def test_mem_gc_recomputes_the_unrolled_pretraining_in_backward():
         assert [r["taped"] for r in rec.rows] == ([6, 6] if gc else [3, 3])
         weights.append(module.net.w.weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=0)
+
+
+def test_inverse_square_root_schedule_is_the_deq_sequence_references():
+    """schedule=inv_sqrt: the rate at step t is lr t / w^1.5 up to warmup w, then lr / sqrt(t)
+    (train_transformer.py's lr_lambda, term for term: 0 at the first step of a warmup)."""
+    net = nn.Linear(2, 2)
+    adam = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1.0}
+    opt, sched = OptimConfig(optimizer=adam, schedule="inv_sqrt", warmup_steps=4).build(net, 50)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([t / 4**1.5 for t in range(5)] + [t**-0.5 for t in range(5, 10)])
+    opt, sched = OptimConfig(optimizer=adam, schedule="inv_sqrt").build(net, 50)
+    assert opt.param_groups[0]["lr"] == 1.0  # no warmup: 1 at t = 0, then 1 / sqrt(t)
+    opt.step(), sched.step(), opt.step(), sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2**-0.5)
+
+
+class ValLosses(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking:
+            self.seen.append(
+                (
+                    float(trainer.callback_metrics["val/loss"]),
+                    trainer.optimizers[0].param_groups[0]["lr"],
+                )
+            )
+
+
+def test_plateau_schedule_steps_on_every_validation_as_torch_would():
+    """schedule=plateau: after each validation (here every step) torch's ReduceLROnPlateau
+    sees that validation's val/loss. Fed the same losses, a fresh one gives the same rates."""
+    adam = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.5}
+    optim = {"optimizer": adam, "schedule": "plateau", "plateau_factor": 0.5}
+    module = Synthetic(optim=optim)
+    watch = ValLosses()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    trainer = L.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+        val_check_interval=1,
+        num_sanity_val_steps=1,
+        inference_mode=False,
+        callbacks=[watch],
+    )
+    trainer.fit(module, loader, loader)
+    assert len(watch.seen) == 6  # the sanity check does not count
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.5)
+    replay = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    expected = []
+    for loss, _ in watch.seen:
+        replay.step(loss)
+        expected.append(opt.param_groups[0]["lr"])
+    after = [lr for _, lr in watch.seen[1:]] + [trainer.optimizers[0].param_groups[0]["lr"]]
+    assert after == pytest.approx(expected)
+    assert min(expected) < 0.5  # the premise: some validation did not improve
+    with pytest.raises(ValueError) as e:
+        OptimConfig(schedule="plateau", plateau_factor=1.0)
+    assert str(e.value) == (
+        "optim.plateau_factor must lie in (0, 1) and optim.plateau_patience be >= 0, got 1.0 and 0"
+    )
+
+
+def test_plateau_warmup_leaves_the_reduced_rate_alone():
+    net = nn.Linear(2, 2)
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1.0}
+    cfg = OptimConfig(optimizer=sgd, schedule="plateau", warmup_steps=3, plateau_factor=0.1)
+    opt, ramp = cfg.build(net, 100)
+    plateau = cfg.plateau(opt)
+    lrs = []
+    for t in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ramp.step()
+        if t == 4:
+            plateau.step(1.0)  # the first validation sets the best
+        if t == 5:
+            plateau.step(2.0)  # worse: x 0.1
+    assert lrs[:4] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert lrs[6:] == pytest.approx([0.1, 0.1])
+
+
+def test_clip_nonemb_clips_all_but_the_embeddings():
+    """trainer.gradient_clip_val with optim.clip_nonemb: the non-embedding gradients' norm
+    is clipped, the embedding's (and a weight tied to it) left alone; without it, Lightning's
+    own clipping of every parameter."""
+    module = Synthetic(optim={"clip_nonemb": True})
+    module.net.emb = nn.Embedding(4, 8)
+    module.net.tied = nn.Linear(8, 4, bias=False)
+    module.net.tied.weight = module.net.emb.weight
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    module.configure_gradient_clipping(None, 0.25, "norm")
+    emb = module.net.emb.weight.grad
+    assert torch.equal(emb, torch.full_like(emb, 10.0))
+    others = [p.grad.flatten() for p in module.parameters() if p is not module.net.emb.weight]
+    assert torch.linalg.vector_norm(torch.cat(others)).item() == pytest.approx(0.25, rel=1e-5)
+    with pytest.raises(ValueError, match=r"set trainer\.gradient_clip_algorithm=norm"):
+        module.configure_gradient_clipping(None, 0.25, "value")
+    plain = Synthetic()
+    calls = []
+    plain.clip_gradients = lambda *args: calls.append(args)
+    plain.configure_gradient_clipping("opt", 0.25, "norm")
+    assert calls == [("opt", 0.25, "norm")]

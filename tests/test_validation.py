@@ -179,3 +179,17 @@ def test_a_solver_without_check_every_is_refused_in_full(restore_registries):
     )
     with refuses(ValueError, message):
         SolverConfig(name="plain_solver", capture=True)
+
+
+def test_clip_nonemb_needs_a_clip_value(tmp_path):
+    from deqlab.runner.config import ConfigError, validate
+
+    from .runs import compose_cfg
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["optim.clip_nonemb=true"], tmp_path))
+    assert str(e.value) == (
+        "optim.clip_nonemb clips the non-embedding gradients to trainer.gradient_clip_val, "
+        "which is not set (the DEQ-Transformer's is 0.25)"
+    )
+    validate(compose_cfg(["optim.clip_nonemb=true", "trainer.gradient_clip_val=0.25"], tmp_path))

@@ -243,6 +243,11 @@ def validate(cfg: DictConfig) -> None:
             "task.datamodule.val_size=0 validates on the test split, so the best checkpoint "
             "would be chosen by test accuracy: set test_ckpt=last"
         )
+    if OmegaConf.select(cfg, "optim.clip_nonemb") and not cfg.trainer.get("gradient_clip_val"):
+        raise ConfigError(
+            "optim.clip_nonemb clips the non-embedding gradients to trainer.gradient_clip_val, "
+            "which is not set (the DEQ-Transformer's is 0.25)"
+        )
     if cfg.mode != "train" and not (cfg.ckpt_path or cfg.get("init_from")):
         raise ConfigError(
             f"mode={cfg.mode} evaluates a checkpoint: pass ckpt_path=<file.ckpt> "

@@ -35,7 +35,7 @@ from .checkpoint import check_compatible, load_initial_weights
 from .data import mix_seed
 from .fit import FitConfig, JacRegConfig
 from .loggers import log_figure, residual_trace_figure
-from .optim import OptimConfig
+from .optim import OptimConfig, non_embedding_parameters
 
 
 class DEQNet(Protocol):
@@ -104,6 +104,8 @@ class DEQLitModule(L.LightningModule):
         self._val_trace: Tensor | None = None
         self._epoch_t0: float | None = None  # perf_counter() at the epoch's start
         self._fit_t0: float | None = None  # perf_counter() at the start of training
+        self._plateau: Any = None  # optim.schedule=plateau's ReduceLROnPlateau
+        self._plateau_state: dict[str, Any] | None = None  # its state from a checkpoint
 
     def attach_net(self, net: nn.Module) -> None:
         """Install the network and normalize its cell. Tasks whose network depends on the data
@@ -222,8 +224,11 @@ class DEQLitModule(L.LightningModule):
         )
         checkpoint["deqlab_fit_elapsed_s"] = 0.0 if self._fit_t0 is None else now - self._fit_t0
         checkpoint["deqlab_module"] = self.qualified_name()
+        if self._plateau is not None:
+            checkpoint["deqlab_plateau"] = self._plateau.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._plateau_state = checkpoint.get("deqlab_plateau")  # restored once built
         reader = self.qualified_name()
         check_compatible(checkpoint, self, checkpoint.get("deqlab_module", reader), reader)
         now = time.perf_counter()
@@ -312,9 +317,43 @@ class DEQLitModule(L.LightningModule):
 
     # -- optimization -------------------------------------------------------------------------
 
+    def on_validation_end(self) -> None:
+        if self._plateau is None or self.trainer.sanity_checking:
+            return
+        monitor = self.optim_cfg.plateau_monitor
+        value = self.trainer.callback_metrics.get(monitor)
+        if value is None:
+            logged = sorted(k for k in self.trainer.callback_metrics if k.startswith("val/"))
+            raise ValueError(
+                f"optim.plateau_monitor={monitor!r} was not logged at validation; logged: {logged}"
+            )
+        self._plateau.step(float(value))
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """As Lightning clips (``trainer.gradient_clip_val``), or, with ``optim.clip_nonemb``,
+        the norm of the non-embedding parameters only."""
+        if not (self.optim_cfg.clip_nonemb and gradient_clip_val):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(
+                "optim.clip_nonemb clips a norm: set trainer.gradient_clip_algorithm=norm"
+            )
+        torch.nn.utils.clip_grad_norm_(non_embedding_parameters(self), gradient_clip_val)
+
     def configure_optimizers(self) -> dict[str, Any]:
         total = max(1, int(self.trainer.estimated_stepping_batches))
         opt, sched = self.optim_cfg.build(self, total)
+        # optim.schedule=plateau: stepped here after each validation (Lightning steps its
+        # schedulers at epoch ends, but validation may run every N steps)
+        self._plateau = self.optim_cfg.plateau(opt)
+        if self._plateau is not None and self._plateau_state is not None:
+            self._plateau.load_state_dict(self._plateau_state)
         return {
             "optimizer": opt,
             # name: what callbacks.lr_monitor logs it as (optim/lr/pg1, ...)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import hydra.utils
@@ -20,23 +21,35 @@ class OptimConfig:
     ``optimizer``: a ``torch.optim`` class (or yours) as a Hydra ``_partial_`` node, called
     with the parameter groups. The schedule, stepped every optimizer step, is torch's own:
     ``warmup_steps`` of linear warmup (``LinearLR``), then ``cosine`` decay to ``min_lr`` over
-    the remaining steps (``CosineAnnealingLR``) or ``constant``. ``anneal_over: all`` runs the
+    the remaining steps (``CosineAnnealingLR``) or ``constant``. ``inv_sqrt``: the
+    Transformer's inverse square root with warmup, as locuslab/deq's train_transformer.py
+    writes it (``LambdaLR``: t / warmup^1.5 up to ``warmup_steps``, then t^-1/2).
+    ``plateau``: linear warmup, then ``ReduceLROnPlateau`` stepped after every validation on
+    ``plateau_monitor`` (the reference's ``dev_perf``: factor ``plateau_factor``, its
+    ``decay_rate``; ``plateau_patience``; floor ``min_lr``, its ``lr_min``). ``anneal_over: all`` runs the
     cosine over all steps instead, the warmup replacing its start (step t >= warmup at
     min_lr + (lr - min_lr)(1 + cos(pi t / T)) / 2, as locuslab/deq's train_transformer.py
     anneals). ``decay_norms_and_biases``:
     false puts biases, normalization layers' parameters and weight/spectral-norm scales in a
     group without weight decay (the common practice); true decays every parameter, as the
-    published DEQ/MDEQ recipes do.
+    published DEQ/MDEQ recipes do. ``clip_nonemb``: ``trainer.gradient_clip_val`` clips the
+    norm of the parameters outside embeddings only (the reference's ``--clip_nonemb``, which
+    its script parses but never applies).
     """
 
     optimizer: Any = field(
         default_factory=lambda: {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
     )
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | constant | inv_sqrt | plateau
     warmup_steps: int = 0
     min_lr: float = 0.0
     anneal_over: str = "rest"  # rest | all
     decay_norms_and_biases: bool = False
+    plateau_monitor: str = "val/loss"
+    plateau_mode: str = "min"  # min | max
+    plateau_factor: float = 0.5
+    plateau_patience: int = 0
+    clip_nonemb: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer, Mapping) and "_target_" not in self.optimizer:
@@ -45,8 +58,15 @@ class OptimConfig:
             raise ValueError(
                 f"optim.optimizer must be a config or a callable, got {self.optimizer!r}"
             )
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.plateau_mode not in ("min", "max"):
+            raise ValueError(f"optim.plateau_mode must be min or max, got {self.plateau_mode!r}")
+        if not 0 < self.plateau_factor < 1 or self.plateau_patience < 0:
+            raise ValueError(
+                "optim.plateau_factor must lie in (0, 1) and optim.plateau_patience be >= 0, "
+                f"got {self.plateau_factor} and {self.plateau_patience}"
+            )
         if self.anneal_over not in ("rest", "all"):
             raise ValueError(f"optim.anneal_over must be rest or all, got {self.anneal_over!r}")
         if self.warmup_steps < 0 or self.min_lr < 0:
@@ -73,7 +93,9 @@ class OptimConfig:
                 return at
 
             return opt, torch.optim.lr_scheduler.LambdaLR(opt, [factor(lr) for lr in base])
-        if self.schedule == "constant":
+        if self.schedule == "inv_sqrt":
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, partial(inv_sqrt, warmup=warmup))
+        if self.schedule in ("constant", "plateau"):  # plateau: see plateau()
             main: Any = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
         else:
             main = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -82,7 +104,43 @@ class OptimConfig:
         if warmup == 0:
             return opt, main
         ramp = torch.optim.lr_scheduler.LinearLR(opt, 1.0 / warmup, 1.0, total_iters=warmup - 1)
+        if self.schedule == "plateau":  # the ramp alone: once done it leaves the rate as it is
+            return opt, ramp
         return opt, torch.optim.lr_scheduler.SequentialLR(opt, [ramp, main], milestones=[warmup])
+
+    def plateau(self, opt: torch.optim.Optimizer) -> Any:
+        """``schedule: plateau``'s ReduceLROnPlateau over ``opt`` (else None), stepped by the
+        module after each validation; the warmup before it is :meth:`build`'s ``LinearLR``,
+        which leaves the rate alone once done, so the two compose."""
+        if self.schedule != "plateau":
+            return None
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt,
+            mode=self.plateau_mode,
+            factor=self.plateau_factor,
+            patience=self.plateau_patience,
+            min_lr=self.min_lr,
+        )
+
+
+SCHEDULES = ("cosine", "constant", "inv_sqrt", "plateau")
+
+
+def inv_sqrt(t: int, warmup: int) -> float:
+    """The inverse-square-root multiplier at step t: t / warmup^1.5 while t <= warmup, then
+    t^-1/2 (1 at t = 0 without warmup), locuslab/deq's ``inv_sqrt`` term for term."""
+    if t == 0 and warmup == 0:
+        return 1.0
+    return 1.0 / t**0.5 if t > warmup else t / warmup**1.5
+
+
+def non_embedding_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters that no nn.Embedding holds (a tied output layer's weight is the embedding's,
+    and is left out with it)."""
+    embedded = {
+        id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
+    return [p for p in module.parameters() if id(p) not in embedded]
 
 
 # Parameters that set a scale or an offset rather than a feature: no weight decay on them.
