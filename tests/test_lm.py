@@ -369,3 +369,31 @@ def test_perplexity_is_from_the_summed_token_nll_of_the_whole_split(tmp_path):
     assert result["val/ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
     mean_of_batches = math.exp(sum(batch_means) / len(batch_means))
     assert abs(mean_of_batches - math.exp(nll / tokens)) > 1e-2 * mean_of_batches  # 912 vs 895
+
+
+@pytest.mark.parametrize("cutoffs", [[], [20, 40]])
+def test_untied_output_layer_has_weights_of_its_own(cutoffs):
+    """tie_weights=False: the output's weights (band matrices, adaptively) are new
+    parameters that the softmax reads instead of the input embedding's, the tail projections
+    stay shared, and every parameter gets a gradient (nothing idle for DDP to wait on)."""
+    from deqlab.tasks.lm.model import DEQTransformerLM
+
+    kw = dict(d_model=16, n_head=2, d_head=8, d_inner=32, cutoffs=cutoffs, div_val=2.0)
+    tied = DEQTransformerLM(n_token=60, **kw)
+    untied = DEQTransformerLM(n_token=60, tie_weights=False, **kw)
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    extra = 60 * 16 if not cutoffs else 20 * 16 + 20 * 8 + 20 * 4
+    assert n(untied) - n(tied) == extra
+    h = torch.randn(2, 5, 16)
+    y = torch.tensor([[1, 25, 50, 3, 4], [5, 6, 7, 8, 9]])  # every band
+    untied.nll(h, y).sum().backward()  # the output side alone
+    inputs = list(untied.embed.emb.parameters()) if cutoffs else [untied.embed.weight]
+    assert all(p.grad is None for p in inputs)  # not read by the softmax
+    untied.zero_grad(set_to_none=True)
+    x = torch.randint(0, 60, (2, 5))
+    ctx, z0 = untied.inject(x)
+    untied.nll(untied.head(untied.cell(z0, ctx)), y).sum().backward()
+    idle = [name for name, p in untied.named_parameters() if p.grad is None]
+    assert idle == []
+    if cutoffs:
+        assert untied.out_embed.proj[1].weight is untied.embed.proj[1].weight

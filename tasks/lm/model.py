@@ -238,6 +238,9 @@ class DEQTransformerLM(nn.Module):
 
     ``cutoffs`` empty: tied input/output embeddings. Otherwise adaptive input embeddings tied
     to a projected adaptive softmax (token ids are frequency-ranked, see tasks/lm/data.py).
+    ``tie_weights=False`` (the reference's ``--not_tied``): the output layer has a weight of its
+    own, or, adaptive, band matrices of their own while the tail projections stay tied (the
+    reference's ``tie_projs``).
     ``dropout``: hidden (attention and FF outputs, FF hidden), positional and output dropout;
     ``dropatt``: attention probabilities; ``emb_dropout``: the embeddings. Weights start from
     N(0, init_std), projections from N(0, proj_init_std), biases from 0 (the reference's
@@ -269,18 +272,28 @@ class DEQTransformerLM(nn.Module):
         init_std: float = 0.01,
         proj_init_std: float = 0.01,
         default_init: Sequence[str] = (),
+        tie_weights: bool = True,
     ):
         super().__init__()
         cutoffs = [c for c in cutoffs if c < n_token]
         self.d_model = d_model
         self.softmax: TiedAdaptiveSoftmax | None = None
+        self.out_weight: nn.Parameter | None = None
         if cutoffs:
             self.embed: nn.Module = AdaptiveInput(n_token, d_model, cutoffs, div_val)
-            self.softmax = TiedAdaptiveSoftmax(self.embed, proj_tying)
+            out = self.embed
+            if not tie_weights:  # band matrices of its own; the tail projections stay tied
+                out = self.out_embed = AdaptiveInput(n_token, d_model, cutoffs, div_val)
+                out.proj[0] = nn.Identity()  # the head's projection is the softmax's own
+                for mine, tied in zip(out.proj[1:], self.embed.proj[1:]):
+                    mine.weight = tied.weight
+            self.softmax = TiedAdaptiveSoftmax(out, proj_tying)
             self.out_bias = None
         else:
             self.embed = nn.Embedding(n_token, d_model)
             self.out_bias = nn.Parameter(torch.zeros(n_token))
+            if not tie_weights:
+                self.out_weight = nn.Parameter(torch.empty(n_token, d_model))
         self.inject_net = nn.Linear(d_model, 3 * n_head * d_head)
         self.cell = DEQTransformerCell(
             d_model, n_head, d_head, d_inner, dropout, pre_ln, dropatt, ln_affine
@@ -362,13 +375,17 @@ class DEQTransformerLM(nn.Module):
     def nll(self, h: Tensor, y: Tensor) -> Tensor:
         """Per-token negative log-likelihood (B, L) of targets y under hidden states h."""
         if self.softmax is None:
-            logits = F.linear(h, self.embed.weight, self.out_bias)
+            logits = F.linear(h, self.output_weight(), self.out_bias)
             return F.cross_entropy(
                 logits.flatten(0, 1).float(), y.reshape(-1), reduction="none"
             ).view_as(y)
         return self.softmax.nll(h.reshape(-1, h.shape[-1]), y.reshape(-1)).view_as(y)
 
+    def output_weight(self) -> Tensor:
+        """The output layer's weight: the input embedding's, unless ``tie_weights=False``."""
+        return self.embed.weight if self.out_weight is None else self.out_weight
+
     def logits(self, h: Tensor) -> Tensor:
         if self.softmax is None:
-            return F.linear(h, self.embed.weight, self.out_bias)
+            return F.linear(h, self.output_weight(), self.out_bias)
         return self.softmax.log_prob(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
