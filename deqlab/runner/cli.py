@@ -3,23 +3,27 @@
 deqlab [overrides]                 train / test, as ``python -m deqlab [overrides]``
 deqlab report FOLDER               compare the runs of a sweep (deqlab.runner.report)
 deqlab dashboard --project P ...   the deqlab workspace in a W&B project (deqlab.runner.dashboard)
+deqlab generate CKPT --prompt ...  sample text from a trained DEQ language model
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+# subcommand -> the module whose main(argv) runs it, imported by name: the language-model task
+# owns `generate`, and the runner imports no task
+SUBCOMMANDS = {
+    "report": "deqlab.runner.report",
+    "dashboard": "deqlab.runner.dashboard",
+    "generate": "deqlab.tasks.lm.generate",
+}
 
 
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else None
-    if command == "report":
-        from deqlab.runner.report import main as report
-
-        report(sys.argv[2:])
-    elif command == "dashboard":
-        from deqlab.runner.dashboard import main as dashboard
-
-        dashboard(sys.argv[2:])
+    if command in SUBCOMMANDS:
+        importlib.import_module(SUBCOMMANDS[command]).main(sys.argv[2:])
     else:
         from deqlab.runner.main import main as train
 

@@ -159,6 +159,7 @@ def help_text() -> str:
             "  deqlab -m group=a,b ...                     a sweep, one job per combination",
             "  deqlab report FOLDER                        compare the runs of a sweep",
             "  deqlab dashboard --project P --entity E     the W&B workspace",
+            "  deqlab generate CKPT --prompt '...'         sample from a language model",
             "",
             "(python -m deqlab ... is the same command.)",
             "",
