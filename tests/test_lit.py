@@ -369,3 +369,41 @@ def test_clip_nonemb_clips_all_but_the_embeddings():
     plain.clip_gradients = lambda *args: calls.append(args)
     plain.configure_gradient_clipping("opt", 0.25, "norm")
     assert calls == [("opt", 0.25, "norm")]
+
+
+def test_batch_chunks_train_as_the_whole_batch_in_float64():
+    """fit.batch_chunk=4: each step solves and backpropagates 4 chunks of 2 samples, and the
+    run takes the steps the unchunked run takes (the budget, jittered, drawn once a step),
+    under gradient accumulation and clipping too."""
+    runs = []
+    for chunk in (1, 4):
+        torch.manual_seed(0)
+        module = Synthetic(
+            fit={"batch_chunk": chunk, "jitter": 2}, solver={"max_iter": 8, "tol": 1e-6}
+        ).double()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(48, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (48,), generator=g)
+        rec = Recorder()
+        trainer = L.Trainer(
+            max_steps=5,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            inference_mode=False,
+            callbacks=[rec],
+            accumulate_grad_batches=2,
+            gradient_clip_val=0.5,
+        )
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+        runs.append((module, rec.rows))
+    (whole, rows_whole), (chunked, rows_chunked) = runs
+    for a, b in zip(whole.parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert len(rows_whole) == len(rows_chunked) == 10  # 5 steps of 2 accumulated batches
+    with pytest.raises(ValueError, match=r"fit\.batch_chunk must be >= 1, got 0"):
+        Synthetic(fit={"batch_chunk": 0})

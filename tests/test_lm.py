@@ -397,3 +397,41 @@ def test_untied_output_layer_has_weights_of_its_own(cutoffs):
     assert idle == []
     if cutoffs:
         assert untied.out_embed.proj[1].weight is untied.embed.proj[1].weight
+
+
+def test_batch_chunks_keep_each_rows_memory(tmp_path):
+    """fit.batch_chunk=2 on the language model: each chunk reads and writes its own rows of
+    the segment memory, so in float64 (no dropout, solves to 1e-9 and 1e-12, SGD) the run
+    ends with the unchunked run's weights and memory. Two things would blur the comparison:
+    the backward solve's default tolerance (a chunk's loss gradient is n times the batch's,
+    and the 1e-9 in the relative residual's ||f(z)|| + 1e-9 makes its stopping step
+    scale-dependent), and Adam, whose 1 / sqrt(v) magnifies rounding differences of the
+    order of 1e-16 in parameters that rarely receive a gradient."""
+    from deqlab.runner.checkpoint import read_checkpoint
+    from deqlab.runner.main import run
+
+    root = write_ptb_folder(tmp_path / "data")
+    exact = [
+        "trainer.precision=64-true",
+        "task.module.net.dropout=0",
+        "task.module.net.emb_dropout=0",
+        "solver.tol=1e-9",
+        "solver.max_iter=40",
+        "grad.tol=1e-12",
+        "grad.max_iter=60",
+        "optim=sgd",
+        "optim.optimizer.lr=0.5",
+        f"paths.data_dir={root}",
+        "test_ckpt=last",
+    ]
+    states = []
+    for n in (1, 2):
+        run(compose_cfg([*TINY_LM, *exact, f"task.module.fit.batch_chunk={n}"], tmp_path / str(n)))
+        states.append(read_checkpoint(tmp_path / str(n) / "checkpoints" / "last.ckpt"))
+    whole, chunked = (s["state_dict"] for s in states)
+    assert whole.keys() == chunked.keys()
+    for key in whole:
+        assert whole[key].dtype != torch.float32, key
+        torch.testing.assert_close(chunked[key], whole[key], rtol=1e-9, atol=1e-12)
+    mem = [s["deqlab_train_memory"] for s in states]
+    torch.testing.assert_close(mem[1][0], mem[0][0], rtol=1e-9, atol=1e-12)

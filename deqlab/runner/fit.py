@@ -72,6 +72,9 @@ class FitConfig:
     :func:`deqlab.regularize.fp_correction`); with one state there is no correction.
     sradius_iters: power-method steps for ``deq/sradius`` at validation (0: off).
     trace_samples: samples drawn in the validation residual-trace figure (0: off).
+    batch_chunk: split each training batch into this many chunks, solved and backpropagated
+    one after the other, their gradients accumulated in one step (the DEQ-Transformer
+    reference's ``--batch_chunk``: the same step in less memory).
     """
 
     pretrain_steps: int = 0
@@ -84,6 +87,7 @@ class FitConfig:
     fp_normalize: bool = False
     sradius_iters: int = 0
     trace_samples: int = 4
+    batch_chunk: int = 1
 
     def __post_init__(self) -> None:
         if self.pretrain_steps > 0 and self.pretrain_unroll < 1:
@@ -91,6 +95,8 @@ class FitConfig:
         low, high = self.jitter_range()
         if low > high:
             raise ValueError(f"fit.jitter [low, high] needs low <= high, got {self.jitter}")
+        if self.batch_chunk < 1:
+            raise ValueError(f"fit.batch_chunk must be >= 1, got {self.batch_chunk}")
         if self.jitter_on not in ("every_step", "jac_steps"):
             raise ValueError(
                 f"fit.jitter_on must be every_step or jac_steps, got {self.jitter_on!r}"

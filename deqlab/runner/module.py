@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any, Protocol
 
 import lightning as L
@@ -105,6 +107,10 @@ class DEQLitModule(L.LightningModule):
         self._epoch_t0: float | None = None  # perf_counter() at the epoch's start
         self._fit_t0: float | None = None  # perf_counter() at the start of training
         self._plateau: Any = None  # optim.schedule=plateau's ReduceLROnPlateau
+        # batch_chunk: the chunk being trained (its rows, the batch size) and whether its
+        # step's gradients are already accumulating
+        self._chunk: tuple[slice, int] | None = None
+        self._grads_pending = False
         self._plateau_state: dict[str, Any] | None = None  # its state from a checkpoint
 
     def attach_net(self, net: nn.Module) -> None:
@@ -142,6 +148,7 @@ class DEQLitModule(L.LightningModule):
         *,
         jac_vecs: int = 0,
         sradius_iters: int = 0,
+        max_iter: int | None = None,
     ) -> tuple[list[State], DEQInfo | None]:
         """Solve z = f(z) from the configured start shaped like ``z0``; return the states the
         loss should read (last = the equilibrium) and the solve's statistics.
@@ -150,7 +157,8 @@ class DEQLitModule(L.LightningModule):
         statistics), in training with ordinary backprop, and in evaluation too: until
         ``pretrain_steps`` the model being trained is the unrolled network (as the reference
         implementations evaluate it). ``jac_vecs`` > 0 asks for the Jacobian penalty,
-        ``sradius_iters`` > 0 for ``info.sradius`` (power method at the equilibrium).
+        ``sradius_iters`` > 0 for ``info.sradius`` (power method at the equilibrium);
+        ``max_iter``: the training budget already drawn for this step (else drawn here).
         """
         t = self.fit_cfg
         z0 = self.init_cfg.like(z0)
@@ -161,15 +169,21 @@ class DEQLitModule(L.LightningModule):
             return [z], None
         kwargs: dict[str, Any] = {}
         if self.training and torch.is_grad_enabled():
-            budget = self.deq.max_iter_for_training()
-            low, high = t.jitter_range()
-            if (low, high) != (0, 0) and (t.jitter_on == "every_step" or jac_vecs > 0):
-                budget = int(torch.randint(max(1, budget + low), budget + high + 1, ()).item())
+            budget = self.training_budget(jac_vecs) if max_iter is None else max_iter
             kwargs = {"max_iter": budget, "jac_vecs": jac_vecs}
         z, info = self.deq(f, z0, **kwargs)
         if sradius_iters > 0:
             info.sradius = spectral_radius(f, z, sradius_iters)
         return info.states, info
+
+    def training_budget(self, jac_vecs: int) -> int:
+        """This step's forward budget: max_iter, jittered as ``fit.jitter`` says."""
+        t = self.fit_cfg
+        budget = self.deq.max_iter_for_training()
+        low, high = t.jitter_range()
+        if (low, high) != (0, 0) and (t.jitter_on == "every_step" or jac_vecs > 0):
+            budget = int(torch.randint(max(1, budget + low), budget + high + 1, ()).item())
+        return budget
 
     def forward(self, x: Tensor, **solve: Any) -> tuple[list[Tensor], DEQInfo | None]:
         """Outputs of ``net.head`` for each returned state (the last is the equilibrium's),
@@ -257,7 +271,28 @@ class DEQLitModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         x, y = batch
         jac_weight = self.jacobian_weight()
-        outputs, info = self(x, jac_vecs=self.jac_cfg.vecs if jac_weight > 0 else 0)
+        jac_vecs = self.jac_cfg.vecs if jac_weight > 0 else 0
+        if self.fit_cfg.batch_chunk > 1:
+            loss, task_loss, info = self._chunked_loss(x, y, batch_idx, jac_weight, jac_vecs)
+        else:
+            loss, task_loss, info = self._loss(x, y, jac_weight, jac_vecs)
+        self.log("train/loss", task_loss, prog_bar=True)
+        if info is None:  # unrolled pre-training
+            return {"loss": loss, "task_loss": task_loss, "info": None}
+        self.log_solver_stats("fwd", info)
+        if info.jac_loss is not None:
+            self.log("deq/jac_loss", info.jac_loss.detach())
+        return {"loss": loss, "task_loss": task_loss, "info": info}
+
+    def _loss(
+        self, x: Tensor, y: Tensor, jac_weight: float, jac_vecs: int, max_iter: int | None = None
+    ) -> tuple[Tensor, Tensor, DEQInfo | None]:
+        """The training loss of (x, y) with the Jacobian term, the task's loss alone
+        (detached), and the solve's statistics."""
+        solve: dict[str, Any] = {"jac_vecs": jac_vecs}
+        if max_iter is not None:  # a budget drawn once for the step's chunks
+            solve["max_iter"] = max_iter
+        outputs, info = self(x, **solve)
         t = self.fit_cfg
         if len(outputs) > 1:
             loss = fp_correction(
@@ -265,16 +300,65 @@ class DEQLitModule(L.LightningModule):
             )
         else:
             loss = self.criterion(outputs[-1], y)
-        self.log("train/loss", loss, prog_bar=True)
         self.update_metrics("train", outputs[-1].detach(), y)
         task_loss = loss.detach()  # the criterion's, without the Jacobian term
-        if info is None:  # unrolled pre-training
-            return {"loss": loss, "task_loss": task_loss, "info": None}
-        self.log_solver_stats("fwd", info)
-        if info.jac_loss is not None:
-            self.log("deq/jac_loss", info.jac_loss.detach())
+        if info is not None and info.jac_loss is not None:
             loss = loss + jac_weight * info.jac_loss
-        return {"loss": loss, "task_loss": task_loss, "info": info}
+        return loss, task_loss, info
+
+    def _chunked_loss(
+        self, x: Tensor, y: Tensor, batch_idx: int, jac_weight: float, jac_vecs: int
+    ) -> tuple[Tensor, Tensor, DEQInfo | None]:
+        """``fit.batch_chunk`` = n: the batch in n equal chunks, each solved and
+        backpropagated in turn (the DEQ-Transformer reference's ``--batch_chunk``, to fit a
+        large model in less memory); their gradients add up to the whole batch's, the budget
+        is drawn once. The first n - 1 chunks are backpropagated here, the last by Lightning,
+        so Lightning's zero_grad, which runs after the step, is skipped once
+        (:meth:`optimizer_zero_grad`)."""
+        n, b = self.fit_cfg.batch_chunk, x.shape[0]
+        if b % n:
+            raise ValueError(
+                f"fit.batch_chunk={n} must divide the batch of {b} samples each process steps on"
+            )
+        pretraining = self.global_step < self.fit_cfg.pretrain_steps
+        budget = None if pretraining else self.training_budget(jac_vecs)
+        accumulate = self.trainer.accumulate_grad_batches
+        if batch_idx % accumulate == 0:  # where Lightning zeroes
+            for opt in self.trainer.optimizers:
+                opt.zero_grad()
+        self._grads_pending = True
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
+        size, task_losses, infos = b // n, [], []
+        for i in range(n):
+            self._chunk = (slice(i * size, (i + 1) * size), b)
+            rows = self._chunk[0]
+            loss, task_loss, info = self._loss(x[rows], y[rows], jac_weight, jac_vecs, budget)
+            loss = loss / n
+            task_losses.append(task_loss)
+            infos.append(info)
+            if i < n - 1:  # scaled as Lightning scales the loss it backpropagates itself
+                with no_sync():
+                    self.trainer.strategy.backward(loss / accumulate, None)
+        self._chunk = None
+        task_loss = torch.stack(task_losses).mean()
+        if infos[-1] is None:
+            return loss, task_loss, None
+        info = replace(
+            infos[-1],
+            nfe=sum(i.nfe for i in infos) / n,
+            rel_residual=torch.cat([i.rel_residual for i in infos]),
+            abs_residual=torch.cat([i.abs_residual for i in infos]),
+            jac_loss=None
+            if infos[-1].jac_loss is None
+            else torch.stack([i.jac_loss.detach() for i in infos]).mean(),
+        )
+        return loss, task_loss, info
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        if self._grads_pending:  # batch_chunk: the step's first chunks hold their gradients
+            self._grads_pending = False
+            return
+        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def log_solver_stats(self, prefix: str, info: DEQInfo, **kw: Any) -> None:
         self.log(f"deq/{prefix}_nfe", float(info.nfe), **kw)

@@ -47,6 +47,7 @@ class LMModule(DEQLitModule):
             eval_mem_len if eval_mem_len is not None else mem_len,
         )
         self._mem: dict[str, Memory | None] = {}
+        self._next_mem: Any = None  # batch_chunk: the next memory, assembled chunk by chunk
         self.vocab: dict[str, Any] | None = None
         self._split = "train"
         self.nll_sum = nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
@@ -80,14 +81,27 @@ class LMModule(DEQLitModule):
 
     def forward(self, x: Tensor, **solve: Any) -> tuple[list[Tensor], DEQInfo | None]:
         split = "train" if self.training else self._split
+        chunk = self._chunk if split == "train" else None  # fit.batch_chunk: these rows
         mem = self._mem.get(split)
         if mem is not None and mem[0].device != x.device:  # restored from a checkpoint on the CPU
             mem = (mem[0].to(x.device), mem[1].to(x.device))
+        if mem is not None and chunk is not None:
+            mem = (mem[0][chunk[0]], mem[1][chunk[0]])
         ctx, z0 = self.net.inject(x, mem)
         states, info = self.equilibrium(Bound(self.net.cell, ctx), z0, **solve)
         keep = self.mem_len if split == "train" else self.eval_mem_len
         if keep > 0:  # no gradient flows into the next segment through the memory
-            self._mem[split] = self.net.next_memory(ctx, states[-1], keep)
+            new = self.net.next_memory(ctx, states[-1], keep)
+            if chunk is None:
+                self._mem[split] = new
+            else:  # the step's later chunks still read the old memory: assemble the new aside
+                rows, batch = chunk
+                if rows.start == 0:
+                    self._next_mem = tuple(t.new_empty(batch, *t.shape[1:]) for t in new)
+                for whole, part in zip(self._next_mem, new):
+                    whole[rows] = part
+                if rows.stop == batch:
+                    self._mem[split] = self._next_mem
         return [self.net.head(s) for s in states], info
 
     def criterion(self, output: Tensor, target: Tensor) -> Tensor:
