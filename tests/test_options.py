@@ -306,3 +306,58 @@ def test_mlflow_logger_writes_a_local_store_run(data_dir, tmp_path, monkeypatch)
     assert found.data.params["solver/name"] == "anderson"
     figures = [a.path for a in client.list_artifacts(found.info.run_id, "deq")]
     assert any(p.startswith("deq/residual_trace_step") for p in figures), figures
+
+
+# --- compile ---------------------------------------------------------------------------------
+
+
+def test_compile_true_compiles_the_cell_in_place(data_dir, tmp_path):
+    """compile=true: torch.compile of the cell (here with the eager backend, which traces but
+    generates no code), in place, so a checkpoint's keys do not change; the run trains."""
+    from hydra.utils import instantiate
+
+    eager = "+task.module.compile_options.backend=eager"
+    cfg = compose_cfg(tiny(data_dir, "compile=true", eager), tmp_path)
+    module = instantiate(cfg.task.module)
+    plain = instantiate(compose_cfg(tiny(data_dir), tmp_path).task.module)
+    assert module.net.cell._compiled_call_impl is not None
+    assert plain.net.cell._compiled_call_impl is None
+    assert module.state_dict().keys() == plain.state_dict().keys()
+    assert run(cfg) is not None
+    with pytest.raises(ConfigError) as e:
+        run(compose_cfg(tiny(data_dir, "compile=true", "solver.capture=true"), tmp_path / "x"))
+    assert str(e.value).startswith("compile=true and solver.capture=true both compile")
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_solves_and_differentiates_as_the_eager_cell(data_dir, tmp_path):
+    """Inductor's generated kernels on the CPU: in float64 the equilibrium and its implicit
+    gradient agree with the eager cell's to the solves' tolerance (ift's backward takes repeated products through
+    one graph, which compiling must allow), and a run trains. Adam then magnifies rounding
+    over the epoch, so its validation loss agrees only to 1e-2."""
+    import copy
+
+    from deqlab import DEQ
+
+    from .problems import ConvCell
+
+    torch.manual_seed(0)
+    eager = ConvCell().double()
+    compiled = copy.deepcopy(eager)
+    from deqlab.runner.module import compile_cell
+
+    compile_cell(compiled)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    results = []
+    for cell in (eager, compiled):
+        deq = DEQ(solver={"max_iter": 60, "tol": 1e-11}, grad={"name": "ift", "tol": 1e-11})
+        z, _ = deq(lambda z, cell=cell: cell(z, x), torch.zeros_like(x))
+        results.append((z, torch.autograd.grad((z**2).sum(), list(cell.parameters()))))
+    (za, ga), (zb, gb) = results
+    torch.testing.assert_close(zb, za, rtol=1e-8, atol=1e-9)
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9)
+    for i, extra in enumerate([(), ("compile=true",)]):
+        assert run(compose_cfg(tiny(data_dir, *extra), tmp_path / str(i))) is not None
+    losses = [last_value(metrics(tmp_path / str(i)), "val/loss") for i in range(2)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)

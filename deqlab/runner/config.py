@@ -89,6 +89,7 @@ class RootConfig:
     groups are typed by their own schemas."""
 
     seed: int = 0
+    compile: bool = False
     ckpt_path: str | None = None
     init_from: str | None = None
     init_from_strict: bool = True
@@ -248,6 +249,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             "optim.clip_nonemb clips the non-embedding gradients to trainer.gradient_clip_val, "
             "which is not set (the DEQ-Transformer's is 0.25)"
+        )
+    if cfg.get("compile") and OmegaConf.select(cfg, "solver.capture"):
+        raise ConfigError(
+            "compile=true and solver.capture=true both compile the solve's kernels: choose one "
+            "(torch.compile's mode=reduce-overhead records CUDA graphs of its own)"
         )
     if cfg.mode != "train" and not (cfg.ckpt_path or cfg.get("init_from")):
         raise ConfigError(

@@ -65,6 +65,16 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
+def compile_cell(cell: nn.Module, options: Mapping[str, Any] | None = None) -> nn.Module:
+    """``torch.compile`` the cell in place (its state dict keeps its keys: no ``_orig_mod.``).
+    ift's backward takes many vector-Jacobian products through one f(z*) graph
+    (``retain_graph=True``), which AOTAutograd's donated buffers forbid: they are switched off
+    (a process-wide setting of torch's)."""
+    torch._functorch.config.donated_buffer = False
+    cell.compile(**dict(options or {}))
+    return cell
+
+
 class DEQLitModule(L.LightningModule):
     """Shared DEQ training logic; see the module docstring for what a task adds."""
 
@@ -84,6 +94,8 @@ class DEQLitModule(L.LightningModule):
         seed: int = 0,
         init_from: str | None = None,
         init_from_strict: bool = True,
+        compile: bool = False,
+        compile_options: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         # Built objects (a core from a _target_, an instantiated optimizer factory) are not
@@ -99,6 +111,7 @@ class DEQLitModule(L.LightningModule):
         self.fit_cfg = to_config(FitConfig, fit, "fit")
         self.seed = seed
         self.init_from, self.init_from_strict = init_from, init_from_strict
+        self.compile_cell, self.compile_options = compile, dict(compile_options or {})
         self._weights_loaded = False
         self.net = None
         if net is not None:
@@ -114,7 +127,8 @@ class DEQLitModule(L.LightningModule):
         self._plateau_state: dict[str, Any] | None = None  # its state from a checkpoint
 
     def attach_net(self, net: nn.Module) -> None:
-        """Install the network and normalize its cell. Tasks whose network depends on the data
+        """Install the network, normalize its cell and, with ``compile``, compile it
+        (``torch.compile`` with ``compile_options``). Tasks whose network depends on the data
         (e.g. a vocabulary size) pass ``net=None`` and call this from ``setup``."""
         self.net = net
         n = self.norm_cfg
@@ -129,6 +143,8 @@ class DEQLitModule(L.LightningModule):
             clip=n.clip,
             clip_value=n.clip_value,
         )
+        if self.compile_cell:
+            compile_cell(net.cell, self.compile_options)
 
     def setup(self, stage: str) -> None:
         """Start from ``init_from``'s weights (once; a resumed run's checkpoint, restored after
