@@ -91,9 +91,8 @@ class Core(Protocol):  # pragma: no mutate block
     """What a LightningModule asks of a DEQ core.
 
     ``core(f, z0, max_iter=..., jac_vecs=..., **solver_options)`` returns ``(z, info)``:
-    ``info.states`` the
-    states the loss reads (last = z), ``info.nfe``, ``info.abs_residual`` and
-    ``info.rel_residual`` (per sample), ``info.trace`` ((steps, B) relative residuals),
+    ``info.states`` the states the loss reads (last = z), ``info.nfe``, ``info.abs_residual``
+    and ``info.rel_residual`` (per sample), ``info.trace`` ((steps, B) relative residuals),
     ``info.backward`` (backward solves, filled in during ``backward()``) and ``info.jac_loss``
     (when ``jac_vecs`` > 0). ``max_iter`` overrides the budget for this call, and
     ``solver_options`` (``tol=``, ``m=``, ...) the solver's settings;

@@ -94,13 +94,13 @@ def armijo_step(
     done = phi <= phi0 * (1 - c1)  # NaN compares False: a non-finite trial is refused
     evals = 1
     trying = ~done
-    while bool(trying.any()):  # the host read that decides whether to search on
+    while True:
         # the quadratic's minimiser, phi0 s^2 / (2 (phi(s) - phi0 + phi0 s)), safeguarded
         quad = phi0 * s * s / (2 * (phi - phi0 + phi0 * s))
         quad = torch.where(torch.isfinite(quad), quad, 0.5 * s)
         s = torch.where(trying, torch.minimum(torch.maximum(quad, 0.1 * s), 0.5 * s), s)
         trying.logical_and_(s >= min_step)
-        if not bool(trying.any()):
+        if not bool(trying.any()):  # the one host read per trial
             break
         z_try = z + s * d
         fz_try = f(z_try)
