@@ -195,11 +195,15 @@ def test_ignore_warnings_silences_all_but_divergence():
     assert str(e.value) == "extras.num_threads must be >= 1 or null, got 0"
 
 
-def test_a_misspelled_extras_key_fails_at_composition(tmp_path):
+def test_bad_extras_fail_before_the_run(tmp_path):
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match="ignore_warning"):
         compose_cfg(["extras.ignore_warning=true"], tmp_path)
+    with pytest.raises(ConfigError) as e:  # a value checked by the schema's own rule
+        run(compose_cfg([*QUIET, "extras.num_threads=0"], tmp_path / "x"))
+    assert str(e.value) == "extras.num_threads must be >= 1 or null, got 0"
+    assert not (tmp_path / "x").exists()
 
 
 def sweep_config(tmp_path, *overrides: str):

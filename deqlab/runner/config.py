@@ -58,7 +58,7 @@ SCHEMAS = {
 
 
 # Config nodes that become engine dataclasses; building them runs every value check.
-VALIDATED = {**SCHEMAS, "task.module.fit": FitConfig}
+VALIDATED = {**SCHEMAS, "task.module.fit": FitConfig, "extras": ExtrasConfig}
 
 
 class Mode(str, Enum):
