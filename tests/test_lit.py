@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import lightning as L
 import pytest
@@ -73,24 +74,35 @@ class Recorder(L.Callback):
         net.calls.update(taped=0, solver=0)
 
 
-def fit(module: Synthetic, steps: int = 6, val: bool = False) -> tuple[L.Trainer, Recorder]:
+def fit(
+    module: Synthetic,
+    steps: int = 6,
+    val: bool = False,
+    callbacks: tuple[L.Callback, ...] = (),
+    dtype: torch.dtype = torch.float32,
+    **trainer_options: Any,
+) -> tuple[L.Trainer, Recorder]:
+    """Train ``module`` for ``steps`` on 48 fixed samples in batches of 8 (validating on them
+    after every step with ``val``); ``trainer_options`` override the Trainer's arguments."""
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
+    x = torch.randn(48, 5, generator=g).to(dtype)
+    y = torch.randint(0, 3, (48,), generator=g)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     rec = Recorder()
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=2 if val else 0,
-        val_check_interval=1 if val else None,
-        num_sanity_val_steps=0,
-        inference_mode=False,
-        callbacks=[rec],
-    )
+    options: dict[str, Any] = {
+        "max_steps": steps,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 2 if val else 0,
+        "val_check_interval": 1 if val else None,
+        "num_sanity_val_steps": 0,
+        "inference_mode": False,
+        "callbacks": [rec, *callbacks],
+    }
+    trainer = L.Trainer(**{**options, **trainer_options})
     trainer.fit(module, loader, loader if val else None)
     return trainer, rec
 
@@ -290,27 +302,11 @@ class ValLosses(L.Callback):
 def test_plateau_schedule_steps_on_every_validation_as_torch_would():
     """schedule=plateau: after each validation (here every step) torch's ReduceLROnPlateau
     sees that validation's val/loss. Fed the same losses, a fresh one gives the same rates."""
-    adam = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.5}
-    optim = {"optimizer": adam, "schedule": "plateau", "plateau_factor": 0.5}
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.5}
+    optim = {"optimizer": sgd, "schedule": "plateau", "plateau_factor": 0.5}
     module = Synthetic(optim=optim)
     watch = ValLosses()
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    trainer = L.Trainer(
-        max_steps=6,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=2,
-        val_check_interval=1,
-        num_sanity_val_steps=1,
-        inference_mode=False,
-        callbacks=[watch],
-    )
-    trainer.fit(module, loader, loader)
+    trainer, _ = fit(module, val=True, callbacks=(watch,), num_sanity_val_steps=1)
     assert len(watch.seen) == 6  # the sanity check does not count
     opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.5)
     replay = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
@@ -381,25 +377,13 @@ def test_batch_chunks_train_as_the_whole_batch_in_float64():
         module = Synthetic(
             fit={"batch_chunk": chunk, "jitter": 2}, solver={"max_iter": 8, "tol": 1e-6}
         ).double()
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(48, 5, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 3, (48,), generator=g)
-        rec = Recorder()
-        trainer = L.Trainer(
-            max_steps=5,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            inference_mode=False,
-            callbacks=[rec],
+        _, rec = fit(
+            module,
+            steps=5,
+            dtype=torch.float64,
             accumulate_grad_batches=2,
             gradient_clip_val=0.5,
         )
-        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
         runs.append((module, rec.rows))
     (whole, rows_whole), (chunked, rows_chunked) = runs
     for a, b in zip(whole.parameters(), chunked.parameters(), strict=True):
