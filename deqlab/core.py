@@ -33,6 +33,7 @@ from .regularize import jacobian_loss
 from .settings import to_config
 from .solvers import SolverConfig, SolverResult, get_solver
 from .solvers.capture import CapturedSolver
+from .solvers.registry import takes
 from .state import State, as_tuple, leaf
 
 
@@ -125,6 +126,25 @@ def _warn_nonfinite(res: SolverResult, solver: str) -> None:
         )
 
 
+def check_budgets(budgets: list[int], budget: int, training: bool, solver: str) -> None:
+    """Raise unless ``budgets`` are step counts a budget curve can read from this solve."""
+    if not takes(solver, "budgets"):
+        raise ValueError(
+            f"solver {solver!r} takes no `budgets` option, so it cannot keep what each budget "
+            "returns (pass budgets=... on to deqlab.solvers.base.Tracker to add it)"
+        )
+    if training:
+        raise ValueError(
+            "budgets: a budget curve is read from a solve without a gradient (evaluation, or "
+            "under torch.no_grad()); a training solve keeps no per-budget states"
+        )
+    if not all(isinstance(k, int) and 1 <= k <= budget for k in budgets):
+        raise ValueError(
+            f"budgets must be step counts from 1 to this solve's budget {budget}, got "
+            f"{list(budgets)} (raise solver.eval_max_iter to read larger budgets)"
+        )
+
+
 class DEQ(nn.Module):
     """Deep equilibrium layer, TorchDEQ's ``indexing`` core: ``z_star, info = deq(f, z0)``
     with f any callable z -> z.
@@ -166,6 +186,11 @@ class DEQ(nn.Module):
     def max_iter_for_training(self) -> int:
         return self.solver_cfg.max_iter
 
+    def keeps_budgets(self) -> bool:
+        """Whether an evaluation solve can keep per-budget states (``budgets=``): its solver
+        takes the option, and the solve is not replayed from CUDA graphs."""
+        return self.captured is None and takes(self.solver_cfg.name, "budgets")
+
     def budget(self, cfg: SolverConfig | None = None) -> int:
         cfg = cfg or self.solver_cfg
         return cfg.max_iter if self.training else cfg.eval_budget()
@@ -206,9 +231,12 @@ class DEQ(nn.Module):
         budget: int,
         save_at: list[int],
         cfg: SolverConfig | None = None,
+        budgets: list[int] | None = None,
     ) -> SolverResult:
         s = cfg or self.solver_cfg
         kwargs = self.solver_kwargs if s is self.solver_cfg else s.solver_kwargs()
+        if budgets:
+            kwargs = {**kwargs, "budgets": budgets}
         solve = self.solve
         if self.captured is not None:
             if as_tuple(z0)[0].is_cuda:
@@ -270,14 +298,19 @@ class DEQ(nn.Module):
             jac_vecs: if > 0, ``info.jac_loss`` holds the Hutchinson estimate of
                 ||J_f(z*)||_F^2 / dim with this many probe vectors, differentiable.
             solver_options: this call's solver settings in place of the layer's, e.g.
-                ``deq(f, z0, tol=1e-6, m=8)`` (see :meth:`call_config`).
+                ``deq(f, z0, tol=1e-6, m=8)`` (see :meth:`call_config`), and ``budgets``:
+                without a gradient, step counts k <= the budget for which ``info.at_budget[k]``
+                holds what a solve with ``max_iter=k`` returns (a budget curve in one solve).
         """
+        budgets = solver_options.pop("budgets", None)
         cfg = self.call_config(solver_options)
         budget = max_iter or self.budget(cfg)
         track = torch.is_grad_enabled()
+        if budgets:
+            check_budgets(budgets, budget, track, cfg.name)
         at = self.sample_steps(budget) if track else [budget]
         with parametrize.cached():
-            res = self.run_solver(f, z0, budget, at[:-1], cfg)
+            res = self.run_solver(f, z0, budget, at[:-1], cfg, budgets)
         info = DEQInfo.from_result(res)
         if not track:
             info.states = [res.z]

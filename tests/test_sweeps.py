@@ -23,6 +23,7 @@ FIGURES = (
     "monitor_vs_time.png",
     "solver_per_epoch.png",
     "residual_traces.png",
+    "budget_curve.png",
 )
 
 

@@ -3,7 +3,7 @@ schedule (the ``jac_reg`` config group)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -75,6 +75,12 @@ class FitConfig:
     batch_chunk: split each training batch into this many chunks, solved and backpropagated
     one after the other, their gradients accumulated in one step (the DEQ-Transformer
     reference's ``--batch_chunk``: the same step in less memory).
+    budget_splits, budget_grid: the metric against the solver budget, from one pass over
+    these splits (``val``, ``test``): for each k in the grid, ``split/<metric>@k`` is what an
+    evaluation with ``solver.eval_max_iter=k`` scores, and ``split/nfe@k`` the f evaluations it
+    spends. ``budget_splits`` None: the test split, where the core keeps per-budget states
+    (the built-in cores do). ``budget_grid`` empty: powers of two below the eval budget, and
+    the budget itself.
     """
 
     pretrain_steps: int = 0
@@ -88,8 +94,16 @@ class FitConfig:
     sradius_iters: int = 0
     trace_samples: int = 4
     batch_chunk: int = 1
+    budget_splits: list[str] | None = None
+    budget_grid: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        splits = self.budget_splits or []
+        if not set(splits) <= {"val", "test"}:
+            raise ValueError(f"fit.budget_splits lists val and/or test, got {splits}")
+        grid = list(self.budget_grid)
+        if any(not isinstance(k, int) or k < 1 for k in grid) or grid != sorted(set(grid)):
+            raise ValueError(f"fit.budget_grid lists increasing step counts >= 1, got {grid}")
         if self.pretrain_steps > 0 and self.pretrain_unroll < 1:
             raise ValueError("fit.pretrain_steps > 0 needs fit.pretrain_unroll >= 1")
         low, high = self.jitter_range()
@@ -101,6 +115,18 @@ class FitConfig:
             raise ValueError(
                 f"fit.jitter_on must be every_step or jac_steps, got {self.jitter_on!r}"
             )
+
+    def budgets(self, eval_budget: int) -> list[int]:
+        """The budget curve's step counts for an evaluation budget of ``eval_budget``."""
+        if self.budget_grid:
+            if self.budget_grid[-1] > eval_budget:
+                raise ValueError(
+                    f"fit.budget_grid {self.budget_grid} goes past the eval budget "
+                    f"{eval_budget}: raise solver.eval_max_iter or shorten the grid"
+                )
+            return list(self.budget_grid)
+        powers = [2**i for i in range(eval_budget.bit_length()) if 2**i < eval_budget]
+        return [*powers, eval_budget]
 
     def jitter_range(self) -> tuple[int, int]:
         """The inclusive range of budget offsets."""

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from ..core import CoreConfig, DEQInfo, GradConfig, SolverConfig, build_core
 from ..dropout import reset_dropout
@@ -125,6 +126,8 @@ class DEQLitModule(L.LightningModule):
         self._chunk: tuple[slice, int] | None = None
         self._grads_pending = False
         self._plateau_state: dict[str, Any] | None = None  # its state from a checkpoint
+        # budget curve: per split, step count k -> running means of the metric and of nfe
+        self._curve: dict[str, dict[int, tuple[MeanMetric, MeanMetric]]] = {}
 
     def attach_net(self, net: nn.Module) -> None:
         """Install the network, normalize its cell and, with ``compile``, compile it
@@ -165,6 +168,7 @@ class DEQLitModule(L.LightningModule):
         jac_vecs: int = 0,
         sradius_iters: int = 0,
         max_iter: int | None = None,
+        budgets: list[int] | None = None,
     ) -> tuple[list[State], DEQInfo | None]:
         """Solve z = f(z) from the configured start shaped like ``z0``; return the states the
         loss should read (last = the equilibrium) and the solve's statistics.
@@ -174,7 +178,8 @@ class DEQLitModule(L.LightningModule):
         ``pretrain_steps`` the model being trained is the unrolled network (as the reference
         implementations evaluate it). ``jac_vecs`` > 0 asks for the Jacobian penalty,
         ``sradius_iters`` > 0 for ``info.sradius`` (power method at the equilibrium);
-        ``max_iter``: the training budget already drawn for this step (else drawn here).
+        ``max_iter``: the training budget already drawn for this step (else drawn here);
+        ``budgets``: in evaluation, the step counts ``info.at_budget`` keeps.
         """
         t = self.fit_cfg
         z0 = self.init_cfg.like(z0)
@@ -187,6 +192,8 @@ class DEQLitModule(L.LightningModule):
         if self.training and torch.is_grad_enabled():
             budget = self.training_budget(jac_vecs) if max_iter is None else max_iter
             kwargs = {"max_iter": budget, "jac_vecs": jac_vecs}
+        elif budgets:
+            kwargs = {"budgets": budgets}
         z, info = self.deq(f, z0, **kwargs)
         if sradius_iters > 0:
             info.sradius = spectral_radius(f, z, sradius_iters)
@@ -215,6 +222,51 @@ class DEQLitModule(L.LightningModule):
 
     def update_metrics(self, split: str, output: Tensor, target: Tensor) -> None:
         raise NotImplementedError
+
+    # The budget curve's metric: its name, its per-element values (their mean over the split
+    # is the metric before ``curve_finish``), e.g. accuracy: 1.0 for each correct prediction.
+    curve_metric = "metric"
+
+    def curve_values(self, output: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def curve_finish(self, mean: Tensor) -> Tensor:
+        return mean
+
+    # -- the budget curve ---------------------------------------------------------------------
+
+    def budget_grid(self, split: str) -> list[int]:
+        """The step counts of ``split``'s budget curve (``fit.budget_splits`` and
+        ``fit.budget_grid``), empty when the split draws none."""
+        splits = self.fit_cfg.budget_splits
+        keeps = getattr(self.deq, "keeps_budgets", lambda: False)()
+        if splits is None:  # the default: the test split, where the core can
+            splits = ["test"] if keeps else []
+        elif splits and not keeps:
+            raise ValueError(
+                f"fit.budget_splits={splits}: this core ({type(self.deq).__name__}, solver "
+                "capture or a solver without a `budgets` option) keeps no per-budget states; "
+                "set task.module.fit.budget_splits=[]"
+            )
+        if split not in splits or self.global_step < self.fit_cfg.pretrain_steps:
+            return []
+        return self.fit_cfg.budgets(self.deq.solver_cfg.eval_budget())
+
+    def _update_curve(self, split: str, info: DEQInfo, y: Tensor) -> None:
+        curve = self._curve.setdefault(split, {})
+        for k, res in info.at_budget.items():
+            if k not in curve:
+                curve[k] = (MeanMetric().to(self.device), MeanMetric().to(self.device))
+            values = self.curve_values(self.net.head(res.z), y).detach().flatten().float()
+            curve[k][0].update(values)
+            curve[k][1].update(torch.tensor(float(res.nfe), device=self.device), len(y))
+
+    def _log_curve(self, split: str) -> None:
+        """Log ``split/<metric>@k`` and ``split/nfe@k`` over the whole split (synced across
+        processes by the metrics), then start afresh."""
+        for k, (metric, nfe) in sorted(self._curve.pop(split, {}).items()):
+            self.log(f"{split}/{self.curve_metric}@{k}", self.curve_finish(metric.compute()))
+            self.log(f"{split}/nfe@{k}", nfe.compute())
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -384,7 +436,8 @@ class DEQLitModule(L.LightningModule):
     def _eval_step(self, batch: Any, batch_idx: int, split: str) -> Tensor:
         x, y = batch
         first = split == "val" and batch_idx == 0
-        outputs, info = self(x, sradius_iters=self.fit_cfg.sradius_iters if first else 0)
+        sradius_iters = self.fit_cfg.sradius_iters if first else 0
+        outputs, info = self(x, sradius_iters=sradius_iters, budgets=self.budget_grid(split))
         output = outputs[-1]
         loss = self.criterion(output, y)
         self.log(f"{split}/loss", loss, sync_dist=True, prog_bar=split == "val")
@@ -394,6 +447,8 @@ class DEQLitModule(L.LightningModule):
         self.log_solver_stats(f"{split}_fwd", info, sync_dist=True)
         if info.sradius is not None:
             self.log("deq/sradius", info.sradius.mean(), sync_dist=True)
+        if info.at_budget:
+            self._update_curve(split, info, y)
         if first and self.fit_cfg.trace_samples > 0:
             self._val_trace = info.trace[:, : self.fit_cfg.trace_samples].float().cpu()
         return loss
@@ -414,6 +469,12 @@ class DEQLitModule(L.LightningModule):
             fig = residual_trace_figure(self._val_trace, self.current_epoch)
             log_figure(self.loggers, "deq/residual_trace", fig, self.global_step, self._val_trace)
         self._val_trace = None
+        if not self.trainer.sanity_checking:
+            self._log_curve("val")
+        self._curve.pop("val", None)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_curve("test")
 
     # -- optimization -------------------------------------------------------------------------
 

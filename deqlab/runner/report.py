@@ -11,7 +11,9 @@ run under FOLDER (a multirun's folder, or any folder of runs: a run is a folder 
   and against wall-clock training time, one line per run;
 - ``solver_per_epoch.png``: forward f evaluations and relative residual, mean per epoch;
 - ``residual_traces.png``: the forward solve's relative residual against solver step at each
-  run's last validation (median over the traced samples).
+  run's last validation (median over the traced samples);
+- ``budget_curve.png``: the test metric against the f evaluations spent, one point per solver
+  budget (``test/<metric>@k`` against ``test/nfe@k``, from one test pass of each run).
 
 A sweep's ``manifest.jsonl`` adds the jobs that left no run folder (rejected configs) with
 their error. No account and no network are needed.
@@ -215,6 +217,19 @@ def _lines(ax: Any, runs: list[Run], xy) -> bool:
     return drawn
 
 
+def budget_curve(run: Run, split: str = "test") -> tuple[str, list[tuple[float, float]]]:
+    """A run's last ``split/<metric>@k`` against ``split/nfe@k``: the metric's name and the
+    points (f evaluations, metric), by budget k."""
+    keys = sorted({k for row in run.rows for k in row if k.startswith(f"{split}/") and "@" in k})
+    names = {k.split("/", 1)[1].split("@")[0] for k in keys} - {"nfe"}
+    if len(names) != 1:
+        return "", []
+    (name,) = names
+    budgets = sorted(int(k.rsplit("@", 1)[1]) for k in keys if k.startswith(f"{split}/{name}@"))
+    points = [(run.last(f"{split}/nfe@{k}"), run.last(f"{split}/{name}@{k}")) for k in budgets]
+    return name, [(x, y) for x, y in points if x is not None and y is not None]
+
+
 def figures(runs: list[Run], out: Path) -> list[str]:
     runs = [r for r in runs if r.rows]
     monitor = next((r.monitor for r in runs if r.monitor), "val/loss")
@@ -282,6 +297,16 @@ def figures(runs: list[Run], out: Path) -> list[str]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         save(fig, "residual_traces.png")
+    else:
+        plt.close(fig)
+
+    curves = {r.name: budget_curve(r) for r in runs}
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    if _lines(ax, runs, lambda r: curves[r.name][1]):
+        name = next(n for n, points in curves.values() if points)
+        ax.set(xlabel="forward f evaluations (test, mean)", ylabel=f"test/{name}")
+        ax.set_title("metric against solver budget (one point per eval budget)")
+        save(fig, "budget_curve.png")
     else:
         plt.close(fig)
     return written

@@ -60,6 +60,7 @@ def anderson(
     save_at: Sequence[int] = (),
     return_final: bool = False,
     check_every: int = 1,
+    budgets: Sequence[int] = (),
     m: int = 5,
     lam: float = 1e-4,
     tau: float = 1.0,
@@ -84,7 +85,7 @@ def anderson(
     z = state.flatten(z0)
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
-    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every)
+    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every, budgets)
     gram = torch.empty(batch, m, m, dtype=dtype, device=device)
     ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
     tiny = torch.finfo(dtype).tiny

@@ -13,7 +13,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,6 +53,9 @@ class SolverResult:
     trace: Tensor  # (steps, B) relative residual of the iterate at each step
     nonfinite: bool = False  # the solve stopped because some iterate went non-finite
     saved: list[State] = field(default_factory=list)  # iterates at the requested `save_at` steps
+    # what a solve with max_iter = k would have returned, for each k in the `budgets` asked for
+    at_budget: dict[int, SolverResult] = field(default_factory=dict)
+    aux: dict[str, Any] = field(default_factory=dict)  # a solver's own outputs (reversible: y)
 
 
 class FlatState:
@@ -243,6 +247,7 @@ class Tracker:
         save_at: Sequence[int] = (),
         return_final: bool = False,
         check_every: int = 1,
+        budgets: Sequence[int] = (),
     ):
         batch, dtype, device = z0.shape[0], z0.dtype, z0.device
         self.tol = tol
@@ -281,6 +286,16 @@ class Tracker:
         self.saved: dict[int, Tensor] = {}
         self.steps = 0
         self.nonfinite = False
+        self.budgets = set(budgets)
+        # budget k -> (best iterate, converged, non-finite seen, f evaluations) after step k - 1
+        self.kept: dict[int, tuple[Tensor, Tensor, bool, int]] = {}
+        if self.budgets:
+            if self.recorder is not None:
+                raise ValueError(
+                    "budgets: a captured solve cannot keep per-budget states (set "
+                    "solver.capture=false for a budget curve)"
+                )
+            self._plain_step, self.step = self.step, self._step_keeping  # type: ignore[method-assign]
 
     def _keep_latest(self, rows: Tensor) -> None:
         """Copy the latest iterate into ``best_z`` for the samples in the mask ``rows``."""
@@ -310,8 +325,11 @@ class Tracker:
                 batch_res = batch_res / (denom - REL_EPS).square().sum().sqrt().add_(REL_EPS)
         return (rel_res if self.use_rel else abs_res), batch_res, improved_row
 
-    def step(self, k: int, z: Tensor, fz: Tensor, diff: Tensor | None = None) -> bool:
-        """Record iterate z (= z_k) and its image fz. ``diff`` may pass f(z) - z if known."""
+    def step(
+        self, k: int, z: Tensor, fz: Tensor, diff: Tensor | None = None, nfe: int | None = None
+    ) -> bool:
+        """Record iterate z (= z_k) and its image fz. ``diff`` may pass f(z) - z if known;
+        ``nfe``, the f evaluations so far when not k + 1 (read for ``budgets`` only)."""
         if diff is None:
             diff = fz - z
         if self.deferred:
@@ -370,6 +388,23 @@ class Tracker:
                 return True
             return False
         return stop == float("-inf")
+
+    def _step_keeping(
+        self, k: int, z: Tensor, fz: Tensor, diff: Tensor | None = None, nfe: int | None = None
+    ) -> bool:
+        """``step``, then, if k + 1 is a budget and the solve goes on, what a solve with that
+        budget returns. ``nfe``: f evaluations so far, if not k + 1 (a line search)."""
+        stop = self._plain_step(k, z, fz, diff)
+        if k + 1 in self.budgets and not stop and k + 1 < self.max_iter:
+            converged = self.best_res == float("-inf")
+            if self.per_batch:  # a deferred batch test freezes the batch through best_batch
+                converged = converged | (self.best_batch == float("-inf"))
+            if self.deferred:
+                bad = not bool(self.finite)
+            else:  # with a test, a non-finite residual would have stopped the solve
+                bad = self.tol is None and not bool(torch.isfinite(self.trace[: k + 1]).all())
+            self.kept[k + 1] = (self.best().clone(), converged.clone(), bad, nfe or k + 1)
+        return stop
 
     def _step_deferred(self, k: int, z: Tensor, fz: Tensor, diff: Tensor) -> bool:
         """``step`` with the tests left on the device between reads (see the class doc): a
@@ -434,17 +469,12 @@ class Tracker:
                 nonfinite = bool(nonfinite)
         elif self.tol is None:  # no convergence test ran: nothing is marked converged
             nonfinite = bool((~torch.isfinite(trace)).any())
-        # The step each sample last improved at (step 0 always improves unless non-finite).
-        steps = torch.arange(self.steps, device=trace.device).unsqueeze(1)
-        best_step = (self.improved[: self.steps] * steps).amax(0)
-        at_best = best_step.unsqueeze(0)
-        best_rel = trace.gather(0, at_best).squeeze(0)
-        best_abs = self.abs_trace[: self.steps].gather(0, at_best).squeeze(0)
+        best_step, best_rel, best_abs = self._best_until(self.steps)
         if self.recorder is None:  # else the recorder checks after its replay
             check_finite_start(best_rel if self.use_rel else best_abs, solver)
         best = self.best()
         saved = [state.unflatten(self.saved.get(k, best)) for k in sorted(self.save_at)]
-        return SolverResult(
+        out = SolverResult(
             z=state.unflatten(best),
             abs_residual=best_abs,
             rel_residual=best_rel,
@@ -454,4 +484,33 @@ class Tracker:
             trace=trace,
             nonfinite=nonfinite,  # type: ignore[arg-type]  # a device flag while recording
             saved=saved,
+        )
+        final = replace(out, saved=[])  # the budgets the solve did not stop before
+        out.at_budget = {
+            k: self._at_budget(k, state) if k in self.kept else final for k in sorted(self.budgets)
+        }
+        return out
+
+    def _best_until(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Over steps 0 .. k - 1: the step each sample last improved at (step 0 always improves
+        unless non-finite), and its relative and absolute residuals there."""
+        steps = torch.arange(k, device=self.trace.device).unsqueeze(1)
+        best_step = (self.improved[:k] * steps).amax(0)
+        at_best = best_step.unsqueeze(0)
+        rel = self.trace[:k].gather(0, at_best).squeeze(0)
+        return best_step, rel, self.abs_trace[:k].gather(0, at_best).squeeze(0)
+
+    def _at_budget(self, k: int, state: FlatState) -> SolverResult:
+        """The result a solve with ``max_iter = k`` returns, from what step k - 1 kept."""
+        z, converged, nonfinite, nfe = self.kept[k]
+        best_step, rel, abs_res = self._best_until(k)
+        return SolverResult(
+            z=state.unflatten(z),
+            abs_residual=abs_res,
+            rel_residual=rel,
+            nfe=nfe,
+            best_step=best_step,
+            converged=converged,
+            trace=self.trace[:k],
+            nonfinite=nonfinite,
         )

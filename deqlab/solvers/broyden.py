@@ -124,6 +124,7 @@ def broyden(
     save_at: Sequence[int] = (),
     return_final: bool = False,
     check_every: int = 1,
+    budgets: Sequence[int] = (),
     memory: int = 30,
     ls: bool = False,
 ) -> SolverResult:
@@ -142,7 +143,7 @@ def broyden(
     z = state.flatten(z0)
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
-    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every)
+    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every, budgets)
     eps = torch.finfo(dtype).eps
     compiling = torch.compiler.is_compiling()  # Dynamo cannot trace out= into a view
     # At most max_iter - 2 updates happen (none after the first and the last evaluation).
@@ -167,7 +168,7 @@ def broyden(
                 fz = f_flat(z)
                 nfe += 1
             gz = fz - z
-            if track.step(k, z, fz, gz) or k == max_iter - 1:
+            if track.step(k, z, fz, gz, nfe) or k == max_iter - 1:
                 break
             restarted = used == memory
             if restarted:  # all slots used: start again from B = -I

@@ -19,6 +19,7 @@ def fixed_point(
     save_at: Sequence[int] = (),
     return_final: bool = False,
     check_every: int = 1,
+    budgets: Sequence[int] = (),
     tau: float = 1.0,
 ) -> SolverResult:
     """Iterate z <- tau f(z) + (1 - tau) z from z0 for at most ``max_iter`` f evaluations."""
@@ -28,7 +29,7 @@ def fixed_point(
     state = FlatState(z0)
     f_flat = state.flat_fn(f)
     z = state.flatten(z0)
-    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every)
+    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every, budgets)
     nfe = 0
     for k in range(max_iter):
         fz = f_flat(z)

@@ -11,8 +11,11 @@ from .base import SolverResult
 
 Solver = Callable[..., SolverResult]
 
-# Arguments every solver takes; everything else keyword-only is a solver option.
+# Arguments every solver takes; everything else keyword-only is a solver option, except
+# OPTIONAL_ARGS: what a core may ask of a solver that takes it (``budgets``: keep what each
+# shorter budget returns, for a budget curve).
 COMMON_ARGS = ("max_iter", "tol", "stop_mode", "save_at")
+OPTIONAL_ARGS = ("budgets",)
 
 
 def _check_solver(name: str, fn: Solver) -> None:
@@ -48,5 +51,10 @@ def solver_options(name: str) -> dict[str, object]:
     return {
         p.name: p.default
         for p in params
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in COMMON_ARGS
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in COMMON_ARGS + OPTIONAL_ARGS
     }
+
+
+def takes(name: str, arg: str) -> bool:
+    """Whether the solver ``name`` accepts the keyword argument ``arg``."""
+    return arg in inspect.signature(get_solver(name)).parameters

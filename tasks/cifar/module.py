@@ -27,6 +27,11 @@ class CifarModule(DEQLitModule):
     def criterion(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target)
 
+    curve_metric = "acc"
+
+    def curve_values(self, output: Tensor, target: Tensor) -> Tensor:
+        return (output.argmax(1) == target).float()
+
     def update_metrics(self, split: str, output: Tensor, target: Tensor) -> None:
         metric = self.acc[f"{split}_acc"]
         if split == "train":  # the batch's accuracy, every step

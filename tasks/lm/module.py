@@ -107,6 +107,16 @@ class LMModule(DEQLitModule):
     def criterion(self, output: Tensor, target: Tensor) -> Tensor:
         return self.net.nll(output, target).mean()
 
+    # The budget curve's points read the memory that the full-budget solve of the previous
+    # segment left; an evaluation at budget k would carry its own (eval_mem_len=0: the same).
+    curve_metric = "ppl"
+
+    def curve_values(self, output: Tensor, target: Tensor) -> Tensor:
+        return self.net.nll(output, target)
+
+    def curve_finish(self, mean: Tensor) -> Tensor:
+        return mean.exp()
+
     def update_metrics(self, split: str, output: Tensor, target: Tensor) -> None:
         if split == "train":
             return
@@ -146,4 +156,5 @@ class LMModule(DEQLitModule):
         self._log_ppl("val")
 
     def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
         self._log_ppl("test")
