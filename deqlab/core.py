@@ -175,6 +175,17 @@ class DEQ(nn.Module):
         )
         self._warned_capture = False  # capture asked for on a CPU: said once per layer
         self.mode = GRAD_MODES.get(self.grad_cfg.name)
+        if self.mode.solver is not None:  # the mode differentiates that solver's iteration
+            if self.solver_cfg.name != self.mode.solver:
+                raise ValueError(
+                    f"grad={self.grad_cfg.name} differentiates the {self.mode.solver} solver's own "
+                    f"iteration: set solver.name={self.mode.solver}, not {self.solver_cfg.name}"
+                )
+            if self.core_cfg.sampled() > 1:
+                raise ValueError(
+                    f"grad={self.grad_cfg.name} returns one state, the solve's own: set "
+                    "core.n_states=1 and core.indexing=[]"
+                )
 
     def extra_repr(self) -> str:
         s, g, c = self.solver_cfg, self.grad_cfg, self.core_cfg
@@ -315,6 +326,13 @@ class DEQ(nn.Module):
         if not track:
             info.states = [res.z]
             return res.z, info
+        if self.mode.solver is not None:  # the solver's own iteration, differentiated
+            with parametrize.cached():
+                if jac_vecs > 0:
+                    z = leaf(res.z, True)
+                    info.jac_loss = jacobian_loss(f(z), z, vecs=jac_vecs)
+            info.states = self.mode.fn(f, z0, res, self.grad_cfg, info.backward.append)  # type: ignore[call-arg]
+            return info.states[-1], info
         steps = self.grad_cfg.steps_for(len(at))
         # A second cache: the solve above ran without a tape, so its cached weights carry no
         # graph; these do, and serve every recorded f evaluation below.
@@ -332,6 +350,14 @@ class SlicedDEQ(DEQ):
     nothing. The returned statistics are the last segment's, with ``nfe`` and ``trace`` over
     all segments. In eval mode it is one solve, exactly as :class:`DEQ`.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.mode.solver is not None:
+            raise ValueError(
+                f"grad={self.grad_cfg.name} reverses one solve from its start; core=sliced "
+                "restarts the solve between segments: use core=indexing"
+            )
 
     def segments(self, budget: int) -> list[int]:
         c = self.core_cfg

@@ -148,12 +148,16 @@ class GradMode:
     differentiates f at z). ``at_equilibrium``: only valid at a fixed point (ift's linear
     solve); states sampled earlier on the trajectory get a phantom gradient instead.
     ``defaults``: the mode's own values of ``GradConfig`` fields left unset (``steps``,
-    ``tau``), so ``grad={"name": m}`` in Python and ``grad=m`` on the command line agree."""
+    ``tau``), so ``grad={"name": m}`` in Python and ``grad=m`` on the command line agree.
+    ``solver``: set for a mode that differentiates that solver's own iteration (``reversible``);
+    the core then calls ``fn(f, z0, result, cfg, on_backward)`` with the solve's
+    :class:`SolverResult` and uses its one returned state."""
 
     fn: GradFn
     needs_z_grad: bool = False
     at_equilibrium: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
+    solver: str | None = None
 
 
 def _check_mode(name: str, mode: Any) -> None:
@@ -308,3 +312,5 @@ register_grad(
 )
 register_grad("phantom", _phantom, defaults={"steps": 5, "tau": 0.5})
 register_grad("onestep", _onestep)
+# the reversible solver's exact gradient (deqlab/reversible.py), loaded when first asked for
+GRAD_MODES.register_lazy("reversible", "deqlab.reversible:REVERSIBLE")

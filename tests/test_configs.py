@@ -33,8 +33,9 @@ GROUPS = [
     "experiment",
 ]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
-# an option that needs another choice to make sense: the network of another task
-WITH = {("net", "deq_transformer"): ["task=ptb"]}
+# an option that needs another choice to make sense: the network of another task, the solver
+# whose iteration a gradient mode reverses
+WITH = {("net", "deq_transformer"): ["task=ptb"], ("grad", "reversible"): ["solver=reversible"]}
 
 
 def test_every_group_is_composed():

@@ -102,8 +102,11 @@ def test_per_call_options_are_checked_as_a_config_is():
         deq(p.f, z0, tol=0)
     assert str(e.value) == "solver.tol must be > 0 (or null: exactly max_iter steps), got 0"
     with pytest.raises(ValueError) as e:
-        deq(p.f, z0, beta=2)
-    assert str(e.value).startswith("solver 'anderson' takes no option(s) ['beta']; its options")
+        deq(p.f, z0, gamma=2)
+    assert str(e.value).startswith("solver 'anderson' takes no option(s) ['gamma']; its options")
+    with pytest.raises(ValueError) as e:
+        deq(p.f, z0, beta=0.3)
+    assert str(e.value) == "solver.beta is the reversible solver's; 'anderson' takes none"
     with pytest.raises(ValueError) as e:
         deq(p.f, z0, name="broyden")
     assert str(e.value) == (

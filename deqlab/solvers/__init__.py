@@ -12,8 +12,14 @@ from .broyden import broyden
 from .config import SolverConfig
 from .fixed_point import fixed_point
 from .registry import COMMON_ARGS, SOLVERS, Solver, get_solver, register_solver, solver_options
+from .reversible import reversible
 
-for _name, _fn in (("fixed_point", fixed_point), ("anderson", anderson), ("broyden", broyden)):
+for _name, _fn in (
+    ("fixed_point", fixed_point),
+    ("anderson", anderson),
+    ("broyden", broyden),
+    ("reversible", reversible),
+):
     register_solver(_name, _fn)
 
 __all__ = [
@@ -30,5 +36,6 @@ __all__ = [
     "fixed_point",
     "get_solver",
     "register_solver",
+    "reversible",
     "solver_options",
 ]

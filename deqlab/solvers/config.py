@@ -7,6 +7,7 @@ from typing import Any
 
 from .base import check_common
 from .registry import solver_options
+from .reversible import check_beta
 
 
 @dataclass
@@ -14,8 +15,8 @@ class SolverConfig:
     """Forward solver settings (the ``solver`` config group).
 
     The named options go to the solvers that take them (anderson: m, lam, lam_mode, tau;
-    fixed_point: tau; broyden: memory, ls (a line search along each step); all:
-    return_final); ``options`` holds extra options for
+    fixed_point: tau; broyden: memory, ls (a line search along each step); reversible: beta,
+    its relaxation; all: return_final); ``options`` holds extra options for
     solvers registered by the user. The budget in eval mode is ``eval_max_iter`` if set, else
     ``max_iter * eval_factor`` (TorchDEQ's two options). ``tol: null`` runs exactly
     ``max_iter`` steps with no convergence test (no host syncs).
@@ -38,6 +39,7 @@ class SolverConfig:
     lam_mode: str = "relative"
     memory: int = 30
     ls: bool = False
+    beta: float = 0.5
     return_final: bool = False
     check_every: int = 1
     capture: bool = False
@@ -68,6 +70,10 @@ class SolverConfig:
                 "solver.ls reads its Armijo test back at every trial: set solver.check_every=1 "
                 "and solver.capture=false, or solver.ls=false"
             )
+        if self.beta != SolverConfig.beta and "beta" not in accepted:
+            raise ValueError(f"solver.beta is the reversible solver's; {self.name!r} takes none")
+        if "beta" in accepted:
+            check_beta(self.beta)
         if not self.eval_factor > 0:
             raise ValueError(f"solver.eval_factor must be > 0, got {self.eval_factor}")
         unknown = sorted(set(self.options) - set(accepted))
