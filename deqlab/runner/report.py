@@ -149,7 +149,10 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    tests = sorted({k for r in runs for row in r.rows for k in row if k.startswith("test/")})
+    # the budget curve's points (test/acc@k, test/nfe@k) are drawn, not tabulated
+    tests = sorted(
+        {k for r in runs for row in r.rows for k in row if k.startswith("test/") and "@" not in k}
+    )
     tests = [k for k in tests if not k.startswith("test/loss")] + [
         k for k in tests if k.startswith("test/loss")
     ]
