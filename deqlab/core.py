@@ -33,6 +33,7 @@ from .regularize import jacobian_loss
 from .settings import to_config
 from .solvers import SolverConfig, SolverResult, get_solver
 from .solvers.capture import CapturedSolver
+from .solvers.fallback import fall_back
 from .solvers.registry import takes
 from .state import State, as_tuple, leaf
 
@@ -126,8 +127,14 @@ def _warn_nonfinite(res: SolverResult, solver: str) -> None:
         )
 
 
-def check_budgets(budgets: list[int], budget: int, training: bool, solver: str) -> None:
+def check_budgets(budgets: list[int], budget: int, training: bool, cfg: SolverConfig) -> None:
     """Raise unless ``budgets`` are step counts a budget curve can read from this solve."""
+    solver = cfg.name
+    if cfg.fallback:
+        raise ValueError(
+            "budgets: with solver.fallback a shorter budget would also cut the fallback's "
+            "solve, which one solve cannot show; set solver.fallback=[] for a budget curve"
+        )
     if not takes(solver, "budgets"):
         raise ValueError(
             f"solver {solver!r} takes no `budgets` option, so it cannot keep what each budget "
@@ -200,7 +207,8 @@ class DEQ(nn.Module):
     def keeps_budgets(self) -> bool:
         """Whether an evaluation solve can keep per-budget states (``budgets=``): its solver
         takes the option, and the solve is not replayed from CUDA graphs."""
-        return self.captured is None and takes(self.solver_cfg.name, "budgets")
+        s = self.solver_cfg
+        return self.captured is None and not s.fallback and takes(s.name, "budgets")
 
     def budget(self, cfg: SolverConfig | None = None) -> int:
         cfg = cfg or self.solver_cfg
@@ -212,7 +220,7 @@ class DEQ(nn.Module):
         ``options``), checked as a config is. The solver itself is the layer's."""
         if not options:
             return self.solver_cfg
-        fixed = sorted({"name", "capture", "options"} & set(options))
+        fixed = sorted({"name", "capture", "options", "fallback"} & set(options))
         if fixed:
             raise ValueError(
                 f"{fixed} cannot change per call: they are the layer's (build another DEQ, "
@@ -271,6 +279,11 @@ class DEQ(nn.Module):
                 **kwargs,
             )
         _warn_nonfinite(res, s.name)
+        if s.fallback and not bool(res.converged.all()):
+            with torch.no_grad():
+                res = fall_back(f, res, budget, s)
+            if res.nonfinite:
+                _warn_nonfinite(res, f"{s.name} and its fallbacks {s.fallback}")
         return res
 
     def attach(
@@ -318,7 +331,7 @@ class DEQ(nn.Module):
         budget = max_iter or self.budget(cfg)
         track = torch.is_grad_enabled()
         if budgets:
-            check_budgets(budgets, budget, track, cfg.name)
+            check_budgets(budgets, budget, track, cfg)
         at = self.sample_steps(budget) if track else [budget]
         with parametrize.cached():
             res = self.run_solver(f, z0, budget, at[:-1], cfg, budgets)

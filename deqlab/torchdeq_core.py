@@ -92,6 +92,11 @@ class TorchDEQCore(nn.Module):
                 "core=torchdeq: TorchDEQ reads its residual back at every step; "
                 "solver.capture and solver.check_every need core=indexing or core=sliced"
             )
+        if s.fallback:
+            raise ValueError(
+                "core=torchdeq: TorchDEQ's solve has no fallback; solver.fallback needs "
+                "core=indexing or core=sliced"
+            )
         # the options TorchDEQ's solvers share with ours (its Broyden has no memory option)
         self.solver_kwargs = {k: v for k, v in s.solver_kwargs().items() if k in PER_CALL}
         onestep = g.name == "onestep"

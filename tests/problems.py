@@ -61,3 +61,18 @@ class StaggeredCell(nn.Module):
 
     def forward(self, z, x):
         return self.scale * torch.tanh(z @ self.w.T + x)
+
+
+class RotatingCell(nn.Module):
+    """f(z, x) = s_b Q z + x with Q orthogonal and per-sample scales s_b from 0.5 to 1.5: the
+    samples with s_b > 1 make Anderson stall (and fixed-point iteration diverge) while Broyden
+    converges; those below 1 converge under either."""
+
+    def __init__(self, batch: int = 6, dim: int = 16):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64))
+        self.register_buffer("q", q)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, batch, dtype=torch.float64)[:, None])
+
+    def forward(self, z, x):
+        return self.scale * (z @ self.q.T) + x

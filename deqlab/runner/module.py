@@ -430,6 +430,8 @@ class DEQLitModule(L.LightningModule):
 
     def log_solver_stats(self, prefix: str, info: DEQInfo, **kw: Any) -> None:
         self.log(f"deq/{prefix}_nfe", float(info.nfe), **kw)
+        if info.fallbacks:  # samples the solve left unconverged, handed to solver.fallback
+            self.log(f"deq/{prefix}_fallbacks", float(info.fallbacks[0]), **kw)
         self.log(f"deq/{prefix}_rel_residual", info.rel_residual.mean(), **kw)
         self.log(f"deq/{prefix}_abs_residual", info.abs_residual.mean(), **kw)
 

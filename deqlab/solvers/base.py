@@ -56,6 +56,7 @@ class SolverResult:
     # what a solve with max_iter = k would have returned, for each k in the `budgets` asked for
     at_budget: dict[int, SolverResult] = field(default_factory=dict)
     aux: dict[str, Any] = field(default_factory=dict)  # a solver's own outputs (reversible: y)
+    fallbacks: list[int] = field(default_factory=list)  # samples handed to each solver.fallback
 
 
 class FlatState:

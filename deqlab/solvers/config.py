@@ -25,6 +25,12 @@ class SolverConfig:
     every k steps only (the same statistics, up to k - 1 more evaluations). ``capture`` replays
     the forward solve as CUDA graphs, one per k steps (:mod:`deqlab.solvers.capture`); on a
     CPU the solve runs eagerly, with a warning.
+
+    ``fallback``: solvers tried in turn on the samples a solve leaves unconverged (stalled,
+    non-finite, a singular Anderson system): each starts from the previous solve's result
+    (every sample's best iterate) with the same budget, tol and stop rule, and the named
+    options it takes; a sample converged already converges again at its first step and keeps
+    its iterate. ``SolverResult.fallbacks`` counts the samples handed to each.
     """
 
     name: str = "anderson"
@@ -43,6 +49,7 @@ class SolverConfig:
     return_final: bool = False
     check_every: int = 1
     capture: bool = False
+    fallback: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,6 +83,12 @@ class SolverConfig:
             check_beta(self.beta)
         if not self.eval_factor > 0:
             raise ValueError(f"solver.eval_factor must be > 0, got {self.eval_factor}")
+        if self.fallback and self.tol is None:
+            raise ValueError(
+                "solver.fallback re-solves the samples that did not converge, which needs a "
+                "tol: set solver.tol, or solver.fallback=[]"
+            )
+        self.fallback_configs()  # raises for an unknown solver name
         unknown = sorted(set(self.options) - set(accepted))
         if unknown:
             raise ValueError(
@@ -89,6 +102,21 @@ class SolverConfig:
         common = {f.name for f in fields(SolverConfig)} - {"options"}
         named = {k: getattr(self, k) for k in accepted if k in common}
         return {**named, **self.options}
+
+    def fallback_configs(self) -> list[SolverConfig]:
+        """Each fallback solver's settings: this config's budget, tol, stop rule and the
+        named options that solver takes; its own defaults for the rest."""
+        shared = ("max_iter", "tol", "stop_mode", "eval_max_iter", "eval_factor")
+        out = []
+        for name in self.fallback:
+            accepted = solver_options(name)
+            keep = {
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if f.name in shared or (f.name in accepted and f.name != "options")
+            }
+            out.append(SolverConfig(name=name, **keep))
+        return out
 
     def eval_budget(self) -> int:
         if self.eval_max_iter is not None:
