@@ -70,7 +70,12 @@ class FitConfig:
     fp_weight, fp_gamma, fp_bias, fp_normalize: how fixed-point correction weighs the states
     the core samples (``core.n_states`` / ``core.indexing``; see
     :func:`deqlab.regularize.fp_correction`); with one state there is no correction.
-    sradius_iters: power-method steps for ``deq/sradius`` at validation (0: off).
+    sradius_iters: power-method steps for the spectral radius of J_f at z*, per sample over
+    the whole validation split (``deq/sradius``, its distribution; 0: off).
+    unstable_above, unstable_patience: the stability monitor (:mod:`deqlab.runner.stability`):
+    the share of validation samples ending above this relative residual is
+    ``deq/val_unstable_share``; a share rising at ``unstable_patience`` validations in a row
+    warns (0: never).
     trace_samples: samples drawn in the validation residual-trace figure (0: off).
     batch_chunk: split each training batch into this many chunks, solved and backpropagated
     one after the other, their gradients accumulated in one step (the DEQ-Transformer
@@ -94,10 +99,17 @@ class FitConfig:
     sradius_iters: int = 0
     trace_samples: int = 4
     batch_chunk: int = 1
+    unstable_above: float = 0.05
+    unstable_patience: int = 2
     budget_splits: list[str] | None = None
     budget_grid: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.unstable_above > 0 or self.unstable_patience < 0:
+            raise ValueError(
+                "fit.unstable_above must be > 0 and fit.unstable_patience >= 0, got "
+                f"{self.unstable_above} and {self.unstable_patience}"
+            )
         splits = self.budget_splits or []
         if not set(splits) <= {"val", "test"}:
             raise ValueError(f"fit.budget_splits lists val and/or test, got {splits}")

@@ -39,6 +39,7 @@ from .data import mix_seed
 from .fit import FitConfig, JacRegConfig
 from .loggers import log_figure, residual_trace_figure
 from .optim import OptimConfig, non_embedding_parameters
+from .stability import SplitStability, rising, stability_figure, summarize, warn_rising
 
 
 class DEQNet(Protocol):
@@ -126,6 +127,8 @@ class DEQLitModule(L.LightningModule):
         self._chunk: tuple[slice, int] | None = None
         self._grads_pending = False
         self._plateau_state: dict[str, Any] | None = None  # its state from a checkpoint
+        self._stability: SplitStability | None = None  # this validation's per-sample figures
+        self._unstable_history: list[float] = []  # deq/val_unstable_share, validation by validation
         # budget curve: per split, step count k -> running means of the metric and of nfe
         self._curve: dict[str, dict[int, tuple[MeanMetric, MeanMetric]]] = {}
 
@@ -308,9 +311,11 @@ class DEQLitModule(L.LightningModule):
         checkpoint["deqlab_module"] = self.qualified_name()
         if self._plateau is not None:
             checkpoint["deqlab_plateau"] = self._plateau.state_dict()
+        checkpoint["deqlab_unstable_history"] = list(self._unstable_history)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._plateau_state = checkpoint.get("deqlab_plateau")  # restored once built
+        self._unstable_history = list(checkpoint.get("deqlab_unstable_history", []))
         reader = self.qualified_name()
         check_compatible(checkpoint, self, checkpoint.get("deqlab_module", reader), reader)
         now = time.perf_counter()
@@ -438,7 +443,7 @@ class DEQLitModule(L.LightningModule):
     def _eval_step(self, batch: Any, batch_idx: int, split: str) -> Tensor:
         x, y = batch
         first = split == "val" and batch_idx == 0
-        sradius_iters = self.fit_cfg.sradius_iters if first else 0
+        sradius_iters = self.fit_cfg.sradius_iters if split == "val" else 0
         outputs, info = self(x, sradius_iters=sradius_iters, budgets=self.budget_grid(split))
         output = outputs[-1]
         loss = self.criterion(output, y)
@@ -451,6 +456,10 @@ class DEQLitModule(L.LightningModule):
             self.log("deq/sradius", info.sradius.mean(), sync_dist=True)
         if info.at_budget:
             self._update_curve(split, info, y)
+        if split == "val":
+            if self._stability is None:
+                self._stability = SplitStability()
+            self._stability.update(info)
         if first and self.fit_cfg.trace_samples > 0:
             self._val_trace = info.trace[:, : self.fit_cfg.trace_samples].float().cpu()
         return loss
@@ -473,7 +482,28 @@ class DEQLitModule(L.LightningModule):
         self._val_trace = None
         if not self.trainer.sanity_checking:
             self._log_curve("val")
+            self._log_stability()
         self._curve.pop("val", None)
+        self._stability = None
+
+    def _log_stability(self) -> None:
+        """The stability monitor over the whole validation split (all processes' samples)."""
+        if self._stability is None:
+            return
+        fit = self.fit_cfg
+        values = {
+            k: self.all_gather(v).flatten().cpu() for k, v in self._stability.tensors().items()
+        }
+        figures = summarize(values, fit.unstable_above)
+        for name, value in figures.items():
+            self.log(f"deq/val_{name}", value)
+        self._unstable_history.append(figures["unstable_share"])
+        if rising(self._unstable_history, fit.unstable_patience) and self.trainer.is_global_zero:
+            warn_rising(self._unstable_history, fit.unstable_patience, fit.unstable_above)
+        if self.trainer.is_global_zero:
+            fig = stability_figure(values, fit.unstable_above, self.current_epoch)
+            data = torch.stack([values["rel_residual"], values["steps"]], dim=1)
+            log_figure(self.loggers, "deq/stability", fig, self.global_step, data)
 
     def on_test_epoch_end(self) -> None:
         self._log_curve("test")
