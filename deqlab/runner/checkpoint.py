@@ -56,6 +56,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
+def run_config(ckpt: str | Path, command: str) -> Any:
+    """The config of the run that wrote ``ckpt``: ``config_resolved.yaml`` in the run folder
+    (the checkpoint's grandparent folder); ``command`` names the caller in the error."""
+    from omegaconf import OmegaConf
+
+    config = Path(ckpt).resolve().parent.parent / "config_resolved.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{config} not found: {command} reads the run's config beside its checkpoints/ "
+            "folder (a checkpoint of a deqlab run, left where the run wrote it)"
+        )
+    return OmegaConf.load(config)
+
+
 def last_checkpoint(output_dir: str | Path) -> Path:
     """The run folder's ``checkpoints/last.ckpt`` (``ckpt_path=last``)."""
     return Path(output_dir) / "checkpoints" / "last.ckpt"

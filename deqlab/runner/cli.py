@@ -4,6 +4,7 @@ deqlab [overrides]                 train / test, as ``python -m deqlab [override
 deqlab report FOLDER               compare the runs of a sweep (deqlab.runner.report)
 deqlab dashboard --project P ...   the deqlab workspace in a W&B project (deqlab.runner.dashboard)
 deqlab generate CKPT --prompt ...  sample text from a trained DEQ language model
+deqlab analyze CKPT [--limit N]    the equilibrium of a trained model, sample by sample
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ SUBCOMMANDS = {
     "report": "deqlab.runner.report",
     "dashboard": "deqlab.runner.dashboard",
     "generate": "deqlab.tasks.lm.generate",
+    "analyze": "deqlab.runner.analyze",
 }
 
 

@@ -127,6 +127,10 @@ class DEQLitModule(L.LightningModule):
         self._chunk: tuple[slice, int] | None = None
         self._grads_pending = False
         self._plateau_state: dict[str, Any] | None = None  # its state from a checkpoint
+        # deqlab analyze: every evaluation batch's solve kept for a callback to read, and the
+        # spectral radius taken on every split
+        self.keep_eval = False
+        self.kept_eval: tuple[DEQInfo | None, Any] = (None, None)
         self._stability: SplitStability | None = None  # this validation's per-sample figures
         self._unstable_history: list[float] = []  # deq/val_unstable_share, validation by validation
         # budget curve: per split, step count k -> running means of the metric and of nfe
@@ -229,6 +233,7 @@ class DEQLitModule(L.LightningModule):
     # The budget curve's metric: its name, its per-element values (their mean over the split
     # is the metric before ``curve_finish``), e.g. accuracy: 1.0 for each correct prediction.
     curve_metric = "metric"
+    curve_higher_is_better = True
 
     def curve_values(self, output: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
@@ -443,9 +448,11 @@ class DEQLitModule(L.LightningModule):
     def _eval_step(self, batch: Any, batch_idx: int, split: str) -> Tensor:
         x, y = batch
         first = split == "val" and batch_idx == 0
-        sradius_iters = self.fit_cfg.sradius_iters if split == "val" else 0
+        sradius_iters = self.fit_cfg.sradius_iters if split == "val" or self.keep_eval else 0
         outputs, info = self(x, sradius_iters=sradius_iters, budgets=self.budget_grid(split))
         output = outputs[-1]
+        if self.keep_eval:
+            self.kept_eval = (info, y)
         loss = self.criterion(output, y)
         self.log(f"{split}/loss", loss, sync_dist=True, prog_bar=split == "val")
         self.update_metrics(split, output, y)

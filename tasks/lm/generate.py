@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import OmegaConf
 from torch import Tensor
 
-from deqlab.runner.checkpoint import read_checkpoint
+from deqlab.runner.checkpoint import read_checkpoint, run_config
 from deqlab.solvers.capture import Bound
 
 from .data import UNK
@@ -43,13 +42,7 @@ def load_model(ckpt: str | Path, data_dir: str | None = None) -> tuple[LMModule,
     """The LM module of a run's checkpoint, in eval mode, and its corpus. The run's config is
     ``config_resolved.yaml`` in the run folder (the checkpoint's grandparent folder)."""
     ckpt = Path(ckpt)
-    config = ckpt.resolve().parent.parent / "config_resolved.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(
-            f"{config} not found: deqlab generate reads the run's config beside its "
-            "checkpoints/ folder (a checkpoint of a deqlab run, left where the run wrote it)"
-        )
-    cfg = OmegaConf.load(config)
+    cfg = run_config(ckpt, "deqlab generate")
     if not issubclass(get_class(cfg.task.module._target_), LMModule):
         raise ValueError(
             f"{ckpt} is a {cfg.task.name!r} model: deqlab generate needs a language model"

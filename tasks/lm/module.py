@@ -110,6 +110,7 @@ class LMModule(DEQLitModule):
     # The budget curve's points read the memory that the full-budget solve of the previous
     # segment left; an evaluation at budget k would carry its own (eval_mem_len=0: the same).
     curve_metric = "ppl"
+    curve_higher_is_better = False
 
     def curve_values(self, output: Tensor, target: Tensor) -> Tensor:
         return self.net.nll(output, target)
