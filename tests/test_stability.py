@@ -69,3 +69,45 @@ def test_rising_needs_patience_rises_in_a_row():
     assert not rising([0.3, 0.1, 0.2], 2)
     assert not rising([0.1, 0.2], 2)  # not enough validations yet
     assert not rising([0.1, 0.2, 0.3], 0)  # 0: never warns
+
+
+def test_the_adaptive_jacobian_weight_follows_the_unstable_share():
+    from deqlab.runner.fit import JacRegConfig
+
+    cfg = JacRegConfig(name="hutchinson", adaptive=True, adaptive_target=0.1, adaptive_factor=2)
+    assert cfg.adapt(1.0, 0.3) == 2.0 and cfg.adapt(2.0, 0.3) == 4.0  # above: rises
+    assert cfg.adapt(4.0, 0.1) == 2.0 and cfg.adapt(1.0, 0.0) == 1.0  # met: falls, floor 1
+    with pytest.raises(ValueError, match="set jac_reg=hutchinson"):
+        JacRegConfig(adaptive=True)
+
+
+def test_a_drifting_run_raises_its_jacobian_weight(data_dir, tmp_path):
+    """With jac_reg.adaptive the weight doubles after each validation above the target
+    (the drifting model of the test above), and a resumed run keeps the multiplier."""
+    overrides = [
+        f"paths.data_dir={data_dir}",
+        *TINY,
+        "trainer.max_epochs=3",
+        "solver.max_iter=8",
+        "task.datamodule.val_size=32",
+        "task.module.fit.unstable_above=1e-4",
+        "task.module.fit.unstable_patience=0",
+        "jac_reg=hutchinson",
+        "jac_reg.freq=1.0",
+        "jac_reg.weight=0.25",
+        "jac_reg.adaptive=true",
+        "jac_reg.adaptive_target=0.5",
+        "optim.optimizer.lr=1e-6",
+        "+callbacks.drift._target_=tests.test_stability.Drift",
+    ]
+    run(compose_cfg(overrides, tmp_path))
+    rows = metrics(tmp_path)
+    shares = [float(r["deq/val_unstable_share"]) for r in rows if r.get("deq/val_unstable_share")]
+    assert all(s > 0.5 for s in shares)  # the premise: every validation above the target
+    by_epoch = {}
+    for r in rows:
+        if r.get("deq/jac_weight"):
+            by_epoch.setdefault(int(r["epoch"]), set()).add(float(r["deq/jac_weight"]))
+    assert by_epoch == {0: {0.25}, 1: {0.5}, 2: {1.0}}
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["deqlab_jac_multiplier"] == 8.0  # three validations above the target

@@ -18,6 +18,12 @@ class JacRegConfig:
     at every multiple of ``incremental`` global steps past pre-training (locuslab/deq's
     DEQ-Sequence), ``deq`` every ``incremental`` steps from the end of pre-training
     (MDEQ-Vision). From ``stop_epoch`` on it is off.
+
+    ``adaptive``: the weight follows the stability monitor (:mod:`deqlab.runner.stability`).
+    After each validation whose unstable share (``deq/val_unstable_share``) is above
+    ``adaptive_target`` the weight's multiplier is multiplied by ``adaptive_factor``; after one
+    at or below it, divided by it, never below 1 (the scheduled weight). Logged as
+    ``deq/jac_weight``.
     """
 
     name: str = "none"  # none | hutchinson
@@ -28,8 +34,18 @@ class JacRegConfig:
     increment: float = 0.1
     incremental_from: str = "start"  # start | deq
     stop_epoch: int | None = None
+    adaptive: bool = False
+    adaptive_target: float = 0.05
+    adaptive_factor: float = 2.0
 
     def __post_init__(self) -> None:
+        if self.adaptive and self.name == "none":
+            raise ValueError("jac_reg.adaptive adapts the Jacobian weight: set jac_reg=hutchinson")
+        if not (0 <= self.adaptive_target < 1 and self.adaptive_factor > 1):
+            raise ValueError(
+                "jac_reg.adaptive_target is a share in [0, 1) and jac_reg.adaptive_factor > 1, "
+                f"got {self.adaptive_target} and {self.adaptive_factor}"
+            )
         if self.name not in ("none", "hutchinson"):
             raise ValueError(f"jac_reg.name must be 'none' or 'hutchinson', got {self.name!r}")
         if not 0 <= self.freq <= 1:
@@ -40,6 +56,12 @@ class JacRegConfig:
             )
         if self.vecs < 1:
             raise ValueError(f"jac_reg.vecs must be >= 1, got {self.vecs}")
+
+    def adapt(self, multiplier: float, unstable_share: float) -> float:
+        """The weight's next multiplier after a validation with this unstable share."""
+        if unstable_share > self.adaptive_target:
+            return multiplier * self.adaptive_factor
+        return max(1.0, multiplier / self.adaptive_factor)
 
     def weight_at(self, step: int, epoch: int, pretrain_steps: int = 0) -> float:
         """The weight at global step ``step`` (steps done so far) of epoch ``epoch``."""

@@ -133,6 +133,7 @@ class DEQLitModule(L.LightningModule):
         self.kept_eval: tuple[DEQInfo | None, Any] = (None, None)
         self._stability: SplitStability | None = None  # this validation's per-sample figures
         self._unstable_history: list[float] = []  # deq/val_unstable_share, validation by validation
+        self._jac_multiplier = 1.0  # jac_reg.adaptive: the scheduled weight's multiplier
         # budget curve: per split, step count k -> running means of the metric and of nfe
         self._curve: dict[str, dict[int, tuple[MeanMetric, MeanMetric]]] = {}
 
@@ -317,10 +318,12 @@ class DEQLitModule(L.LightningModule):
         if self._plateau is not None:
             checkpoint["deqlab_plateau"] = self._plateau.state_dict()
         checkpoint["deqlab_unstable_history"] = list(self._unstable_history)
+        checkpoint["deqlab_jac_multiplier"] = self._jac_multiplier
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._plateau_state = checkpoint.get("deqlab_plateau")  # restored once built
         self._unstable_history = list(checkpoint.get("deqlab_unstable_history", []))
+        self._jac_multiplier = float(checkpoint.get("deqlab_jac_multiplier", 1.0))
         reader = self.qualified_name()
         check_compatible(checkpoint, self, checkpoint.get("deqlab_module", reader), reader)
         now = time.perf_counter()
@@ -344,6 +347,9 @@ class DEQLitModule(L.LightningModule):
         steps, else 0."""
         pretrain = self.fit_cfg.pretrain_steps
         weight = self.jac_cfg.weight_at(self.global_step, self.current_epoch, pretrain)
+        weight *= self._jac_multiplier
+        if self.jac_cfg.adaptive:
+            self.log("deq/jac_weight", weight)
         return weight if weight > 0 and bool(torch.rand(()) < self.jac_cfg.freq) else 0.0
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
@@ -505,6 +511,10 @@ class DEQLitModule(L.LightningModule):
         for name, value in figures.items():
             self.log(f"deq/val_{name}", value)
         self._unstable_history.append(figures["unstable_share"])
+        if self.jac_cfg.adaptive:
+            self._jac_multiplier = self.jac_cfg.adapt(
+                self._jac_multiplier, figures["unstable_share"]
+            )
         if rising(self._unstable_history, fit.unstable_patience) and self.trainer.is_global_zero:
             warn_rising(self._unstable_history, fit.unstable_patience, fit.unstable_above)
         if self.trainer.is_global_zero:
