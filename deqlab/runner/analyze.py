@@ -162,6 +162,7 @@ def findings(
     budget: int,
     unstable_above: float,
     higher_is_better: bool = True,
+    stop_mode: str = "rel",
 ) -> list[str]:
     """Plain-language sentences about the equilibrium, each computed from the tables."""
     n = len(samples["rel"])
@@ -187,7 +188,9 @@ def findings(
     never = np.flatnonzero(samples["converged"] == 0)
     if len(never):
         shown = ", ".join(str(i) for i in never[:10]) + (", ..." if len(never) > 10 else "")
-        out.append(f"{len(never)} samples never converge (samples {shown}).")
+        batch = stop_mode.startswith("batch")
+        whose = f" (under stop_mode={stop_mode}: their batch as a whole)" if batch else ""
+        out.append(f"{len(never)} samples never converge{whose} (samples {shown}).")
     else:
         out.append("Every sample converges.")
     rho = samples["sradius"][~np.isnan(samples["sradius"])]
@@ -297,6 +300,7 @@ def analyze(
         budget,
         module.fit_cfg.unstable_above,
         module.curve_higher_is_better,
+        module.deq.solver_cfg.stop_mode,
     )
     lines = [
         f"# Analysis of {ckpt}",

@@ -161,6 +161,7 @@ def help_text() -> str:
             "  deqlab report FOLDER                        compare the runs of a sweep",
             "  deqlab dashboard --project P --entity E     the W&B workspace",
             "  deqlab generate CKPT --prompt '...'         sample from a language model",
+            "  deqlab analyze CKPT [--limit N]             inside a model's equilibrium",
             "",
             "(python -m deqlab ... is the same command.)",
             "",
