@@ -26,7 +26,6 @@ import csv
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import matplotlib
@@ -57,18 +56,17 @@ class Collector(L.Callback):
         self.seen = 0
 
     def _batch(self, module: DEQLitModule) -> None:
-        info, y = module.kept_eval
+        info, y, values, curve = module.kept_eval
         if info is None or (self.limit is not None and self.seen >= self.limit):
             return
         keep = len(y) if self.limit is None else min(len(y), self.limit - self.seen)
         self.seen += keep
 
-        def per_sample(res: Any) -> tuple[np.ndarray, np.ndarray]:
-            values = module.curve_values(module.net.head(res.z), y).detach().double()
-            values = values.reshape(len(y), -1)[:keep]
+        def per_sample(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            values = values.double().reshape(len(y), -1)[:keep]
             return values.sum(1).cpu().numpy(), np.full(keep, values.shape[1], dtype=float)
 
-        value, count = per_sample(info)
+        value, count = per_sample(values)
         for name, col in (
             ("rel", info.rel_residual),
             ("abs", info.abs_residual),
@@ -82,7 +80,7 @@ class Collector(L.Callback):
         self.rows["count"].append(count)
         self.traces.append(info.trace[:, :keep].detach().double().cpu().numpy())
         for k, res in info.at_budget.items():
-            v, c = per_sample(res)
+            v, c = per_sample(curve[k])
             acc = self.curve.setdefault(k, [0.0, 0.0, 0.0, 0.0])
             acc[0] += v.sum()
             acc[1] += c.sum()

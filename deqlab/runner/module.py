@@ -130,7 +130,8 @@ class DEQLitModule(L.LightningModule):
         # deqlab analyze: every evaluation batch's solve kept for a callback to read, and the
         # spectral radius taken on every split
         self.keep_eval = False
-        self.kept_eval: tuple[DEQInfo | None, Any] = (None, None)
+        # (info, target, the metric's values at the full budget, and by budget k)
+        self.kept_eval: tuple[DEQInfo | None, Any, Any, dict[int, Tensor]] = (None, None, None, {})
         self._stability: SplitStability | None = None  # this validation's per-sample figures
         self._unstable_history: list[float] = []  # deq/val_unstable_share, validation by validation
         self._jac_multiplier = 1.0  # jac_reg.adaptive: the scheduled weight's multiplier
@@ -261,14 +262,22 @@ class DEQLitModule(L.LightningModule):
             return []
         return self.fit_cfg.budgets(self.deq.solver_cfg.eval_budget())
 
-    def _update_curve(self, split: str, info: DEQInfo, y: Tensor) -> None:
+    def _update_curve(
+        self, split: str, info: DEQInfo, output: Tensor, y: Tensor
+    ) -> dict[int, Tensor]:
+        """Add each budget's per-element metric values to the split's running means; returns
+        them by budget. ``output`` is the head at the full solve's z, which a budget the solve
+        stopped before shares (the same tensor): its head is not evaluated again."""
         curve = self._curve.setdefault(split, {})
+        kept = {}
         for k, res in info.at_budget.items():
             if k not in curve:
                 curve[k] = (MeanMetric().to(self.device), MeanMetric().to(self.device))
-            values = self.curve_values(self.net.head(res.z), y).detach().flatten().float()
-            curve[k][0].update(values)
+            head = output if res.z is info.z else self.net.head(res.z)
+            kept[k] = self.curve_values(head, y).detach()
+            curve[k][0].update(kept[k].flatten().float())
             curve[k][1].update(torch.tensor(float(res.nfe), device=self.device), len(y))
+        return kept
 
     def _log_curve(self, split: str) -> None:
         """Log ``split/<metric>@k`` and ``split/nfe@k`` over the whole split (synced across
@@ -458,7 +467,7 @@ class DEQLitModule(L.LightningModule):
         outputs, info = self(x, sradius_iters=sradius_iters, budgets=self.budget_grid(split))
         output = outputs[-1]
         if self.keep_eval:
-            self.kept_eval = (info, y)
+            self.kept_eval = (info, y, self.curve_values(output, y).detach(), {})
         loss = self.criterion(output, y)
         self.log(f"{split}/loss", loss, sync_dist=True, prog_bar=split == "val")
         self.update_metrics(split, output, y)
@@ -468,7 +477,9 @@ class DEQLitModule(L.LightningModule):
         if info.sradius is not None:
             self.log("deq/sradius", info.sradius.mean(), sync_dist=True)
         if info.at_budget:
-            self._update_curve(split, info, y)
+            curve = self._update_curve(split, info, output, y)
+            if self.keep_eval:
+                self.kept_eval[3].update(curve)
         if split == "val":
             if self._stability is None:
                 self._stability = SplitStability()

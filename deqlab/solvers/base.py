@@ -486,10 +486,12 @@ class Tracker:
             nonfinite=nonfinite,  # type: ignore[arg-type]  # a device flag while recording
             saved=saved,
         )
-        final = replace(out, saved=[])  # the budgets the solve did not stop before
-        out.at_budget = {
-            k: self._at_budget(k, state) if k in self.kept else final for k in sorted(self.budgets)
-        }
+        if self.budgets:
+            final = replace(out, saved=[])  # the budgets the solve did not stop before
+            out.at_budget = {
+                k: self._at_budget(k, state) if k in self.kept else final
+                for k in sorted(self.budgets)
+            }
         return out
 
     def _best_until(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
