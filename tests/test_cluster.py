@@ -252,7 +252,7 @@ def test_torchs_write_error_on_a_full_disk_is_translated(tmp_path, monkeypatch):
     AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(4)}, path)
 
     def full(obj, f):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise RuntimeError(
             "[enforce fail at inline_container.cc:778] . unexpected pos 94848 vs 94740"
         )

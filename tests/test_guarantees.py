@@ -282,8 +282,8 @@ def test_damaged_cache_is_rebuilt_with_a_warning_that_names_it(task, tmp_path):
 def test_cache_is_never_left_half_written(tmp_path, monkeypatch):
     write_cifar_folder(tmp_path, train_per_class=2, test_per_class=1)
 
-    def killed_while_writing(obj, path):
-        Path(path).write_bytes(b"half a cache")
+    def killed_while_writing(obj, fh):
+        fh.write(b"half a cache")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", killed_while_writing)
@@ -301,8 +301,8 @@ def test_checkpoint_is_never_left_half_written(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(3)}}, path)
 
-    def killed_while_writing(obj, target, *args, **kwargs):
-        Path(target).write_bytes(b"half a checkpoint")
+    def killed_while_writing(obj, fh, *args, **kwargs):
+        fh.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", killed_while_writing)

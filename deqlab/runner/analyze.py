@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,8 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from .checkpoint import run_config
+from .checkpoint import AtomicCheckpointIO, run_config
+from .files import save_figure, write_text
 from .module import DEQLitModule
 from .stability import sample_steps
 
@@ -111,10 +113,12 @@ def evaluate(
     grid: list[int] | None = None,
     sradius_iters: int = 10,
     data_dir: str | None = None,
+    trust_config: bool = False,
 ) -> tuple[DEQLitModule, Collector, int]:
     """Run ``split`` of the checkpoint's task with every per-sample figure kept; returns the
-    module, what was collected, and the eval budget."""
-    cfg = run_config(ckpt, "deqlab analyze")
+    module, what was collected, and the eval budget. The run's config builds only allowed
+    classes unless ``trust_config`` (:mod:`~deqlab.runner.trust`)."""
+    cfg = run_config(ckpt, "deqlab analyze", trust_config)
     if data_dir is not None:
         cfg.task.datamodule.data_dir = data_dir
     datamodule = instantiate(cfg.task.datamodule)
@@ -134,6 +138,7 @@ def evaluate(
         callbacks=[collector],
         enable_progress_bar=False,
         enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],  # loads tensors only, whatever torch defaults to
         inference_mode=False,  # the spectral radius takes vector-Jacobian products
         limit_test_batches=None if limit is None else math.ceil(limit / batch),
         limit_val_batches=None if limit is None else math.ceil(limit / batch),
@@ -212,7 +217,7 @@ def _figures(
         ax.set(xlabel="f evaluations (mean)", ylabel=metric, title="metric against budget")
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "budget_curve.png", dpi=100)
+        save_figure(fig, out / "budget_curve.png", dpi=100)
         plt.close(fig)
         written.append("budget_curve.png")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -226,7 +231,7 @@ def _figures(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "convergence.png", dpi=100)
+    save_figure(fig, out / "convergence.png", dpi=100)
     plt.close(fig)
     written.append("convergence.png")
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -240,7 +245,7 @@ def _figures(
     for ax in axes:
         ax.set_ylabel("samples")
     fig.tight_layout()
-    fig.savefig(out / "histograms.png", dpi=100)
+    save_figure(fig, out / "histograms.png", dpi=100)
     plt.close(fig)
     written.append("histograms.png")
     return written
@@ -254,9 +259,12 @@ def analyze(
     grid: list[int] | None = None,
     sradius_iters: int = 10,
     data_dir: str | None = None,
+    trust_config: bool = False,
 ) -> Path:
     """Write the analysis of ``ckpt`` (see the module docstring); returns ``report.md``."""
-    module, collector, budget = evaluate(ckpt, split, limit, grid, sradius_iters, data_dir)
+    module, collector, budget = evaluate(
+        ckpt, split, limit, grid, sradius_iters, data_dir, trust_config
+    )
     if collector.seen == 0:
         raise ValueError(f"{ckpt}: no {split} samples were solved (unrolled pre-training?)")
     folder = (
@@ -269,26 +277,25 @@ def analyze(
     samples["value"] = samples["value"] / samples["count"]
     curve = curve_rows(module, collector)
     metric = module.curve_metric
-    with open(folder / "samples.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        columns = ["sample", "rel_residual", "abs_residual", "converged", "steps", "sradius"]
-        w.writerow([*columns, metric, "elements"])
-        for i in range(len(samples["rel"])):
-            w.writerow(
-                [
-                    i,
-                    *(repr(float(samples[k][i])) for k in ("rel", "abs")),
-                    int(samples["converged"][i]),
-                    int(samples["steps"][i]),
-                    repr(float(samples["sradius"][i])),
-                    repr(float(samples["value"][i])),
-                    int(samples["count"][i]),
-                ]
-            )
-    with open(folder / "curve.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["budget", "nfe", metric])
-        w.writerows([k, repr(nfe), repr(m)] for k, nfe, m in curve)
+    rows = []
+    for i in range(len(samples["rel"])):
+        rows.append(
+            [
+                i,
+                *(repr(float(samples[k][i])) for k in ("rel", "abs")),
+                int(samples["converged"][i]),
+                int(samples["steps"][i]),
+                repr(float(samples["sradius"][i])),
+                repr(float(samples["value"][i])),
+                int(samples["count"][i]),
+            ]
+        )
+    columns = ["sample", "rel_residual", "abs_residual", "converged", "steps", "sradius"]
+    write_text(folder / "samples.csv", csv_text([*columns, metric, "elements"], rows))
+    write_text(
+        folder / "curve.csv",
+        csv_text(["budget", "nfe", metric], [[k, repr(nfe), repr(m)] for k, nfe, m in curve]),
+    )
     pictures = _figures(folder, samples, collector.trace(budget), curve, f"{split}/{metric}")
     said = findings(
         samples,
@@ -311,8 +318,17 @@ def analyze(
     lines += [f"| {k} | {nfe:.3g} | {m:.4g} |" for k, nfe, m in curve]
     lines += ["", *[f"![{p}]({p})" for p in pictures], ""]
     path = folder / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    """``header`` and ``rows`` as CSV text (written in one atomic step)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -326,10 +342,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sradius-iters", type=int, default=10, help="power-method steps (0: off)")
     p.add_argument("--data-dir", default=None, help="the run's data, if it moved")
     p.add_argument("--out", default=None, help="output folder (default: <ckpt>_analysis beside it)")
+    p.add_argument(
+        "--trust-config",
+        action="store_true",
+        help="build whatever the run's config names (only for a run folder you trust)",
+    )
     args = p.parse_args(argv)
     grid = [int(k) for k in args.budgets.split(",")] if args.budgets else None
     path = analyze(
-        args.ckpt, args.out, args.split, args.limit, grid, args.sradius_iters, args.data_dir
+        args.ckpt,
+        args.out,
+        args.split,
+        args.limit,
+        grid,
+        args.sradius_iters,
+        args.data_dir,
+        args.trust_config,
     )
     print(path.read_text())
     print(f"written: {path} (with samples.csv, curve.csv and figures beside it)")

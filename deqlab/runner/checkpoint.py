@@ -1,8 +1,9 @@
-"""Checkpoints that survive a kill, and the checks before one is trusted.
+"""Checkpoints that survive a kill, that never run code, and the checks before one is trusted.
 
 - :class:`AtomicCheckpointIO` writes every checkpoint to a temporary name and renames it, so
   ``last.ckpt`` is always the previous complete checkpoint or the new complete one, never a
-  truncated file, whenever the process is killed.
+  truncated file, whenever the process is killed; and reads every checkpoint Lightning
+  restores through :func:`read_checkpoint` (tensors and plain containers only).
 - :func:`resolve_checkpoint` turns ``ckpt_path`` (a file, or ``last`` for the run folder's own
   ``checkpoints/last.ckpt``) into an existing, readable file, or fails before any work with a
   message that says what to do.
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from .files import save_atomic
+from .files import load_tensors, save_atomic
 
 
 class CheckpointError(ValueError):
@@ -26,7 +27,14 @@ class CheckpointError(ValueError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made atomic for local files (write, fsync, rename)."""
+    """Lightning's checkpoint writer, made atomic for local files (write, fsync, rename), and
+    its reader, made safe: whatever the environment or the torch version says, a checkpoint
+    is loaded as tensors and plain containers (:func:`read_checkpoint`)."""
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return read_checkpoint(local_file(path, "ckpt_path"))
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
@@ -36,10 +44,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomic(checkpoint, path)  # creates the folder
 
 
+def local_file(path: str | Path, key: str) -> Path:
+    """``path`` as a local file path; a URL (``https://...``, ``s3://...``) is refused by name
+    (a path would mangle it to ``https:/...``)."""
+    if "://" in str(path):
+        raise CheckpointError(
+            f"{key}={path}: a URL; deqlab reads checkpoints from local files only. Download it "
+            f"first and pass the file: {key}=<file.ckpt>"
+        )
+    return Path(path)
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint at ``path``, memory-mapped (tensors are read only when touched)."""
+    """The checkpoint at ``path``: tensors and plain containers only (never code, whatever
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says), memory-mapped (tensors are read only when
+    touched) unless the file is in torch's legacy (pre-zip) format."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return load_tensors(path)
     except Exception as e:
         # torch's own message may advise weights_only=False, which would execute whatever
         # the file holds: report the damage instead.
@@ -56,10 +77,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
-def run_config(ckpt: str | Path, command: str) -> Any:
+def run_config(ckpt: str | Path, command: str, trust: bool = False) -> Any:
     """The config of the run that wrote ``ckpt``: ``config_resolved.yaml`` in the run folder
-    (the checkpoint's grandparent folder); ``command`` names the caller in the error."""
+    (the checkpoint's grandparent folder); ``command`` names the caller in the error. Unless
+    ``trust``, every class it names must be on the allow-list (:mod:`~deqlab.runner.trust`):
+    building it then runs no code from outside deqlab, torch.optim and Lightning."""
     from omegaconf import OmegaConf
+
+    from .trust import trusted_config
 
     config = Path(ckpt).resolve().parent.parent / "config_resolved.yaml"
     if not config.is_file():
@@ -67,7 +92,7 @@ def run_config(ckpt: str | Path, command: str) -> Any:
             f"{config} not found: {command} reads the run's config beside its checkpoints/ "
             "folder (a checkpoint of a deqlab run, left where the run wrote it)"
         )
-    return OmegaConf.load(config)
+    return trusted_config(OmegaConf.load(config), str(config), trust)
 
 
 def last_checkpoint(output_dir: str | Path) -> Path:
@@ -90,7 +115,7 @@ def resolve_checkpoint(ckpt_path: str, output_dir: str | Path) -> Path:
                 "file: ckpt_path=<file.ckpt>"
             )
     else:
-        path = Path(ckpt_path)
+        path = local_file(ckpt_path, "ckpt_path")
         if not path.is_file():
             raise CheckpointError(f"ckpt_path={ckpt_path}: no such file")
     read_checkpoint(path)
@@ -124,6 +149,13 @@ def check_compatible(
     )
 
 
+def _state_dict(checkpoint: Any, path: str | Path) -> dict[str, Any]:
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"init_from={path}: no state dict of tensors in it")
+    return state
+
+
 def network_state(
     checkpoint: dict[str, Any], net: torch.nn.Module, path: str | Path
 ) -> dict[str, Any]:
@@ -131,9 +163,7 @@ def network_state(
     state dict, or a reference implementation's state dict (bare or under ``state_dict``, as
     the DEQ and MDEQ training scripts save them), which a network that knows the format
     (``net.is_reference_state`` / ``net.convert_reference_state``) converts."""
-    state = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"init_from={path}: no state dict of tensors in it")
+    state = _state_dict(checkpoint, path)
     if any(k.startswith("net.") for k in state):  # a deqlab (Lightning) checkpoint
         return {k[4:]: v for k, v in state.items() if k.startswith("net.")}
     is_reference = getattr(net, "is_reference_state", None)
@@ -145,14 +175,22 @@ def network_state(
         raise CheckpointError(f"init_from={path}: {e}") from None
 
 
+def initial_state(path: str | Path, net: torch.nn.Module | None = None) -> dict[str, Any]:
+    """The network tensors ``init_from=path`` names (:func:`network_state`); the file must be
+    a local, readable file holding a state dict of tensors. With ``net`` None (a task that
+    builds its network later) the file is only checked."""
+    path = local_file(path, "init_from")
+    if not path.is_file():
+        raise CheckpointError(f"init_from={path}: no such file")
+    checkpoint = read_checkpoint(path)
+    return _state_dict(checkpoint, path) if net is None else network_state(checkpoint, net, path)
+
+
 def load_initial_weights(path: str | Path, net: torch.nn.Module, strict: bool = True) -> str:
     """Start ``net`` from the weights in ``path`` (see :func:`network_state`): every tensor
     with ``strict``, else those whose names and shapes match. Returns a one-paragraph report of
     what was loaded, skipped (in the file, not usable here) and left new (not in the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"init_from={path}: no such file")
-    state = network_state(read_checkpoint(path), net, path)
+    state = initial_state(path, net)
     ours = net.state_dict()
     usable = {k: v for k, v in state.items() if k in ours and ours[k].shape == v.shape}
     skipped = sorted(set(state) - set(usable))

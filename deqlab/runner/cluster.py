@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import signal
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +38,10 @@ LOCK_NAME = ".deqlab.lock"
 
 class RunFolderInUse(RuntimeError):
     """Another live process holds the run folder."""
+
+
+class RunFolderLockError(RuntimeError):
+    """The run folder's file system refuses ``flock`` (ENOLCK, EPERM, ...)."""
 
 
 def describe_holder(info: dict[str, Any]) -> str:
@@ -67,6 +73,7 @@ def hold_run_folder(folder: str | Path) -> Iterator[dict[str, Any] | None]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
+    warn_if_lock_is_node_local(folder)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -78,6 +85,14 @@ def hold_run_folder(folder: str | Path) -> Iterator[dict[str, Any] | None]:
                 f"run folder {folder} is in use by {describe_holder(holder)}: a run folder has one "
                 "writer. Wait for that process to end (or stop it), or run in another folder "
                 "(hydra.run.dir=<new folder>; ckpt_path=<its checkpoint> to start from it)"
+            ) from None
+        except OSError as e:  # ENOLCK, EPERM, EOPNOTSUPP: the file system cannot lock
+            os.close(fd)
+            raise RunFolderLockError(
+                f"cannot lock run folder {folder} ({errno.errorcode.get(e.errno, e.errno)}: "
+                f"{e.strerror}): its file system does not offer flock to this process (an NFS "
+                "mount without a lock service, say). Run in a folder on a file system that "
+                "locks (local disk, or NFS with lockd), e.g. DEQLAB_LOGS=<such a folder>"
             ) from None
         # the holder before us may have removed the file after we opened it: lock the file that
         # is at the path now
@@ -95,8 +110,62 @@ def hold_run_folder(folder: str | Path) -> Iterator[dict[str, Any] | None]:
     try:
         yield stale
     finally:
-        os.unlink(path)  # still locked: nobody can take the file we remove
+        # still locked: nobody can take the file we remove. Only our own file: the folder
+        # may have been moved aside (overwrite=true) and a new lock file made in its place
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
         os.close(fd)
+
+
+def mount_of(folder: Path, mounts: str) -> tuple[str, str, str] | None:
+    """The (mount point, file system type, options) of ``/proc/mounts``-format text
+    ``mounts`` that holds ``folder``: the longest mount point above it."""
+    best = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if folder.is_relative_to(point) and (best is None or len(point) > len(best[0])):
+            best = (point, fields[2], fields[3])
+    return best
+
+
+def node_local_locks(folder: Path, mounts: str) -> str | None:
+    """Why ``flock`` in ``folder`` would not exclude other machines, or None: an NFS mount
+    with ``local_lock=flock``/``all`` (the lock never reaches the server) or Lustre mounted
+    with ``localflock``."""
+    found = mount_of(folder, mounts)
+    if found is None:
+        return None
+    point, fstype, options = found
+    opts = options.split(",")
+    if fstype.startswith("nfs") and any(o in ("local_lock=flock", "local_lock=all") for o in opts):
+        return f"{point} is NFS mounted with {next(o for o in opts if o.startswith('local_lock'))}"
+    if fstype == "lustre" and "localflock" in opts:
+        return f"{point} is Lustre mounted with localflock"
+    return None
+
+
+def warn_if_lock_is_node_local(folder: Path) -> None:
+    """Warn when the run folder's lock holds only on this machine (:func:`node_local_locks`):
+    two jobs on two nodes could then both write the folder."""
+    try:
+        mounts = Path("/proc/mounts").read_text()
+    except OSError:  # not Linux: nothing to read
+        return
+    why = node_local_locks(folder.resolve(), mounts)
+    if why:
+        warnings.warn(
+            f"deqlab: the run folder's lock ({folder / LOCK_NAME}) holds on this machine only: "
+            f"{why}. A job on another node could write the same folder; give each job its own "
+            "folder (the default), or keep run folders on a file system whose locks reach "
+            "the server",
+            stacklevel=3,
+        )
 
 
 def slurm_job_id() -> str | None:
@@ -117,10 +186,17 @@ def slurm_folder(default: str) -> str:
     return default if job is None else f"slurm_{job}"
 
 
+def slurm_restarted() -> bool:
+    """Whether this process is a requeued SLURM batch job (``SLURM_RESTART_COUNT`` > 0)."""
+    return slurm_job_id() is not None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
 def requeued_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint a requeued SLURM job resumes from: its folder's ``last.ckpt``, when SLURM
-    says the job was restarted (``SLURM_RESTART_COUNT`` > 0) and the file exists."""
-    if slurm_job_id() is None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+    """The checkpoint a requeued SLURM job resumes from: its folder's ``last.ckpt`` (its
+    newest, rewritten at every validation and on the preemption signal), when SLURM says the
+    job was restarted and the file exists. It takes precedence over ``ckpt_path``, which
+    names where the job's first launch started, not where its work stands."""
+    if not slurm_restarted():
         return None
     path = last_checkpoint(output_dir)
     return path if path.is_file() else None

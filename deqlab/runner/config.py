@@ -93,6 +93,7 @@ class RootConfig:
     ckpt_path: str | None = None
     init_from: str | None = None
     init_from_strict: bool = True
+    overwrite: bool = False
     mode: Mode = Mode.train
     test_ckpt: TestCheckpoint = TestCheckpoint.best
     run_name: str = ""

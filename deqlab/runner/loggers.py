@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import netrc
 import os
-from collections.abc import Mapping, Sequence
+import secrets
+import string
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -19,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures are rendered to arrays, never shown
 import matplotlib.pyplot as plt
 import numpy as np
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import (
     CSVLogger,
     Logger,
@@ -27,6 +30,8 @@ from lightning.pytorch.loggers import (
     WandbLogger,
 )
 from torch import Tensor
+
+from .files import optional_output, save_figure, write_atomic, write_text
 
 
 def wandb_credentials() -> bool:
@@ -69,7 +74,9 @@ def wandb_logger(
     ``wandb sync`` uploads later. Its tags are the config choices ``tags`` and the run's own
     ``run_tags``. The run's summary holds each metric of ``summaries`` at its
     best value (``min`` or ``max``, as the task's config says), not its last; ``log_model``
-    uploads the checkpoints as an artifact when training ends.
+    uploads the checkpoints as an artifact when training ends. The W&B run's id is kept in
+    ``save_dir`` (``.wandb_run_id``): every restart of that run folder (a resume after a kill,
+    a requeued job) continues the same W&B run, online or offline.
     """
     offline = wandb_mode() == "offline"
     if offline and log_model:
@@ -81,6 +88,7 @@ def wandb_logger(
         os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    kwargs.setdefault("id", run_id(save_dir, WANDB_ID, _new_wandb_id))
     logger = WandbLogger(
         project=project,
         save_dir=save_dir,
@@ -106,12 +114,14 @@ def mlflow_logger(
     tracking_uri: str = "sqlite:///mlflow.db",
     tags: Mapping[str, str] | None = None,
     run_tags: Sequence[str] = (),
+    run_folder: str | None = None,
     **kwargs: Any,
 ) -> Logger:
     """An MLFlowLogger writing to ``tracking_uri``: a local SQLite store (MLflow's
     successor to its file store, which it no longer develops) or a server. Its tags are
     ``tags`` (the config choices: ``tags.solver = 'broyden'`` in MLflow's search) and the
-    run's own ``run_tags``, comma-joined under ``tags``."""
+    run's own ``run_tags``, comma-joined under ``tags``. The MLflow run's id is kept in
+    ``run_folder`` (``.mlflow_run_id``): every restart of that folder continues the same run."""
     from lightning.pytorch.loggers.mlflow import _MLFLOW_AVAILABLE
 
     if not _MLFLOW_AVAILABLE:
@@ -121,13 +131,47 @@ def mlflow_logger(
     all_tags = dict(tags or {})
     if run_tags:
         all_tags["tags"] = ",".join(run_tags)
-    return MLFlowLogger(
+    folder = run_folder
+    saved = folder and read_run_id(folder, MLFLOW_ID)
+    logger = MLFlowLogger(
         experiment_name=experiment_name,
         run_name=run_name or None,  # MLflow draws a name for a run without overrides
         tracking_uri=tracking_uri,
         tags=all_tags,
+        run_id=saved or None,  # a restarted run folder continues its MLflow run
         **kwargs,
     )
+    if folder and not saved and rank_zero_only.rank == 0:
+        write_text(Path(folder) / MLFLOW_ID, logger.run_id)  # starts the run
+    return logger
+
+
+# Where a run folder keeps its dashboard runs' ids, so that every restart of the folder (a
+# resume after a kill, a requeued job) continues the same W&B and MLflow run.
+WANDB_ID = ".wandb_run_id"
+MLFLOW_ID = ".mlflow_run_id"
+
+
+def read_run_id(folder: str | Path, name: str) -> str | None:
+    path = Path(folder) / name
+    return path.read_text().strip() or None if path.is_file() else None
+
+
+def _new_wandb_id() -> str:
+    """Eight lowercase letters and digits, as W&B draws its own run ids."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def run_id(folder: str | Path, name: str, new: Callable[[], str]) -> str:
+    """The run id kept in ``folder/name``, or a ``new()`` one, kept there (rank 0 writes)."""
+    saved = read_run_id(folder, name)
+    if saved:
+        return saved
+    made = new()
+    if rank_zero_only.rank == 0:
+        write_text(Path(folder) / name, made)
+    return made
 
 
 def residual_trace_figure(trace: Tensor, epoch: int) -> plt.Figure:
@@ -161,10 +205,12 @@ def log_figure(
         elif isinstance(logger, MLFlowLogger):
             logger.experiment.log_figure(logger.run_id, fig, f"{key}_step{step}.png")
         elif isinstance(logger, CSVLogger):
-            out = Path(logger.log_dir) / "figures"
-            out.mkdir(parents=True, exist_ok=True)
-            name = out / f"{key.replace('/', '_')}_step{step}"
-            fig.savefig(name.with_suffix(".png"))
-            if data is not None:
-                np.savetxt(name.with_suffix(".csv"), data.numpy(), delimiter=",")
+            name = Path(logger.log_dir) / "figures" / f"{key.replace('/', '_')}_step{step}"
+            with optional_output(f"figure {name}.png"):  # a full disk warns, training goes on
+                save_figure(fig, name.with_suffix(".png"))
+                if data is not None:
+                    write_atomic(
+                        name.with_suffix(".csv"),
+                        lambda fh: np.savetxt(fh, data.numpy(), delimiter=","),
+                    )
     plt.close(fig)

@@ -13,8 +13,6 @@ python -m deqlab report outputs/multiruns/<sweep>                  # as `deqlab 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import signal
 import sys
 from contextlib import ExitStack
@@ -33,16 +31,16 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from deqlab.runner.checkpoint import AtomicCheckpointIO, resolve_checkpoint
-from deqlab.runner.cluster import (
-    Preempted,
-    Preemption,
-    describe_holder,
-    hold_run_folder,
-    requeued_checkpoint,
+from deqlab.runner.checkpoint import (
+    AtomicCheckpointIO,
+    initial_state,
+    read_checkpoint,
+    resolve_checkpoint,
 )
+from deqlab.runner.cluster import Preempted, Preemption, requeued_checkpoint, slurm_restarted
 from deqlab.runner.config import CONF_DIR, register_configs, validate
 from deqlab.runner.extras import run_extras
+from deqlab.runner.run_folder import RunFolder
 
 register_configs()
 
@@ -61,44 +59,50 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoAdvertise
 def run(cfg: DictConfig) -> float | None:
     """Fit and test (or only test) as ``cfg`` says; returns the best monitored metric.
 
-    Every config value and the checkpoint to resume from are checked before anything is
-    built; a run rejected there leaves no run folder behind. The run folder has one writer
-    (:func:`~deqlab.runner.cluster.hold_run_folder`): a second process is refused before it
-    reads a checkpoint. Loggers are closed whatever happens, a failed run marked as failed
-    (a W&B run with a non-zero exit code), so the next job of a sweep starts its own.
+    Nothing is written into the run folder until everything has been checked: the config
+    values, the folder's lock (one writer: a second process is refused before it reads a
+    checkpoint), that the folder holds no other run (:mod:`~deqlab.runner.run_folder`), the
+    checkpoint to resume from and the weights to start from. A run refused there changes no
+    byte of the folder, and removes only a folder it created. Loggers are closed whatever
+    happens, a failed run marked as failed (a W&B run with a non-zero exit code), so the next
+    job of a sweep starts its own.
     """
     out = Path(cfg.paths.output_dir)
+    # DDP processes started by this one write nothing into the folder
+    folder = RunFolder(out, reopening(cfg, out), cfg.overwrite, str(cfg.mode))
+    loggers: list[Logger] = []
     with ExitStack() as held:
+        held.callback(folder.release)
         try:
             validate(cfg)
             held.enter_context(run_extras(cfg.extras))
-            if rank_zero_only.rank == 0:  # DDP processes started by this one share its lock
-                stale = held.enter_context(hold_run_folder(out))
-                if stale:
-                    print(
-                        f"deqlab: {out} was held by {describe_holder(stale)}, which has died; lock taken over"
-                    )
-            ckpt = resolve_checkpoint(cfg.ckpt_path, out) if cfg.ckpt_path else None
-            ckpt = ckpt or requeued_checkpoint(out)
+            if rank_zero_only.rank == 0:
+                folder.acquire()
+            # a requeued job continues from its own folder, whatever ckpt_path started it
+            ckpt = requeued_checkpoint(out) if slurm_restarted() else None
+            ckpt = ckpt or (resolve_checkpoint(cfg.ckpt_path, out) if cfg.ckpt_path else None)
+            if cfg.get("init_from"):
+                initial_state(cfg.init_from)  # a file of tensors, before anything is built
             L.seed_everything(cfg.seed, workers=True)
             datamodule = instantiate(cfg.task.datamodule)
             module = instantiate(cfg.task.module)
+            check_before_training(module, ckpt)
             callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
             if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses both
                 callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-            loggers: list[Logger] = [
-                instantiate(c) for c in (cfg.get("logger") or {}).values() if c
-            ]
+            if rank_zero_only.rank == 0:
+                folder.commit(cfg)
+            loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
         except Exception:
-            close_loggers([], succeeded=False)  # a W&B run already started must not linger
-            held.close()
-            discard_rejected_run(out)
+            close_loggers(loggers, succeeded=False)  # a W&B run already started must not linger
+            if rank_zero_only.rank == 0 and not folder.committed:
+                folder.discard()
             raise
         succeeded = False
         try:
             if rank_zero_only.rank == 0:
                 print_config(cfg)
-            save_config(cfg, out, loggers)
+            log_config(cfg, loggers)
             trainer: L.Trainer = instantiate(
                 cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
             )
@@ -110,6 +114,30 @@ def run(cfg: DictConfig) -> float | None:
             raise Preempted(signum or signal.SIGTERM) from None
         finally:
             close_loggers(loggers, succeeded)
+
+
+def reopening(cfg: DictConfig, out: Path) -> bool:
+    """Whether this run continues the run in ``out``: a requeued SLURM job, ``ckpt_path=last``
+    or a checkpoint of ``out`` itself."""
+    if slurm_restarted() or cfg.ckpt_path == "last":
+        return True
+    if not cfg.ckpt_path or "://" in str(cfg.ckpt_path):
+        return False
+    return Path(cfg.ckpt_path).absolute().resolve().is_relative_to(out.absolute().resolve())
+
+
+def check_before_training(module: L.LightningModule, ckpt: Path | None) -> None:
+    """What can be checked of the module before anything is written: ``init_from``'s weights
+    fit its network, and ``ckpt``'s task and tensors are its own (for tasks that build their
+    network in ``setup``, the checks run there, as before)."""
+    if getattr(module, "net", None) is None:
+        return
+    load_initial = getattr(module, "load_initial_weights", None)
+    if load_initial is not None:
+        load_initial()
+    on_load = getattr(module, "check_checkpoint", None)
+    if ckpt is not None and on_load is not None:
+        on_load(read_checkpoint(ckpt))
 
 
 def fit_and_test(
@@ -167,13 +195,12 @@ def print_config(cfg: DictConfig) -> None:
     rich.print(tree)
 
 
-def save_config(cfg: DictConfig, out: Path, loggers: list[Logger]) -> None:
-    """The resolved config, beside the run's outputs and in every logger (rank 0 only)."""
+def log_config(cfg: DictConfig, loggers: list[Logger]) -> None:
+    """The resolved config in every logger (rank 0 only; the run folder's copy is written by
+    :meth:`RunFolder.commit`)."""
     if rank_zero_only.rank != 0:
         return
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
@@ -185,25 +212,6 @@ def close_loggers(loggers: list[Logger], succeeded: bool) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=0 if succeeded else 1)
-
-
-# What Hydra writes into a job's folder before the job runs.
-HYDRA_ARTEFACTS = (".hydra",)
-
-
-def discard_rejected_run(out: Path) -> None:
-    """Remove what Hydra wrote for a run rejected before it started (its ``.hydra`` folder and
-    log), so no folder looks like a run of that config. A folder holding anything else (a
-    resumed run's checkpoints, say) is left as it is."""
-    if not out.is_dir():
-        return
-    entries = list(out.iterdir())
-    if any(e.name not in HYDRA_ARTEFACTS and e.suffix != ".log" for e in entries):
-        return
-    for entry in entries:
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    if out.resolve() != Path.cwd().resolve():
-        os.rmdir(out)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

@@ -161,11 +161,21 @@ class DEQLitModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Start from ``init_from``'s weights (once; a resumed run's checkpoint, restored after
         setup, takes precedence). Tasks that build their network in ``setup`` call this after."""
+        self.load_initial_weights()
+
+    def load_initial_weights(self) -> None:
+        """Load ``init_from`` into the network, once it is built (the runner calls this before
+        it writes anything, so that weights that do not fit fail first)."""
         if self.init_from and not self._weights_loaded and self.net is not None:
             report = load_initial_weights(self.init_from, self.net, self.init_from_strict)
             if self.global_rank == 0:
                 print(f"deqlab: {report}")
             self._weights_loaded = True
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse ``checkpoint`` unless this task module wrote it with this network."""
+        reader = self.qualified_name()
+        check_compatible(checkpoint, self, checkpoint.get("deqlab_module", reader), reader)
 
     # -- the solve ---------------------------------------------------------------------------
 
@@ -333,8 +343,7 @@ class DEQLitModule(L.LightningModule):
         self._plateau_state = checkpoint.get("deqlab_plateau")  # restored once built
         self._unstable_history = list(checkpoint.get("deqlab_unstable_history", []))
         self._jac_multiplier = float(checkpoint.get("deqlab_jac_multiplier", 1.0))
-        reader = self.qualified_name()
-        check_compatible(checkpoint, self, checkpoint.get("deqlab_module", reader), reader)
+        self.check_checkpoint(checkpoint)
         now = time.perf_counter()
         self._epoch_t0 = now - checkpoint.get("deqlab_epoch_elapsed_s", 0.0)
         self._fit_t0 = now - checkpoint.get("deqlab_fit_elapsed_s", 0.0)

@@ -26,6 +26,7 @@ import csv
 import math
 import statistics
 import sys
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,11 +87,26 @@ def read_log(folder: Path) -> list[dict[str, float]]:
     )
     rows: list[dict[str, float]] = []
     for path in versions:
-        with open(path) as fh:
-            new = [
-                {k: float(v) for k, v in r.items() if v not in ("", None)}
-                for r in csv.DictReader(fh)
-            ]
+        new = []
+        text = path.read_text(errors="replace")
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):  # the last write was cut short
+            warnings.warn(
+                f"deqlab report: {path}, line {len(lines)}: cut short (a kill or a full disk "
+                "mid-write?); skipped",
+                stacklevel=2,
+            )
+            lines = lines[:-1]
+        reader = csv.DictReader(lines)
+        for r in reader:
+            try:
+                new.append({k: float(v) for k, v in r.items() if v not in ("", None)})
+            except (TypeError, ValueError):  # a torn value: the rest of the log still counts
+                warnings.warn(
+                    f"deqlab report: {path}, line {reader.line_num}: not a row of numbers "
+                    "(torn by a kill or a full disk?); skipped",
+                    stacklevel=2,
+                )
         steps = [r["step"] for r in new if "step" in r]
         if steps:
             rows = [r for r in rows if r.get("step", -1) < min(steps)]

@@ -62,4 +62,19 @@ def read_manifest(sweep_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(sweep_dir) / MANIFEST
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):  # a torn line: a kill or a full disk mid-write
+            warnings.warn(
+                f"deqlab: {path}, line {number}: not a job record (cut short?); skipped",
+                stacklevel=2,
+            )
+            continue
+        records.append(record)
+    return records

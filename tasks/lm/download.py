@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from deqlab.runner.files import sync_folder, write_atomic
+
 HUB_SOURCE = "Salesforce/wikitext"
 HUB_CONFIGS = {"wikitext103": "wikitext-103-v1", "wikitext2": "wikitext-2-v1"}
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
@@ -96,8 +98,8 @@ def download_wikitext(
             # a temporary name, renamed once every split is checked: an interrupted download
             # never leaves a file that looks complete
             tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-            tmp.write_text("".join(lines), encoding="utf-8")
             written[split] = tmp
+            write_atomic(tmp, lambda fh, text="".join(lines): fh.write(text.encode("utf-8")))
         wrong = {k: (measured[k], v) for k, v in expected.items() if measured.get(k) != v}
         if wrong:
             detail = "; ".join(
@@ -110,6 +112,8 @@ def download_wikitext(
             )
         for split, tmp in written.items():  # every file checked: now put them in place
             os.replace(tmp, files[split])
+        for folder in {p.parent for p in files.values()}:  # the renames, durable
+            sync_folder(folder)
     finally:
         for tmp in written.values():
             tmp.unlink(missing_ok=True)

@@ -38,11 +38,14 @@ class Generation:
     cold_nfe: int  # the same solves started from zeros
 
 
-def load_model(ckpt: str | Path, data_dir: str | None = None) -> tuple[LMModule, Any]:
+def load_model(
+    ckpt: str | Path, data_dir: str | None = None, trust_config: bool = False
+) -> tuple[LMModule, Any]:
     """The LM module of a run's checkpoint, in eval mode, and its corpus. The run's config is
-    ``config_resolved.yaml`` in the run folder (the checkpoint's grandparent folder)."""
+    ``config_resolved.yaml`` in the run folder (the checkpoint's grandparent folder); it may
+    build only allowed classes unless ``trust_config`` (:mod:`deqlab.runner.trust`)."""
     ckpt = Path(ckpt)
-    cfg = run_config(ckpt, "deqlab generate")
+    cfg = run_config(ckpt, "deqlab generate", trust_config)
     if not issubclass(get_class(cfg.task.module._target_), LMModule):
         raise ValueError(
             f"{ckpt} is a {cfg.task.name!r} model: deqlab generate needs a language model"
@@ -127,8 +130,13 @@ def main(argv: list[str] | None = None) -> Generation:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help="where the run's corpus is, if it moved")
+    parser.add_argument(
+        "--trust-config",
+        action="store_true",
+        help="build whatever the run's config names (only for a run folder you trust)",
+    )
     args = parser.parse_args(argv)
-    module, corpus = load_model(args.ckpt, args.data_dir)
+    module, corpus = load_model(args.ckpt, args.data_dir, args.trust_config)
     unk = corpus.stoi[UNK]
     prompt = [corpus.stoi.get(w, unk) for w in args.prompt.split()]
     out = generate(module, prompt, args.tokens, args.temperature, args.top_k, args.seed)
