@@ -184,9 +184,9 @@ class RunFolder:
         """After a refused run: release the lock, and remove the folder only if this process
         created it and it is empty (nothing of anybody else's is touched)."""
         self.release()
-        if self.created and self.folder.is_dir() and not any(self.folder.iterdir()):
-            if self.folder.resolve() != Path.cwd().resolve():
-                self.folder.rmdir()
+        empty = self.folder.is_dir() and not any(self.folder.iterdir())
+        if self.created and empty and self.folder.resolve() != Path.cwd().resolve():
+            self.folder.rmdir()
 
 
 def write_records(cfg: DictConfig, folder: Path) -> None:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from deqlab.runner.files import sync_folder, write_atomic
+from deqlab.runner.files import sync_folder, write_text
 
 HUB_SOURCE = "Salesforce/wikitext"
 HUB_CONFIGS = {"wikitext103": "wikitext-103-v1", "wikitext2": "wikitext-2-v1"}
@@ -99,7 +99,7 @@ def download_wikitext(
             # never leaves a file that looks complete
             tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
             written[split] = tmp
-            write_atomic(tmp, lambda fh, text="".join(lines): fh.write(text.encode("utf-8")))
+            write_text(tmp, "".join(lines))
         wrong = {k: (measured[k], v) for k, v in expected.items() if measured.get(k) != v}
         if wrong:
             detail = "; ".join(
