@@ -11,6 +11,8 @@ The engine never imports it; it imports the engine, and never a task. One job pe
 - :mod:`~deqlab.runner.data`: resumable data order and loaders; :mod:`~deqlab.runner.files`:
   atomic writes and caches; :mod:`~deqlab.runner.checkpoint`: checkpoints and ``init_from``;
   :mod:`~deqlab.runner.cluster`: the run folder's lock, preemption and SLURM requeue;
+  :mod:`~deqlab.runner.run_folder`: one run per folder, records written after the checks;
+  :mod:`~deqlab.runner.trust`: the classes a saved config may build;
   :mod:`~deqlab.runner.memory`: freed memory handed back to the kernel in long runs;
 - :mod:`~deqlab.runner.loggers`, :mod:`~deqlab.runner.sweep`, :mod:`~deqlab.runner.report`,
   :mod:`~deqlab.runner.dashboard`: what a run and a sweep leave behind.
