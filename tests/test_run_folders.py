@@ -233,11 +233,14 @@ def test_wandb_run_id_is_kept_across_a_sigkill_and_a_resume(data_dir, tmp_path):
         env={**os.environ, **CLI_ENV},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         assert wait_for(lambda: (folder / "checkpoints" / "last.ckpt").is_file(), timeout=300)
     finally:
-        proc.send_signal(signal.SIGKILL)
+        # as a scheduler kills a job: the whole process group (W&B's service process too,
+        # which would otherwise hold the run id for a while after its parent died)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     run_cli([*args, "ckpt_path=last", "trainer.max_epochs=2"], tmp_path)
     kept = (folder / ".wandb_run_id").read_text().strip()

@@ -11,6 +11,7 @@ import netrc
 import os
 import secrets
 import string
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,17 +90,27 @@ def wandb_logger(
     os.environ.setdefault("WANDB_SILENT", "true")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     kwargs.setdefault("id", run_id(save_dir, WANDB_ID, _new_wandb_id))
-    logger = WandbLogger(
-        project=project,
-        save_dir=save_dir,
-        name=name or None,  # W&B draws a name for a run without overrides
-        group=group,
-        tags=[*tags, *run_tags],
-        offline=offline,
-        log_model=log_model,
-        **kwargs,
-    )
-    run = logger.experiment  # starts the run (a no-op stand-in on ranks other than 0)
+    deadline = time.monotonic() + 60
+    while True:
+        logger = WandbLogger(
+            project=project,
+            save_dir=save_dir,
+            name=name or None,  # W&B draws a name for a run without overrides
+            group=group,
+            tags=[*tags, *run_tags],
+            offline=offline,
+            log_model=log_model,
+            **kwargs,
+        )
+        try:
+            run = logger.experiment  # starts the run (a no-op stand-in on ranks other than 0)
+            break
+        except Exception as e:
+            # a killed run's W&B service can hold the id a little longer than its parent
+            # lived: wait for it rather than split the training over two dashboard runs
+            if "is in use" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     if hasattr(run, "define_metric"):
         for metric, mode in sorted((summaries or {}).items()):
             if mode not in ("min", "max"):
