@@ -1,5 +1,7 @@
 """Test-wide fixtures."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,18 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _environment():
+    """Undo what a test's in-process run sets in os.environ. W&B leaves WANDB_SERVICE
+    there, the address of the service it started inside pytest: every later subprocess
+    would inherit it and share that one service, which outlives a SIGKILLed run and keeps
+    its run id in use."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture

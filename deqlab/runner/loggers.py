@@ -108,7 +108,16 @@ def wandb_logger(
         except Exception as e:
             # a killed run's W&B service can hold the id a little longer than its parent
             # lived: wait for it rather than split the training over two dashboard runs
-            if "is in use" not in str(e) or time.monotonic() > deadline:
+            if "is in use" not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                if os.environ.get("WANDB_SERVICE"):
+                    raise RuntimeError(
+                        f"W&B run {kwargs['id']} of {save_dir} is still held by the W&B "
+                        "service this process inherited through WANDB_SERVICE (from the "
+                        "process that launched it), which outlives a killed run: launch "
+                        "deqlab without WANDB_SERVICE in its environment"
+                    ) from e
                 raise
             time.sleep(2)
     if hasattr(run, "define_metric"):
