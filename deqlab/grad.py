@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .registry import Registry
 from .solvers import SolverResult, get_solver, solver_options
-from .solvers.base import check_common
+from .solvers.checks import check_common
 from .state import State, as_tuple, like, mix
 
 

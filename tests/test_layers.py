@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,20 +16,38 @@ ENGINE = sorted(
     p for p in PACKAGE.rglob("*.py") if "runner" not in p.parts and "tasks" not in p.parts
 )
 RUNNER = sorted((PACKAGE / "runner").glob("*.py"))
+# The task packages live in the repository's tasks/ and import as deqlab.tasks.*
+TASKS = PACKAGE.parent / "tasks"
 
 
 def module_name(path: Path, root: Path = PACKAGE.parent) -> str:
     parts = path.relative_to(root).with_suffix("").parts
+    if parts[0] == "tasks":
+        parts = ("deqlab", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of ``tree`` that can run: all but the bodies of ``if TYPE_CHECKING:``."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in TYPE_CHECKING:
+            yield from (n for child in node.orelse for n in [child, *runtime_nodes(child)])
+            continue
+        yield node
+        yield from runtime_nodes(node)
+
+
+TYPE_CHECKING = ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+
+
 def imported(path: Path, root: Path = PACKAGE.parent) -> set[str]:
-    """The absolute names of the modules ``path`` imports (relative imports resolved)."""
+    """The absolute names of the modules ``path`` imports (relative imports resolved), at
+    module level or inside a function, leaving out type-only imports (``if TYPE_CHECKING``)."""
     package = module_name(path, root).split(".")
     if path.name != "__init__.py":
         package = package[:-1]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -74,3 +93,70 @@ def test_the_import_check_sees_a_violation(tmp_path):
     )
     names = imported(probe, tmp_path)
     assert {"deqlab.runner.module", "deqlab.tasks", "deqlab.runner"} <= names
+
+
+def import_graph(paths: list[Path], root: Path = PACKAGE.parent) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (``from m import name`` counts as m)."""
+    modules = {module_name(p, root): p for p in paths}
+    graph = {}
+    for module, path in modules.items():
+        deps = set()
+        for name in imported(path, root):
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                deps.add(name)
+        graph[module] = deps
+    return graph
+
+
+def loops(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import loops of ``graph``: its strongly connected components of more than one
+    module (Tarjan's algorithm), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """No import loop among deqlab's and the tasks' modules, including imports inside
+    functions: each module can be read, and changed, after the ones it builds on."""
+    paths = [*PACKAGE.rglob("*.py"), *TASKS.rglob("*.py")]
+    assert loops(import_graph(paths)) == []
+
+
+def test_the_loop_check_finds_a_loop_through_a_function_level_import(tmp_path):
+    pkg = tmp_path / "deqlab"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from .b import g\n")
+    (pkg / "b.py").write_text("def g():\n    from .c import h\n")
+    (pkg / "c.py").write_text("import deqlab.a\n")
+    (pkg / "d.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import g\n"
+    )
+    (pkg / "e.py").write_text("from .d import x\n")
+    graph = import_graph(sorted(pkg.glob("*.py")), tmp_path)
+    assert loops(graph) == [["deqlab.a", "deqlab.b", "deqlab.c"]]
+    assert graph["deqlab.d"] == set()

@@ -343,8 +343,8 @@ def test_every_write_on_a_full_disk_is_named_and_figures_only_warn(tmp_path):
 
 
 def test_report_skips_torn_lines_with_a_warning_and_still_reports(first_run, tmp_path):
+    from deqlab.runner.manifest import MANIFEST, read_manifest
     from deqlab.runner.report import report
-    from deqlab.runner.sweep import MANIFEST, read_manifest
 
     sweep = tmp_path / "sweep"
     job = copy_run(first_run, sweep / "0_solver=anderson")

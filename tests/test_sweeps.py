@@ -12,8 +12,8 @@ import pytest
 
 from deqlab.runner import loggers
 from deqlab.runner.main import run
+from deqlab.runner.manifest import read_manifest
 from deqlab.runner.report import report
-from deqlab.runner.sweep import read_manifest
 
 from . import wandb_records
 from .runs import TINY, compose_cfg, run_cli, write_cifar_folder

@@ -153,7 +153,7 @@ def test_a_solver_option_named_options_is_not_fed_the_config_dict(restore_regist
 
 @pytest.mark.parametrize(("bad", "listed"), [(5, "0, 1, 2, 3, 4"), (6, "0, 1, 2, 3, 4, ...")])
 def test_the_non_finite_message_lists_five_samples_then_an_ellipsis(bad, listed):
-    from deqlab.solvers.base import check_finite_start
+    from deqlab.solvers.checks import check_finite_start
 
     residual = torch.zeros(8)
     residual[:bad] = float("nan")

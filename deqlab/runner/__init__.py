@@ -14,6 +14,7 @@ The engine never imports it; it imports the engine, and never a task. One job pe
   :mod:`~deqlab.runner.run_folder`: one run per folder, records written after the checks;
   :mod:`~deqlab.runner.trust`: the classes a saved config may build;
   :mod:`~deqlab.runner.memory`: freed memory handed back to the kernel in long runs;
-- :mod:`~deqlab.runner.loggers`, :mod:`~deqlab.runner.sweep`, :mod:`~deqlab.runner.report`,
-  :mod:`~deqlab.runner.dashboard`: what a run and a sweep leave behind.
+- :mod:`~deqlab.runner.loggers`, :mod:`~deqlab.runner.sweep` (writes the
+  :mod:`~deqlab.runner.manifest`), :mod:`~deqlab.runner.report`, :mod:`~deqlab.runner.dashboard`:
+  what a run and a sweep leave behind.
 """

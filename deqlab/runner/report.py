@@ -40,7 +40,7 @@ import numpy as np
 import yaml
 
 from .files import replacing
-from .sweep import read_manifest
+from .manifest import read_manifest
 
 # overrides that say where a run reads or resumes from, not what it is
 HIDDEN_OVERRIDES = ("paths.", "ckpt_path=", "hydra.")

@@ -7,8 +7,9 @@ Every solver is called as ``solver(f, z0, *, max_iter, tol, stop_mode="rel", sav
 from __future__ import annotations
 
 from .anderson import anderson
-from .base import STOP_MODES, FlatState, SolverResult, State
+from .base import FlatState, SolverResult, State
 from .broyden import broyden
+from .checks import STOP_MODES
 from .config import SolverConfig
 from .fixed_point import fixed_point
 from .registry import COMMON_ARGS, SOLVERS, Solver, get_solver, register_solver, solver_options

@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import FlatState, SolverResult, State, Tracker, check_common, scratch
+from .base import FlatState, SolverResult, State, Tracker, scratch
+from .checks import check_common
 
 
 def history_products(x: Tensor, iters: int, m: int = 5) -> Callable[[], None]:

@@ -30,7 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import FlatState, SolverResult, State, Tracker, check_common, scratch, set_rows_
+from .base import FlatState, SolverResult, State, Tracker, scratch, set_rows_
+from .checks import check_common
 
 
 def low_rank_apply(left_t: Tensor, right: Tensor, x: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..dropout import VariationalDropout
+from .checks import check_finite_start
 
 _local = threading.local()
 
@@ -151,8 +152,6 @@ class CapturedSolver:
     def __call__(self, f: Callable[..., Any], z0: Any, **kwargs: Any) -> Any:
         """Solve ``f(z) = z`` from ``z0`` by replaying; ``f`` a :class:`Bound` (its inputs are
         copied in), a module, or a function that reads no tensor from a closure."""
-        from .base import check_finite_start
-
         f, args = (f.fn, f.args) if isinstance(f, Bound) else (f, ())
         if getattr(f, "__closure__", None):
             raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .base import check_common
+from .checks import check_common
 from .registry import solver_options
 from .reversible import check_beta
 

@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import FlatState, SolverResult, State, Tracker, check_common
+from .base import FlatState, SolverResult, State, Tracker
+from .checks import check_common
 
 
 def fixed_point(

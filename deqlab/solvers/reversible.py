@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import FlatState, SolverResult, State, Tracker, check_common
+from .base import FlatState, SolverResult, State, Tracker
+from .checks import check_common
 
 
 def check_beta(beta: float) -> None:

@@ -6,18 +6,20 @@ onto a :class:`~deqlab.tasks.cifar.mdeq.MDEQClassifier` of the same sizes, for
 ``net.load_state_dict(..., strict=True)``. Weight-normalized convolutions keep their (g, v) as
 deqlab's (scale, V) when the receiving cell normalizes them, else become plain weights;
 BatchNorm running statistics come along. A checkpoint of the reference's training script (a dict
-with ``state_dict``) is unwrapped by the caller (:func:`deqlab.tasks.convert.reference_state`).
+with ``state_dict``) is unwrapped by the caller (:func:`deqlab.runner.checkpoint.network_state`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from deqlab.norm import weight_entries, weight_norm_entries
 
-from .mdeq import MDEQClassifier
+if TYPE_CHECKING:  # the model imports this module to convert its reference's weights
+    from .mdeq import MDEQClassifier
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

@@ -17,13 +17,15 @@ sizes, ready for ``net.load_state_dict(..., strict=True)``:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from deqlab.norm import weight_entries, weight_norm_entries
 
-from .model import DEQTransformerLM
+if TYPE_CHECKING:  # the model imports this module to convert its reference's weights
+    from .model import DEQTransformerLM
 
 # reference layer -> deqlab layer, for the cell and the injection
 LAYERS = {
