@@ -86,6 +86,12 @@ def test_wheel_installs_and_runs_from_any_folder(tmp_path):
     for task in tasks:  # every task package goes in, found without a hand-written list
         assert f"deqlab/tasks/{task}/module.py" in names, task
     assert not [n for n in names if n.split("/")[0] in ("tasks", "benchmarks", "conf", "tests")]
+    conf = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "conf").rglob("*.yaml"))
+    assert conf == sorted(n.removeprefix("deqlab/") for n in names if n.endswith(".yaml"))
+    # PEP 639 metadata (the table form `license = {text = ...}` is deprecated in setuptools)
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    lines = zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+    assert "License-Expression: MIT" in lines and "License-File: LICENSE" in lines
 
     # A fresh environment: the wheel, and this environment's dependencies (no network) through
     # a path entry, which does not bring the repository's editable install along.
