@@ -11,23 +11,54 @@ import datetime
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from . import suite
+from . import (
+    convergence,
+    end_to_end,
+    lm_memory,
+    memory,
+    model_step,
+    solver_overhead,
+    training_step,
+    tutorial_recipe,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHES = (
-    "solver_overhead",
-    "convergence",
-    "training_step",
-    "model_step",
-    "memory",
-    "lm_memory",
-    "end_to_end",
-    "tutorial_recipe",
-)
+
+
+def _convergence(device: torch.device, args: argparse.Namespace) -> list[dict]:
+    rows, traces = convergence.convergence(device)
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    convergence.plot_convergence(traces, str(RESULTS / f"convergence_{tag}.png"))
+    return rows
+
+
+def _training_step(device: torch.device, args: argparse.Namespace) -> list[dict]:
+    rows = training_step.training_step(device, args.repeats)
+    if args.bf16:
+        rows += training_step.training_step(device, args.repeats, dtype=torch.bfloat16)
+    return rows
+
+
+# Each benchmark: its rows, measured side by side in this process (one file per benchmark).
+BENCHES: dict[str, Callable[[torch.device, argparse.Namespace], list[dict]]] = {
+    "solver_overhead": lambda device, args: solver_overhead.solver_overhead(
+        device, args.repeats, compile=args.compile
+    ),
+    "convergence": _convergence,
+    "training_step": _training_step,
+    "model_step": lambda device, args: model_step.model_step(device, args.repeats),
+    "memory": lambda device, args: memory.memory(device),
+    "lm_memory": lambda device, args: lm_memory.lm_memory(device),
+    "end_to_end": lambda device, args: end_to_end.end_to_end(device, args.data),
+    "tutorial_recipe": lambda device, args: tutorial_recipe.tutorial_recipe(
+        device, args.data, args.recipe_steps
+    ),
+}
 
 
 def fmt(v) -> str:
@@ -113,44 +144,9 @@ def main() -> None:
 
     for bench in args.only:
         results["meta"][bench] = meta
-    if "solver_overhead" in args.only:
-        results["solver_overhead"] = suite.solver_overhead(
-            device, args.repeats, compile=args.compile
-        )
-        print_table(results["solver_overhead"])
-        save()
-    if "convergence" in args.only:
-        rows, traces = suite.convergence(device)
-        results["convergence"] = rows
-        suite.plot_convergence(traces, str(RESULTS / f"convergence_{tag}.png"))
-        print_table(rows)
-        save()
-    if "training_step" in args.only:
-        rows = suite.training_step(device, args.repeats)
-        if args.bf16:
-            rows += suite.training_step(device, args.repeats, dtype=torch.bfloat16)
-        results["training_step"] = rows
-        print_table(rows)
-        save()
-    if "model_step" in args.only:
-        results["model_step"] = suite.model_step(device, args.repeats)
-        print_table(results["model_step"])
-        save()
-    if "memory" in args.only:
-        results["memory"] = suite.memory(device)
-        print_table(results["memory"])
-        save()
-    if "lm_memory" in args.only:
-        results["lm_memory"] = suite.lm_memory(device)
-        print_table(results["lm_memory"])
-        save()
-    if "end_to_end" in args.only:
-        results["end_to_end"] = suite.end_to_end(device, args.data)
-        print_table(results["end_to_end"])
-        save()
-    if "tutorial_recipe" in args.only:
-        results["tutorial_recipe"] = suite.tutorial_recipe(device, args.data, args.recipe_steps)
-        print_table(results["tutorial_recipe"])
+    for bench in args.only:
+        results[bench] = BENCHES[bench](device, args)
+        print_table(results[bench])
         save()
     save()
     print(f"\nwrote {out}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.baseline import TutorialDEQFixedPoint, tutorial_anderson
-from benchmarks.suite import SavedBytes, memory
+from benchmarks.memory import SavedBytes, memory
 from deqlab import get_solver
 
 from .problems import ConvCell
@@ -52,7 +52,7 @@ def test_deq_training_memory_is_flat_in_the_budget_and_far_below_unrolled():
 
 
 def test_history_products_run_the_solvers_kernels():
-    from benchmarks.suite import history_products
+    from benchmarks.history import history_products
 
     z0 = torch.zeros(2, 3, 4)
     assert history_products("fixed_point", z0, 20) is None
@@ -63,7 +63,7 @@ def test_history_products_run_the_solvers_kernels():
 def test_lm_memory_deq_keeps_one_layer_whatever_its_budget():
     """At a small width: the DEQ's activation bytes do not depend on its forward budget and
     are about one layer's, while an unrolled stack keeps one layer's per layer."""
-    from benchmarks.suite import lm_memory
+    from benchmarks.lm_memory import lm_memory
 
     width = {"d_model": 16, "n_head": 2, "d_head": 8, "d_inner": 64}
     rows = {

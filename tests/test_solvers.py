@@ -251,8 +251,10 @@ def test_unknown_solver_lists_known_ones():
 
 @pytest.mark.parametrize("name", SOLVERS)
 def test_unknown_option_is_rejected(name):
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        get_solver(name)(lambda z: z, torch.zeros(1, 2), max_iter=2, tol=1e-3, beta=2.0)
+    with pytest.raises(TypeError, match=rf"{name}: unknown argument\(s\) \['max_iters'\]"):
+        get_solver(name)(lambda z: z, torch.zeros(1, 2), max_iters=2, tol=1e-3)
+    with pytest.raises(TypeError, match=rf"{name}: missing the argument\(s\) \['max_iter'\]"):
+        get_solver(name)(lambda z: z, torch.zeros(1, 2), tol=1e-3)
 
 
 @pytest.mark.parametrize("name", SOLVERS)
@@ -359,7 +361,7 @@ def test_best_iterate_when_residuals_go_up_and_down(tol, cuda_paths):
     the middle, best at z0, and improving again after a setback. ``cuda_paths`` takes the CUDA
     code paths on the CPU (copies by ``where``; none of the host reads of a fixed-iteration
     solve)."""
-    from deqlab.solvers.base import FlatState, Tracker
+    from deqlab.solvers.base import FlatState, SolveSpec, Tracker
 
     r = torch.tensor(
         [[5.0, 4.0, 3.0, 2.0, 1.0], [5.0, 4.0, 1.0, 3.0, 2.0], [1.0, 4.0, 3.0, 2.0, 5.0],
@@ -370,7 +372,7 @@ def test_best_iterate_when_residuals_go_up_and_down(tol, cuda_paths):
     e[:, 0] = 1.0
     z = torch.zeros_like(e)
     state = FlatState(z)
-    track = Tracker(z, 5, tol, "abs")
+    track = Tracker(z, SolveSpec(5, tol, "abs"))
     if cuda_paths:
         track.on_cpu = False
         track.host_reads = tol is not None

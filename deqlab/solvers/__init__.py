@@ -1,13 +1,15 @@
 """Root solvers for z = f(z), their registry and their settings.
 
 Every solver is called as ``solver(f, z0, *, max_iter, tol, stop_mode="rel", save_at=(),
-**options) -> SolverResult``; see :mod:`deqlab.solvers.base` for what the result holds.
+**options) -> SolverResult``: the settings every solver shares are :class:`SolveSpec`'s, the
+rest are the solver's own options (:func:`solver_options`). A new solver is its update rule
+inside a :class:`SolveLoop`; see :mod:`deqlab.solvers.base` for what the result holds.
 """
 
 from __future__ import annotations
 
 from .anderson import anderson
-from .base import FlatState, SolverResult, State
+from .base import FlatState, SolveLoop, SolverResult, SolveSpec, State
 from .broyden import broyden
 from .checks import STOP_MODES
 from .config import SolverConfig
@@ -28,6 +30,8 @@ __all__ = [
     "SOLVERS",
     "STOP_MODES",
     "FlatState",
+    "SolveLoop",
+    "SolveSpec",
     "Solver",
     "SolverConfig",
     "SolverResult",

@@ -23,53 +23,46 @@ as the implicit-layers tutorial and the DEQ reference code (locuslab/deq, lib/so
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch import Tensor
 
-from .base import FlatState, SolverResult, State, Tracker, scratch
-from .checks import check_common
-
-
-def history_products(x: Tensor, iters: int, m: int = 5) -> Callable[[], None]:
-    """The products with stored history that ``iters`` Anderson iterations on the flat (B, D)
-    state ``x`` make, alone, with the solver's kernels (the Gram row <g_i, g_new> and the
-    mixing sum_i alpha_i f_i over the n <= m filled slots): a floor below which no
-    implementation of the algorithm goes, for benchmarks (``python -m benchmarks``)."""
-    b, d = x.shape
-    f_hist = torch.randn(b, m, d, dtype=x.dtype, device=x.device)
-    g_hist = torch.randn_like(f_hist)
-    alpha = torch.full((b, 1, m), 1.0 / m, dtype=x.dtype, device=x.device)
-
-    def products() -> None:
-        for k in range(iters - 1):  # no update after the last evaluation
-            n = min(k + 1, m)
-            torch.bmm(x.unsqueeze(1), g_hist[:, :n].transpose(1, 2))
-            torch.bmm(alpha[:, :, :n], f_hist[:, :n])
-
-    return products
+from .base import SolveLoop, SolverResult, State, scratch
 
 
 def anderson(
     f: Callable[[State], State],
     z0: State,
     *,
-    max_iter: int,
-    tol: float | None,
-    stop_mode: str = "rel",
-    save_at: Sequence[int] = (),
-    return_final: bool = False,
-    check_every: int = 1,
-    budgets: Sequence[int] = (),
     m: int = 5,
     lam: float = 1e-4,
     tau: float = 1.0,
     lam_mode: str = "relative",
+    **common: Any,
 ) -> SolverResult:
-    """Anderson acceleration with memory ``m``, regularisation ``lam`` (``lam_mode``:
-    ``relative`` to the residuals' scale, or ``absolute``) and mixing ``tau``."""
-    check_common(max_iter, tol, stop_mode, check_every)
+    """Anderson acceleration (module docstring).
+
+    Args:
+        f: the map whose fixed point is sought, on states shaped as ``z0``.
+        z0: the initial state: a tensor, or a tuple/list of tensors sharing the batch dim.
+        m: memory, the number of past iterates mixed.
+        lam: Tikhonov regularisation of the mixing least-squares problem.
+        tau: mixing; < 1 damps the step, > 1 over-projects it.
+        lam_mode: ``relative`` (lam scaled by the residuals' size) or ``absolute``.
+        **common: the settings every solver shares (:class:`~deqlab.solvers.SolveSpec`):
+            ``max_iter`` and ``tol`` (required), ``stop_mode``, ``save_at``,
+            ``return_final``, ``check_every``, ``budgets``.
+
+    Returns:
+        A :class:`~deqlab.solvers.SolverResult`: each sample's best iterate and residuals.
+
+    Example:
+        >>> W = 0.5 * torch.eye(4)
+        >>> res = anderson(lambda z: z @ W + 1.0, torch.zeros(2, 4), max_iter=20, tol=1e-6)
+        >>> bool(res.converged.all()), round(res.z[0, 0].item(), 4)
+        (True, 2.0)
+    """
     if m < 1:
         raise ValueError(f"anderson: memory m must be >= 1, got {m}")
     if not tau > 0:
@@ -81,12 +74,11 @@ def anderson(
     if lam_mode not in ("relative", "absolute"):
         raise ValueError(f"anderson: lam_mode must be relative or absolute, got {lam_mode!r}")
     relative = lam_mode == "relative"
-    state = FlatState(z0)
-    f_flat = state.flat_fn(f)
-    z = state.flatten(z0)
+    run = SolveLoop("anderson", f, z0, common)
+    f_flat, track, max_iter = run.f, run.tracker, run.spec.max_iter
+    z = run.z0
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
-    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every, budgets)
     gram = torch.empty(batch, m, m, dtype=dtype, device=device)
     ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
     tiny = torch.finfo(dtype).tiny
@@ -133,7 +125,7 @@ def anderson(
             if tau != 1.0 and k > 0:  # tau sum a_i f_i + (1 - tau) sum a_i x_i, x_i = f_i - g_i
                 z = torch.baddbmm(z, alpha, g_n_t.transpose(1, 2), alpha=tau - 1.0)
             z = z.squeeze(1)
-    return track.result(state, nfe, "anderson")
+    return run.result(nfe)
 
 
 anderson = torch.no_grad()(anderson)  # the decorator, written out: see fixed_point.py

@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..state import State, as_tuple
 from .capture import recording
-from .checks import check_finite_start
+from .checks import check_common, check_finite_start
 
 # Added to ||f(z)|| in the relative residual so that z* = 0 does not divide by zero.
 REL_EPS = 1e-9
@@ -48,6 +48,38 @@ class SolverResult:
     at_budget: dict[int, SolverResult] = field(default_factory=dict)
     aux: dict[str, Any] = field(default_factory=dict)  # a solver's own outputs (reversible: y)
     fallbacks: list[int] = field(default_factory=list)  # samples handed to each solver.fallback
+
+
+@dataclass(frozen=True)
+class SolveSpec:
+    """The settings every solver shares: when a solve stops and what it keeps. A solver takes
+    them as keyword arguments (``**common``) beside its own options.
+
+    Args:
+        max_iter: at most this many steps (f evaluations for the simple solvers).
+        tol: stop a sample (a batch, in the ``batch_*`` modes) once its residual is below
+            ``tol``; None runs exactly ``max_iter`` steps with no test (no host reads on CUDA).
+        stop_mode: ``abs`` or ``rel`` residual, per sample or per batch (:data:`STOP_MODES`).
+        save_at: steps whose iterate the result keeps in ``saved`` (phantom gradients' states).
+        return_final: return the last iterate instead of the best (TorchDEQ's option).
+        check_every: read the convergence test back every k steps only (see :class:`Tracker`).
+        budgets: also return what a solve with each of these ``max_iter`` would have returned
+            (``SolverResult.at_budget``, for a budget curve).
+    """
+
+    max_iter: int
+    tol: float | None
+    stop_mode: str = "rel"
+    save_at: Sequence[int] = ()
+    return_final: bool = False
+    check_every: int = 1
+    budgets: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        check_common(self.max_iter, self.tol, self.stop_mode, self.check_every)
+
+
+SPEC_FIELDS = tuple(f.name for f in fields(SolveSpec))
 
 
 class FlatState:
@@ -202,18 +234,10 @@ class Tracker:
     recorder.
     """
 
-    def __init__(
-        self,
-        z0: Tensor,
-        max_iter: int,
-        tol: float | None,
-        stop_mode: str,
-        save_at: Sequence[int] = (),
-        return_final: bool = False,
-        check_every: int = 1,
-        budgets: Sequence[int] = (),
-    ):
+    def __init__(self, z0: Tensor, spec: SolveSpec):
         batch, dtype, device = z0.shape[0], z0.dtype, z0.device
+        max_iter, tol, check_every = spec.max_iter, spec.tol, spec.check_every
+        stop_mode, return_final = spec.stop_mode, spec.return_final
         self.tol = tol
         self.max_iter = max_iter
         self.check_every = check_every
@@ -246,20 +270,18 @@ class Tracker:
         self.fz_norm = torch.ones(batch, dtype=dtype, device=device)  # of the latest f(z)
         # per batch: the lowest batch-wide residual so far (the returned iterate's)
         self.best_batch = torch.full((), float("inf"), dtype=dtype, device=device)
-        self.save_at = set(save_at)
+        self.save_at = set(spec.save_at)
         self.saved: dict[int, Tensor] = {}
         self.steps = 0
         self.nonfinite = False
-        self.budgets = set(budgets)
+        self.budgets = set(spec.budgets)
         # budget k -> (best iterate, converged, non-finite seen, f evaluations) after step k - 1
         self.kept: dict[int, tuple[Tensor, Tensor, bool, int]] = {}
-        if self.budgets:
-            if self.recorder is not None:
-                raise ValueError(
-                    "budgets: a captured solve cannot keep per-budget states (set "
-                    "solver.capture=false for a budget curve)"
-                )
-            self._plain_step, self.step = self.step, self._step_keeping  # type: ignore[method-assign]
+        if self.budgets and self.recorder is not None:
+            raise ValueError(
+                "budgets: a captured solve cannot keep per-budget states (set "
+                "solver.capture=false for a budget curve)"
+            )
 
     def _keep_latest(self, rows: Tensor) -> None:
         """Copy the latest iterate into ``best_z`` for the samples in the mask ``rows``."""
@@ -292,12 +314,29 @@ class Tracker:
     def step(
         self, k: int, z: Tensor, fz: Tensor, diff: Tensor | None = None, nfe: int | None = None
     ) -> bool:
-        """Record iterate z (= z_k) and its image fz. ``diff`` may pass f(z) - z if known;
-        ``nfe``, the f evaluations so far when not k + 1 (read for ``budgets`` only)."""
+        """Record iterate z (= z_k) and its image fz; True when the solve should stop.
+
+        Args:
+            k: the step, from 0.
+            z: the iterate z_k, a fresh (B, D) tensor the solver does not write into later.
+            fz: f(z_k).
+            diff: f(z_k) - z_k, if the solver has it already.
+            nfe: the f evaluations so far, when not k + 1 (a line search); read for
+                ``budgets`` only.
+        """
         if diff is None:
             diff = fz - z
         if self.deferred:
-            return self._step_deferred(k, z, fz, diff)
+            stop = self._step_deferred(k, z, fz, diff)
+        else:
+            stop = self._step_now(k, z, fz, diff)
+        if self.budgets and k + 1 in self.budgets and not stop and k + 1 < self.max_iter:
+            self._keep_budget(k, nfe or k + 1)
+        return stop
+
+    def _step_now(self, k: int, z: Tensor, fz: Tensor, diff: Tensor) -> bool:
+        """``step`` with one host read (see the class doc): a converged sample is frozen and
+        the best iterate is kept lazily."""
         res, batch_res, improved_row = self._record(k, z, fz, diff)
 
         # NaN compares False, so a non-finite iterate is never taken as best.
@@ -353,22 +392,16 @@ class Tracker:
             return False
         return stop == float("-inf")
 
-    def _step_keeping(
-        self, k: int, z: Tensor, fz: Tensor, diff: Tensor | None = None, nfe: int | None = None
-    ) -> bool:
-        """``step``, then, if k + 1 is a budget and the solve goes on, what a solve with that
-        budget returns. ``nfe``: f evaluations so far, if not k + 1 (a line search)."""
-        stop = self._plain_step(k, z, fz, diff)
-        if k + 1 in self.budgets and not stop and k + 1 < self.max_iter:
-            converged = self.best_res == float("-inf")
-            if self.per_batch:  # a deferred batch test freezes the batch through best_batch
-                converged = converged | (self.best_batch == float("-inf"))
-            if self.deferred:
-                bad = not bool(self.finite)
-            else:  # with a test, a non-finite residual would have stopped the solve
-                bad = self.tol is None and not bool(torch.isfinite(self.trace[: k + 1]).all())
-            self.kept[k + 1] = (self.best().clone(), converged.clone(), bad, nfe or k + 1)
-        return stop
+    def _keep_budget(self, k: int, nfe: int) -> None:
+        """Keep what a solve with ``max_iter = k + 1`` returns, as step k leaves it."""
+        converged = self.best_res == float("-inf")
+        if self.per_batch:  # a deferred batch test freezes the batch through best_batch
+            converged = converged | (self.best_batch == float("-inf"))
+        if self.deferred:
+            bad = not bool(self.finite)
+        else:  # with a test, a non-finite residual would have stopped the solve
+            bad = self.tol is None and not bool(torch.isfinite(self.trace[: k + 1]).all())
+        self.kept[k + 1] = (self.best().clone(), converged.clone(), bad, nfe)
 
     def _step_deferred(self, k: int, z: Tensor, fz: Tensor, diff: Tensor) -> bool:
         """``step`` with the tests left on the device between reads (see the class doc): a
@@ -480,3 +513,55 @@ class Tracker:
             trace=self.trace[:k],
             nonfinite=nonfinite,
         )
+
+
+class SolveLoop:
+    """What a solver's loop starts from, made one way for every solver:
+
+    - ``spec``: the shared settings (:class:`SolveSpec`), checked;
+    - ``state``: the flat view of ``z0``; ``z0``: z0 as one (B, D) tensor in the working dtype;
+    - ``f``: f on flat tensors (checks the shape of f(z) at the first call);
+    - ``tracker``: the :class:`Tracker` each step reports to.
+
+    A solver is then its update rule::
+
+        run = SolveLoop("my_solver", f, z0, common)
+        z, nfe = run.z0, 0
+        for k in range(run.spec.max_iter):
+            fz = run.f(z)
+            nfe += 1
+            if run.tracker.step(k, z, fz) or k == run.spec.max_iter - 1:
+                break
+            z = ...  # the update
+        return run.result(nfe)
+
+    Args:
+        solver: the solver's name, for messages.
+        f: the function whose fixed point is sought, on states shaped as ``z0``.
+        z0: the initial state (a tensor or a tuple/list of tensors sharing the batch dim).
+        common: the shared settings the solver was called with (:class:`SolveSpec`'s fields).
+    """
+
+    __slots__ = ("f", "solver", "spec", "state", "tracker", "z0")
+
+    def __init__(self, solver: str, f: Callable[[State], State], z0: State, common: dict[str, Any]):
+        unknown = sorted(set(common) - set(SPEC_FIELDS))
+        if unknown:
+            raise TypeError(
+                f"{solver}: unknown argument(s) {unknown}; the shared ones are "
+                f"{list(SPEC_FIELDS)}, and deqlab.solvers.solver_options({solver!r}) lists "
+                "the solver's own"
+            )
+        missing = [a for a in ("max_iter", "tol") if a not in common]
+        if missing:
+            raise TypeError(f"{solver}: missing the argument(s) {missing}")
+        self.solver = solver
+        self.spec = SolveSpec(**common)
+        self.state = FlatState(z0)
+        self.f = self.state.flat_fn(f)
+        self.z0 = self.state.flatten(z0)
+        self.tracker = Tracker(self.z0, self.spec)
+
+    def result(self, nfe: int) -> SolverResult:
+        """The solve's result: each sample's best iterate (or last, ``return_final``)."""
+        return self.tracker.result(self.state, nfe, self.solver)

@@ -25,13 +25,13 @@ Broyden do, where the full step overshoots.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import FlatState, SolverResult, State, Tracker, scratch, set_rows_
-from .checks import check_common
+from .base import SolveLoop, SolverResult, State, scratch, set_rows_
 
 
 def low_rank_apply(left_t: Tensor, right: Tensor, x: Tensor) -> Tensor:
@@ -43,25 +43,6 @@ def low_rank_apply(left_t: Tensor, right: Tensor, x: Tensor) -> Tensor:
     row = x.unsqueeze(1)  # (B, 1, D)
     coeff = torch.bmm(row, left_t)  # (B, 1, n)
     return torch.baddbmm(row, coeff, right, alpha=1.0, beta=-1.0).squeeze(1)
-
-
-def history_products(x: Tensor, iters: int, memory: int = 30) -> Callable[[], None]:
-    """The products with stored history that ``iters`` Broyden iterations on the flat (B, D)
-    state ``x`` make, alone, with the solver's own kernel (:func:`low_rank_apply`, twice per
-    step over the slots in use): a floor below which no implementation of the algorithm goes,
-    for benchmarks (``python -m benchmarks``)."""
-    b, d = x.shape
-    slots = max(1, min(memory, iters - 2))
-    us = torch.randn(b, slots, d, dtype=x.dtype, device=x.device)
-    vs = torch.randn_like(us)
-
-    def products() -> None:
-        for used in range(1, iters - 2):  # step k uses k - 1 slots; none at k = 0, 1
-            u, v = us[:, :used], vs[:, :used]
-            low_rank_apply(v.transpose(1, 2), u, x)  # B g
-            low_rank_apply(u.transpose(1, 2), v, x)  # dz^T B
-
-    return products
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -119,32 +100,38 @@ def broyden(
     f: Callable[[State], State],
     z0: State,
     *,
-    max_iter: int,
-    tol: float | None,
-    stop_mode: str = "rel",
-    save_at: Sequence[int] = (),
-    return_final: bool = False,
-    check_every: int = 1,
-    budgets: Sequence[int] = (),
     memory: int = 30,
     ls: bool = False,
+    **common: Any,
 ) -> SolverResult:
-    """Good Broyden with the ``memory`` most recent rank-one updates; ``ls``: a line search
-    along each step (``max_iter`` then counts steps, and ``nfe`` the f evaluations)."""
-    check_common(max_iter, tol, stop_mode, check_every)
+    """Good Broyden with the ``memory`` most recent rank-one updates (module docstring).
+
+    Args:
+        f: the map whose fixed point is sought, on states shaped as ``z0``.
+        z0: the initial state: a tensor, or a tuple/list of tensors sharing the batch dim.
+        memory: rank-one updates kept; when all are used the inverse Jacobian estimate
+            restarts from -I.
+        ls: an Armijo line search along each step (:func:`armijo_step`); ``max_iter`` then
+            counts steps and ``nfe`` the f evaluations.
+        **common: the settings every solver shares (:class:`~deqlab.solvers.SolveSpec`):
+            ``max_iter`` and ``tol`` (required), ``stop_mode``, ``save_at``,
+            ``return_final``, ``check_every``, ``budgets``.
+
+    Returns:
+        A :class:`~deqlab.solvers.SolverResult`: each sample's best iterate and residuals.
+    """
     if memory < 1:
         raise ValueError(f"broyden: memory must be >= 1, got {memory}")
-    if ls and check_every != 1:
+    if ls and common.get("check_every", 1) != 1:
         raise ValueError(
             "broyden: ls reads its Armijo test back at every trial, so it cannot defer its "
             "convergence tests: set check_every=1 (and capture=false) or ls=false"
         )
-    state = FlatState(z0)
-    f_flat = state.flat_fn(f)
-    z = state.flatten(z0)
+    run = SolveLoop("broyden", f, z0, common)
+    f_flat, track, max_iter = run.f, run.tracker, run.spec.max_iter
+    z = run.z0
     batch, dim = z.shape
     dtype, device = z.dtype, z.device
-    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every, budgets)
     eps = torch.finfo(dtype).eps
     compiling = torch.compiler.is_compiling()  # Dynamo cannot trace out= into a view
     # At most max_iter - 2 updates happen (none after the first and the last evaluation).
@@ -223,7 +210,7 @@ def broyden(
                 z = z + step
                 fz = None
             g_prev = gz
-    return track.result(state, nfe, "broyden")
+    return run.result(nfe)
 
 
 broyden = torch.no_grad()(broyden)  # the decorator, written out: see fixed_point.py

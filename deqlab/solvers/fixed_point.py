@@ -2,43 +2,45 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .base import FlatState, SolverResult, State, Tracker
-from .checks import check_common
+from .base import SolveLoop, SolverResult, State
 
 
 def fixed_point(
     f: Callable[[State], State],
     z0: State,
     *,
-    max_iter: int,
-    tol: float | None,
-    stop_mode: str = "rel",
-    save_at: Sequence[int] = (),
-    return_final: bool = False,
-    check_every: int = 1,
-    budgets: Sequence[int] = (),
     tau: float = 1.0,
+    **common: Any,
 ) -> SolverResult:
-    """Iterate z <- tau f(z) + (1 - tau) z from z0 for at most ``max_iter`` f evaluations."""
-    check_common(max_iter, tol, stop_mode, check_every)
+    """Iterate z <- tau f(z) + (1 - tau) z from z0 for at most ``max_iter`` f evaluations.
+
+    Args:
+        f: the map whose fixed point is sought, on states shaped as ``z0``.
+        z0: the initial state: a tensor, or a tuple/list of tensors sharing the batch dim.
+        tau: damping in (0, 1]; 1 is the plain iteration z <- f(z).
+        **common: the settings every solver shares (:class:`~deqlab.solvers.SolveSpec`):
+            ``max_iter`` and ``tol`` (required), ``stop_mode``, ``save_at``,
+            ``return_final``, ``check_every``, ``budgets``.
+
+    Returns:
+        A :class:`~deqlab.solvers.SolverResult`: each sample's best iterate and residuals.
+    """
     if not 0 < tau <= 1:
         raise ValueError(f"fixed_point: damping tau must lie in (0, 1], got {tau}")
-    state = FlatState(z0)
-    f_flat = state.flat_fn(f)
-    z = state.flatten(z0)
-    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every, budgets)
-    nfe = 0
+    run = SolveLoop("fixed_point", f, z0, common)
+    f, track, max_iter = run.f, run.tracker, run.spec.max_iter
+    z = run.z0
     for k in range(max_iter):
-        fz = f_flat(z)
-        nfe += 1
+        fz = f(z)
         if track.step(k, z, fz) or k == max_iter - 1:
             break
         z = fz if tau == 1.0 else torch.lerp(z, fz, tau)
-    return track.result(state, nfe, "fixed_point")
+    return run.result(k + 1)
 
 
 # @torch.no_grad(), written out so that `make mutate` mutates the body (mutmut skips

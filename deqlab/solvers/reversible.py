@@ -21,12 +21,12 @@ partner y_k and ``aux["beta"]`` the relaxation, which is what the reverse pass s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .base import FlatState, SolverResult, State, Tracker
-from .checks import check_common
+from .base import SolveLoop, SolverResult, State
 
 
 def check_beta(beta: float) -> None:
@@ -41,23 +41,29 @@ def reversible(
     f: Callable[[State], State],
     z0: State,
     *,
-    max_iter: int,
-    tol: float | None,
-    stop_mode: str = "rel",
-    save_at: Sequence[int] = (),
-    return_final: bool = False,
-    check_every: int = 1,
-    budgets: Sequence[int] = (),
     beta: float = 0.5,
+    **common: Any,
 ) -> SolverResult:
-    """The coupled iteration above from y_0 = z_0, testing z_k at each step."""
-    check_common(max_iter, tol, stop_mode, check_every)
+    """The coupled iteration above from y_0 = z_0, testing z_k at each step.
+
+    Args:
+        f: the map whose fixed point is sought, on states shaped as ``z0``.
+        z0: the initial state: a tensor, or a tuple/list of tensors sharing the batch dim.
+        beta: relaxation in (0, 2), not 1.
+        **common: the settings every solver shares (:class:`~deqlab.solvers.SolveSpec`):
+            ``max_iter`` and ``tol`` (required), ``stop_mode``, ``save_at``,
+            ``return_final``, ``check_every``, ``budgets``.
+
+    Returns:
+        A :class:`~deqlab.solvers.SolverResult` whose ``aux`` holds the partner iterate ``y``
+        of each returned z (what :class:`deqlab.reversible` inverts) and ``beta``.
+    """
     check_beta(beta)
-    state = FlatState(z0)
-    f_flat = state.flat_fn(f)
-    z = state.flatten(z0)
+    run = SolveLoop("reversible", f, z0, common)
+    f_flat, track, max_iter = run.f, run.tracker, run.spec.max_iter
+    state = run.state
+    z = run.z0
     y = y_kept = z
-    track = Tracker(z, max_iter, tol, stop_mode, save_at, return_final, check_every, budgets)
     fz = f_flat(z)
     nfe = 1
     for k in range(max_iter):
@@ -70,7 +76,7 @@ def reversible(
         z = torch.lerp(z, f_flat(y), beta)
         fz = f_flat(z)
         nfe += 2
-    res = track.result(state, nfe, "reversible")
+    res = run.result(nfe)
     res.aux.update(y=state.unflatten(y_kept), beta=beta)
     return res
 

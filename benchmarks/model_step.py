@@ -1,0 +1,82 @@
+"""4. One training step of each task's real model through its LightningModule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deqlab.solvers.capture import check_capturable
+
+from .timing import (
+    peak_memory_mb,
+    timed_round_robin,
+)
+
+
+def model_step(
+    device: torch.device,
+    repeats: int,
+    experiments: tuple[str, ...] = ("cifar_tutorial", "cifar_mdeq_small"),
+) -> list[dict[str, Any]]:
+    """Forward + backward of the published CIFAR models as their experiment files build them
+    (batch, solver, gradient, normalization), in fp32 and under bf16 autocast, with the
+    tolerances set out of reach so every variant spends the same f evaluations (the
+    experiment's forward and backward budgets); on CUDA also with the forward solve captured
+    (skipped where the model draws dropout masks inside the solve). Images/s and peak memory."""
+    import hydra.utils
+
+    from deqlab.dropout import reset_dropout
+    from deqlab.runner.config import compose
+
+    rows, steps = [], {}
+    for exp in experiments:
+        for precision in ("fp32", "bf16"):
+            for captured in (False, True) if device.type == "cuda" else (False,):
+                overrides = [f"experiment={exp}", "solver.tol=null", "grad.tol=null"]
+                overrides += ["task.module.fit.pretrain_steps=0"]
+                if captured:
+                    overrides += ["solver.capture=true"]
+                cfg = compose(overrides, "/tmp/deqlab-bench")
+                torch.manual_seed(0)
+                module = hydra.utils.instantiate(cfg.task.module).to(device).train()
+                if captured:
+                    try:
+                        check_capturable(module.net.cell)
+                    except ValueError:  # variational dropout inside the cell
+                        continue
+                batch = cfg.task.datamodule.batch_size
+                x = torch.randn(batch, 3, 32, 32, device=device)
+                y = torch.randint(0, 10, (batch,), device=device)
+                dtype = torch.bfloat16 if precision == "bf16" else None
+
+                def step(module=module, x=x, y=y, dtype=dtype):
+                    reset_dropout(module)
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        outputs, _ = module(x)
+                        loss = module.criterion(outputs[-1].float(), y)
+                    loss.backward()
+
+                name = f"{exp} {precision}" + (" captured" if captured else "")
+                row = {
+                    "bench": "model_step",
+                    "variant": name,
+                    "batch": batch,
+                    "fwd_bwd_nfe": f"{cfg.solver.max_iter}+{cfg.grad.max_iter}",
+                }
+                rows.append(row)
+                try:
+                    step()
+                    steps[name] = step
+                except Exception as err:  # reported in the table
+                    row["error"] = f"{type(err).__name__}: {err}"[:120]
+    times = timed_round_robin(steps, device, repeats)
+    for row in rows:
+        if row["variant"] not in times:
+            continue
+        t = times[row["variant"]]
+        row.update(seconds=t["median"], images_per_s=row["batch"] / t["median"])
+        row["peak_MB"] = peak_memory_mb(steps[row["variant"]], device)
+        fp32 = next(r for r in rows if r["variant"] == row["variant"].split()[0] + " fp32")
+        row["vs_fp32"] = fp32["seconds"] / row["seconds"] if "seconds" in fp32 else None
+    return rows
