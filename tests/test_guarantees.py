@@ -321,13 +321,13 @@ def test_training_time_is_carried_across_a_resume():
     from deqlab.runner.module import DEQLitModule
 
     first = DEQLitModule(None)
-    first._fit_t0 = time.perf_counter() - 100.0  # 100 s of training so far
+    first.clock.fit_t0 = time.perf_counter() - 100.0  # 100 s of training so far
     checkpoint: dict = {}
     first.on_save_checkpoint(checkpoint)
     resumed = DEQLitModule(None)
     resumed.on_load_checkpoint({**checkpoint, "state_dict": {}})
     resumed.on_fit_start()  # a resumed run keeps the restored start
-    elapsed = time.perf_counter() - resumed._fit_t0
+    elapsed = time.perf_counter() - resumed.clock.fit_t0
     assert 100.0 <= elapsed < 105.0
 
 

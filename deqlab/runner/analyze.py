@@ -58,7 +58,8 @@ class Collector(L.Callback):
         self.seen = 0
 
     def _batch(self, module: DEQLitModule) -> None:
-        info, y, values, curve = module.kept_eval
+        kept = module.kept_eval
+        info, y, values, curve = kept.info, kept.target, kept.values, kept.by_budget
         if info is None or (self.limit is not None and self.seen >= self.limit):
             return
         keep = len(y) if self.limit is None else min(len(y), self.limit - self.seen)

@@ -1,11 +1,15 @@
-"""DEQLitModule: the training logic every DEQ task shares.
+"""DEQLitModule: the DEQ training step every task shares.
 
 A task module subclasses it and supplies a network (the :class:`DEQNet` protocol: inject,
-cell, head) plus ``criterion(output, target)`` and ``update_metrics(split, output, target)``.
-Everything else lives here: the solve through a pluggable core (with unrolled pre-training,
-budget jitter and sampled states), Jacobian regularization on its schedule, fixed-point
-correction, solver statistics under ``deq/``, the residual-trace figure, optimizer and
-learning-rate schedule.
+cell, head) and the hooks of :class:`TaskHooks` (``criterion``, ``update_metrics``,
+``curve_values``). The module solves through a pluggable core (with unrolled pre-training,
+budget jitter and sampled states), adds the Jacobian term on its schedule and the fixed-point
+correction, and logs the solver's statistics under ``deq/``. What is not the step is a small
+component the module owns, each with its own state in the checkpoint:
+:class:`~deqlab.runner.budget_curve.BudgetCurve`,
+:class:`~deqlab.runner.batch_chunks.BatchChunks` (``fit.batch_chunk``),
+:class:`~deqlab.runner.stability.StabilityMonitor` (with ``jac_reg.adaptive``),
+:class:`~deqlab.runner.optim.PlateauSchedule` and :class:`~deqlab.runner.clock.TrainingClock`.
 
 Data flows through return values: ``forward`` returns the outputs and the solve's
 :class:`DEQInfo`; the steps log from them, and the backward statistics (filled in during
@@ -14,16 +18,13 @@ Data flows through return values: ``forward`` returns the outputs and the solve'
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from ..core import CoreConfig, DEQInfo, GradConfig, SolverConfig, build_core
 from ..dropout import reset_dropout
@@ -34,12 +35,15 @@ from ..regularize import fp_correction, spectral_radius
 from ..settings import to_config
 from ..solvers.capture import Bound
 from ..state import State
+from .batch_chunks import BatchChunks
+from .budget_curve import BudgetCurve
 from .checkpoint import check_compatible, load_initial_weights
+from .clock import TrainingClock
 from .data import mix_seed
 from .fit import FitConfig, JacRegConfig
 from .loggers import log_figure, residual_trace_figure
-from .optim import OptimConfig, non_embedding_parameters
-from .stability import SplitStability, rising, stability_figure, summarize, warn_rising
+from .optim import OptimConfig, PlateauSchedule, non_embedding_parameters
+from .stability import StabilityMonitor
 
 
 class DEQNet(Protocol):
@@ -56,6 +60,47 @@ class DEQNet(Protocol):
     def inject(self, x: Any) -> tuple[Any, State]: ...
 
     def head(self, z: State) -> Tensor: ...
+
+
+class TaskHooks(Protocol):
+    """What a task's module adds to :class:`DEQLitModule`: the contract, in one place.
+
+    ``criterion(output, target) -> loss``: the training and evaluation loss, a scalar, from
+    the head's output at one state (fixed-point correction calls it at each sampled state).
+
+    ``update_metrics(split, output, target)``: update the task's torchmetrics for ``split``
+    (``train``, ``val`` or ``test``) from a detached output at the equilibrium; the task logs
+    them (``split/name``).
+
+    ``curve_values(output, target) -> values``: the per-element values whose mean over a split
+    is the budget curve's metric (accuracy: 1.0 per correct prediction; a language model: the
+    per-token loss), named ``curve_metric``; ``curve_finish(mean)`` turns the mean into the
+    metric (a perplexity: ``exp``), and ``curve_higher_is_better`` says which way is better.
+    ``deqlab analyze`` reads the same values per sample.
+    """
+
+    curve_metric: str
+    curve_higher_is_better: bool
+
+    def criterion(self, output: Tensor, target: Any) -> Tensor: ...
+
+    def update_metrics(self, split: str, output: Tensor, target: Any) -> None: ...
+
+    def curve_values(self, output: Tensor, target: Any) -> Tensor: ...
+
+    def curve_finish(self, mean: Tensor) -> Tensor: ...
+
+
+@dataclass
+class KeptEval:
+    """One evaluation batch's solve, kept for a callback when ``keep_eval`` is set
+    (``deqlab analyze``): the statistics, the targets, the task's ``curve_values`` at the full
+    budget, and by budget k at each point of the budget curve."""
+
+    info: DEQInfo | None = None
+    target: Any = None
+    values: Tensor | None = None
+    by_budget: dict[int, Tensor] = field(default_factory=dict)
 
 
 def _plain(value: Any) -> bool:
@@ -78,7 +123,21 @@ def compile_cell(cell: nn.Module, options: Mapping[str, Any] | None = None) -> n
 
 
 class DEQLitModule(L.LightningModule):
-    """Shared DEQ training logic; see the module docstring for what a task adds."""
+    """The DEQ training step every task shares; a task adds its network and :class:`TaskHooks`.
+
+    Args:
+        net: the network (:class:`DEQNet`), or None for a task that builds it in ``setup``
+            (then :meth:`attach_net`).
+        core, solver, grad: the core's settings (``core``, a built core, or None for deqlab's
+            own), the forward solver's and the gradient mode's (the ``core``, ``solver`` and
+            ``grad`` groups).
+        norm, jac_reg, optim, fit, init: the ``norm``, ``jac_reg``, ``optim`` groups, the
+            task's ``fit`` settings and the ``init`` group (the solve's initial state).
+        seed: the run's seed; each step's randomness is a function of (seed, rank, step).
+        init_from, init_from_strict: weights to start from (a deqlab checkpoint, a state dict
+            or a reference implementation's), every tensor or those that fit.
+        compile, compile_options: ``torch.compile`` the cell, with these options.
+    """
 
     net: nn.Module
 
@@ -118,25 +177,22 @@ class DEQLitModule(L.LightningModule):
         self.net = None
         if net is not None:
             self.attach_net(net)
-        self._val_trace: Tensor | None = None
-        self._epoch_t0: float | None = None  # perf_counter() at the epoch's start
-        self._fit_t0: float | None = None  # perf_counter() at the start of training
-        self._plateau: Any = None  # optim.schedule=plateau's ReduceLROnPlateau
-        # batch_chunk: the chunk being trained (its rows, the batch size) and whether its
-        # step's gradients are already accumulating
-        self._chunk: tuple[slice, int] | None = None
-        self._grads_pending = False
-        self._plateau_state: dict[str, Any] | None = None  # its state from a checkpoint
+        self.curve = BudgetCurve()
+        self.chunks = BatchChunks()
+        self.stability = StabilityMonitor()
+        self.plateau = PlateauSchedule()
+        self.clock = TrainingClock()
+        self._val_trace: Tensor | None = None  # the residual-trace figure's samples
         # deqlab analyze: every evaluation batch's solve kept for a callback to read, and the
         # spectral radius taken on every split
         self.keep_eval = False
-        # (info, target, the metric's values at the full budget, and by budget k)
-        self.kept_eval: tuple[DEQInfo | None, Any, Any, dict[int, Tensor]] = (None, None, None, {})
-        self._stability: SplitStability | None = None  # this validation's per-sample figures
-        self._unstable_history: list[float] = []  # deq/val_unstable_share, validation by validation
-        self._jac_multiplier = 1.0  # jac_reg.adaptive: the scheduled weight's multiplier
-        # budget curve: per split, step count k -> running means of the metric and of nfe
-        self._curve: dict[str, dict[int, tuple[MeanMetric, MeanMetric]]] = {}
+        self.kept_eval = KeptEval()
+
+    @property
+    def training_chunk(self) -> tuple[slice, int] | None:
+        """With ``fit.batch_chunk``, the chunk being trained (its rows of the batch, the batch
+        size); None otherwise: what a task with per-sample state (a memory) reads."""
+        return self.chunks.current
 
     def attach_net(self, net: nn.Module) -> None:
         """Install the network, normalize its cell and, with ``compile``, compile it
@@ -177,8 +233,11 @@ class DEQLitModule(L.LightningModule):
         reader = self.qualified_name()
         check_compatible(checkpoint, self, checkpoint.get("deqlab_module", reader), reader)
 
-    # -- the solve ---------------------------------------------------------------------------
+    @classmethod
+    def qualified_name(cls) -> str:
+        return f"{cls.__module__}.{cls.__qualname__}"
 
+    # -- the solve ---------------------------------------------------------------------------
     def equilibrium(
         self,
         f: Callable[[State], State],
@@ -234,123 +293,33 @@ class DEQLitModule(L.LightningModule):
         states, info = self.equilibrium(Bound(self.net.cell, u), z0, **solve)
         return [self.net.head(s) for s in states], info
 
-    # -- what a task supplies ---------------------------------------------------------------
+    # -- what a task supplies (TaskHooks) ----------------------------------------------------
 
-    def criterion(self, output: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
+    def criterion(self, output: Tensor, target: Any) -> Tensor:
+        raise NotImplementedError("a task module defines criterion (see TaskHooks)")
 
-    def update_metrics(self, split: str, output: Tensor, target: Tensor) -> None:
-        raise NotImplementedError
+    def update_metrics(self, split: str, output: Tensor, target: Any) -> None:
+        raise NotImplementedError("a task module defines update_metrics (see TaskHooks)")
 
-    # The budget curve's metric: its name, its per-element values (their mean over the split
-    # is the metric before ``curve_finish``), e.g. accuracy: 1.0 for each correct prediction.
     curve_metric = "metric"
     curve_higher_is_better = True
 
-    def curve_values(self, output: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
+    def curve_values(self, output: Tensor, target: Any) -> Tensor:
+        raise NotImplementedError("a task module defines curve_values (see TaskHooks)")
 
     def curve_finish(self, mean: Tensor) -> Tensor:
         return mean
 
-    # -- the budget curve ---------------------------------------------------------------------
-
-    def budget_grid(self, split: str) -> list[int]:
-        """The step counts of ``split``'s budget curve (``fit.budget_splits`` and
-        ``fit.budget_grid``), empty when the split draws none."""
-        splits = self.fit_cfg.budget_splits
-        keeps = getattr(self.deq, "keeps_budgets", lambda: False)()
-        if splits is None:  # the default: the test split, where the core can
-            splits = ["test"] if keeps else []
-        elif splits and not keeps:
-            raise ValueError(
-                f"fit.budget_splits={splits}: this core ({type(self.deq).__name__}, solver "
-                "capture or a solver without a `budgets` option) keeps no per-budget states; "
-                "set task.module.fit.budget_splits=[]"
-            )
-        if split not in splits or self.global_step < self.fit_cfg.pretrain_steps:
-            return []
-        return self.fit_cfg.budgets(self.deq.solver_cfg.eval_budget())
-
-    def _update_curve(
-        self, split: str, info: DEQInfo, output: Tensor, y: Tensor
-    ) -> dict[int, Tensor]:
-        """Add each budget's per-element metric values to the split's running means; returns
-        them by budget. ``output`` is the head at the full solve's z, which a budget the solve
-        stopped before shares (the same tensor): its head is not evaluated again."""
-        curve = self._curve.setdefault(split, {})
-        kept = {}
-        for k, res in info.at_budget.items():
-            if k not in curve:
-                curve[k] = (MeanMetric().to(self.device), MeanMetric().to(self.device))
-            head = output if res.z is info.z else self.net.head(res.z)
-            kept[k] = self.curve_values(head, y).detach()
-            curve[k][0].update(kept[k].flatten().float())
-            curve[k][1].update(torch.tensor(float(res.nfe), device=self.device), len(y))
-        return kept
-
-    def _log_curve(self, split: str) -> None:
-        """Log ``split/<metric>@k`` and ``split/nfe@k`` over the whole split (synced across
-        processes by the metrics), then start afresh."""
-        for k, (metric, nfe) in sorted(self._curve.pop(split, {}).items()):
-            self.log(f"{split}/{self.curve_metric}@{k}", self.curve_finish(metric.compute()))
-            self.log(f"{split}/nfe@{k}", nfe.compute())
-
-    # -- steps ------------------------------------------------------------------------------
-
-    def on_train_epoch_start(self) -> None:
-        self._epoch_t0 = time.perf_counter()
-
-    def on_train_epoch_end(self) -> None:
-        if self._epoch_t0 is not None:
-            self.log("train/epoch_time_s", time.perf_counter() - self._epoch_t0)
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-            self.log("train/peak_cuda_mem_mb", peak)
-            torch.cuda.reset_peak_memory_stats(self.device)
+    # -- training ----------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        if self._fit_t0 is None:  # else restored from a checkpoint
-            self._fit_t0 = time.perf_counter()
+        self.clock.start_fit()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # wall-clock time of training so far, across resumes: for metric-against-time plots
-        if self._fit_t0 is not None:
-            self.log("train/elapsed_s", time.perf_counter() - self._fit_t0)
-        # the backward solves ran after training_step returned: their statistics come now
-        info = outputs.get("info") if isinstance(outputs, Mapping) else None
-        if info is not None and info.backward:
-            done = info.backward
-            self.log("deq/bwd_nfe", sum(r.nfe for r in done) / len(done))
-            self.log("deq/bwd_rel_residual", torch.cat([r.rel_residual for r in done]).mean())
+    def on_train_epoch_start(self) -> None:
+        self.clock.start_epoch()
 
-    # A run resumed mid-epoch does not call on_train_epoch_start again: whatever an epoch
-    # accumulates travels in the checkpoint (here the elapsed times; tasks add their own).
-    # The writer's class is stored so that a checkpoint of another task is refused by name.
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        checkpoint["deqlab_epoch_elapsed_s"] = (
-            0.0 if self._epoch_t0 is None else now - self._epoch_t0
-        )
-        checkpoint["deqlab_fit_elapsed_s"] = 0.0 if self._fit_t0 is None else now - self._fit_t0
-        checkpoint["deqlab_module"] = self.qualified_name()
-        if self._plateau is not None:
-            checkpoint["deqlab_plateau"] = self._plateau.state_dict()
-        checkpoint["deqlab_unstable_history"] = list(self._unstable_history)
-        checkpoint["deqlab_jac_multiplier"] = self._jac_multiplier
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._plateau_state = checkpoint.get("deqlab_plateau")  # restored once built
-        self._unstable_history = list(checkpoint.get("deqlab_unstable_history", []))
-        self._jac_multiplier = float(checkpoint.get("deqlab_jac_multiplier", 1.0))
-        self.check_checkpoint(checkpoint)
-        now = time.perf_counter()
-        self._epoch_t0 = now - checkpoint.get("deqlab_epoch_elapsed_s", 0.0)
-        self._fit_t0 = now - checkpoint.get("deqlab_fit_elapsed_s", 0.0)
-
-    @classmethod
-    def qualified_name(cls) -> str:
-        return f"{cls.__module__}.{cls.__qualname__}"
+    def on_train_epoch_end(self) -> None:
+        self.clock.end_epoch(self.log, self.device)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Each step's randomness (dropout masks, budget jitter, whether to regularize) is a
@@ -360,12 +329,21 @@ class DEQLitModule(L.LightningModule):
         # this step's learning rate (every parameter group follows the same schedule)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.clock.log_elapsed(self.log)
+        # the backward solves ran after training_step returned: their statistics come now
+        info = outputs.get("info") if isinstance(outputs, Mapping) else None
+        if info is not None and info.backward:
+            done = info.backward
+            self.log("deq/bwd_nfe", sum(r.nfe for r in done) / len(done))
+            self.log("deq/bwd_rel_residual", torch.cat([r.rel_residual for r in done]).mean())
+
     def jacobian_weight(self) -> float:
-        """This step's Jacobian-loss weight: the schedule's, on a random ``freq`` share of
-        steps, else 0."""
+        """This step's Jacobian-loss weight: the schedule's (times ``jac_reg.adaptive``'s
+        multiplier), on a random ``freq`` share of steps, else 0."""
         pretrain = self.fit_cfg.pretrain_steps
         weight = self.jac_cfg.weight_at(self.global_step, self.current_epoch, pretrain)
-        weight *= self._jac_multiplier
+        weight *= self.stability.jac_multiplier
         if self.jac_cfg.adaptive:
             self.log("deq/jac_weight", weight)
         return weight if weight > 0 and bool(torch.rand(()) < self.jac_cfg.freq) else 0.0
@@ -375,9 +353,9 @@ class DEQLitModule(L.LightningModule):
         jac_weight = self.jacobian_weight()
         jac_vecs = self.jac_cfg.vecs if jac_weight > 0 else 0
         if self.fit_cfg.batch_chunk > 1:
-            loss, task_loss, info = self._chunked_loss(x, y, batch_idx, jac_weight, jac_vecs)
+            loss, task_loss, info = self.chunks.loss(self, x, y, batch_idx, jac_weight, jac_vecs)
         else:
-            loss, task_loss, info = self._loss(x, y, jac_weight, jac_vecs)
+            loss, task_loss, info = self.loss(x, y, jac_weight, jac_vecs)
         self.log("train/loss", task_loss, prog_bar=True)
         if info is None:  # unrolled pre-training
             return {"loss": loss, "task_loss": task_loss, "info": None}
@@ -386,13 +364,19 @@ class DEQLitModule(L.LightningModule):
             self.log("deq/jac_loss", info.jac_loss.detach())
         return {"loss": loss, "task_loss": task_loss, "info": info}
 
-    def _loss(
-        self, x: Tensor, y: Tensor, jac_weight: float, jac_vecs: int, max_iter: int | None = None
+    def loss(
+        self, x: Any, y: Any, jac_weight: float, jac_vecs: int, max_iter: int | None = None
     ) -> tuple[Tensor, Tensor, DEQInfo | None]:
         """The training loss of (x, y) with the Jacobian term, the task's loss alone
-        (detached), and the solve's statistics."""
+        (detached), and the solve's statistics (None in unrolled pre-training).
+
+        Args:
+            x, y: a batch (or a chunk of one).
+            jac_weight, jac_vecs: the Jacobian term's weight and probe vectors (0: none).
+            max_iter: the forward budget, when drawn once for the step's chunks.
+        """
         solve: dict[str, Any] = {"jac_vecs": jac_vecs}
-        if max_iter is not None:  # a budget drawn once for the step's chunks
+        if max_iter is not None:
             solve["max_iter"] = max_iter
         outputs, info = self(x, **solve)
         t = self.fit_cfg
@@ -408,59 +392,9 @@ class DEQLitModule(L.LightningModule):
             loss = loss + jac_weight * info.jac_loss
         return loss, task_loss, info
 
-    def _chunked_loss(
-        self, x: Tensor, y: Tensor, batch_idx: int, jac_weight: float, jac_vecs: int
-    ) -> tuple[Tensor, Tensor, DEQInfo | None]:
-        """``fit.batch_chunk`` = n: the batch in n equal chunks, each solved and
-        backpropagated in turn (the DEQ-Transformer reference's ``--batch_chunk``, to fit a
-        large model in less memory); their gradients add up to the whole batch's, the budget
-        is drawn once. The first n - 1 chunks are backpropagated here, the last by Lightning,
-        so Lightning's zero_grad, which runs after the step, is skipped once
-        (:meth:`optimizer_zero_grad`)."""
-        n, b = self.fit_cfg.batch_chunk, x.shape[0]
-        if b % n:
-            raise ValueError(
-                f"fit.batch_chunk={n} must divide the batch of {b} samples each process steps on"
-            )
-        pretraining = self.global_step < self.fit_cfg.pretrain_steps
-        budget = None if pretraining else self.training_budget(jac_vecs)
-        accumulate = self.trainer.accumulate_grad_batches
-        if batch_idx % accumulate == 0:  # where Lightning zeroes
-            for opt in self.trainer.optimizers:
-                opt.zero_grad()
-        self._grads_pending = True
-        no_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
-        size, task_losses, infos = b // n, [], []
-        for i in range(n):
-            self._chunk = (slice(i * size, (i + 1) * size), b)
-            rows = self._chunk[0]
-            loss, task_loss, info = self._loss(x[rows], y[rows], jac_weight, jac_vecs, budget)
-            loss = loss / n
-            task_losses.append(task_loss)
-            infos.append(info)
-            if i < n - 1:  # scaled as Lightning scales the loss it backpropagates itself
-                with no_sync():
-                    self.trainer.strategy.backward(loss / accumulate, None)
-        self._chunk = None
-        task_loss = torch.stack(task_losses).mean()
-        if infos[-1] is None:
-            return loss, task_loss, None
-        info = replace(
-            infos[-1],
-            nfe=sum(i.nfe for i in infos) / n,
-            rel_residual=torch.cat([i.rel_residual for i in infos]),
-            abs_residual=torch.cat([i.abs_residual for i in infos]),
-            jac_loss=None
-            if infos[-1].jac_loss is None
-            else torch.stack([i.jac_loss.detach() for i in infos]).mean(),
-        )
-        return loss, task_loss, info
-
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
-        if self._grads_pending:  # batch_chunk: the step's first chunks hold their gradients
-            self._grads_pending = False
-            return
-        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+        if not self.chunks.skip_zero_grad():  # batch_chunk: the first chunks' gradients
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def log_solver_stats(self, prefix: str, info: DEQInfo, **kw: Any) -> None:
         self.log(f"deq/{prefix}_nfe", float(info.nfe), **kw)
@@ -469,14 +403,16 @@ class DEQLitModule(L.LightningModule):
         self.log(f"deq/{prefix}_rel_residual", info.rel_residual.mean(), **kw)
         self.log(f"deq/{prefix}_abs_residual", info.abs_residual.mean(), **kw)
 
+    # -- evaluation --------------------------------------------------------------------------
+
     def _eval_step(self, batch: Any, batch_idx: int, split: str) -> Tensor:
         x, y = batch
-        first = split == "val" and batch_idx == 0
         sradius_iters = self.fit_cfg.sradius_iters if split == "val" or self.keep_eval else 0
-        outputs, info = self(x, sradius_iters=sradius_iters, budgets=self.budget_grid(split))
+        grid = self.curve.grid(split, self.deq, self.fit_cfg, self.global_step)
+        outputs, info = self(x, sradius_iters=sradius_iters, budgets=grid)
         output = outputs[-1]
         if self.keep_eval:
-            self.kept_eval = (info, y, self.curve_values(output, y).detach(), {})
+            self.kept_eval = KeptEval(info, y, self.curve_values(output, y).detach())
         loss = self.criterion(output, y)
         self.log(f"{split}/loss", loss, sync_dist=True, prog_bar=split == "val")
         self.update_metrics(split, output, y)
@@ -486,15 +422,13 @@ class DEQLitModule(L.LightningModule):
         if info.sradius is not None:
             self.log("deq/sradius", info.sradius.mean(), sync_dist=True)
         if info.at_budget:
-            curve = self._update_curve(split, info, output, y)
+            curve = self.curve.update(split, info, output, y, self.net.head, self.curve_values)
             if self.keep_eval:
-                self.kept_eval[3].update(curve)
+                self.kept_eval.by_budget.update(curve)
         if split == "val":
-            if self._stability is None:
-                self._stability = SplitStability()
-            self._stability.update(info)
-        if first and self.fit_cfg.trace_samples > 0:
-            self._val_trace = info.trace[:, : self.fit_cfg.trace_samples].float().cpu()
+            self.stability.update(info)
+            if batch_idx == 0 and self.fit_cfg.trace_samples > 0:
+                self._val_trace = info.trace[:, : self.fit_cfg.trace_samples].float().cpu()
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -504,60 +438,41 @@ class DEQLitModule(L.LightningModule):
         return self._eval_step(batch, batch_idx, "test")
 
     def on_validation_epoch_end(self) -> None:
-        # figures come from rank 0 alone: another rank would open a logger folder of its own
-        if (
-            self._val_trace is not None
-            and not self.trainer.sanity_checking
-            and self.trainer.is_global_zero
-        ):
-            fig = residual_trace_figure(self._val_trace, self.current_epoch)
-            log_figure(self.loggers, "deq/residual_trace", fig, self.global_step, self._val_trace)
-        self._val_trace = None
-        if not self.trainer.sanity_checking:
-            self._log_curve("val")
-            self._log_stability()
-        self._curve.pop("val", None)
-        self._stability = None
-
-    def _log_stability(self) -> None:
-        """The stability monitor over the whole validation split (all processes' samples)."""
-        if self._stability is None:
+        trace, self._val_trace = self._val_trace, None
+        if self.trainer.sanity_checking:
+            self.curve.reset("val")
+            self.stability.split = None
             return
-        fit = self.fit_cfg
-        values = {
-            k: self.all_gather(v).flatten().cpu() for k, v in self._stability.tensors().items()
-        }
-        figures = summarize(values, fit.unstable_above)
-        for name, value in figures.items():
-            self.log(f"deq/val_{name}", value)
-        self._unstable_history.append(figures["unstable_share"])
-        if self.jac_cfg.adaptive:
-            self._jac_multiplier = self.jac_cfg.adapt(
-                self._jac_multiplier, figures["unstable_share"]
-            )
-        if rising(self._unstable_history, fit.unstable_patience) and self.trainer.is_global_zero:
-            warn_rising(self._unstable_history, fit.unstable_patience, fit.unstable_above)
-        if self.trainer.is_global_zero:
-            fig = stability_figure(values, fit.unstable_above, self.current_epoch)
-            data = torch.stack([values["rel_residual"], values["steps"]], dim=1)
-            log_figure(self.loggers, "deq/stability", fig, self.global_step, data)
+        # figures come from rank 0 alone: another rank would open a logger folder of its own
+        if trace is not None and self.trainer.is_global_zero:
+            fig = residual_trace_figure(trace, self.current_epoch)
+            log_figure(self.loggers, "deq/residual_trace", fig, self.global_step, trace)
+        self.curve.log("val", self.log, self.curve_metric, self.curve_finish)
+        self.stability.end_validation(self)
 
     def on_test_epoch_end(self) -> None:
-        self._log_curve("test")
-
-    # -- optimization -------------------------------------------------------------------------
+        self.curve.log("test", self.log, self.curve_metric, self.curve_finish)
 
     def on_validation_end(self) -> None:
-        if self._plateau is None or self.trainer.sanity_checking:
-            return
-        monitor = self.optim_cfg.plateau_monitor
-        value = self.trainer.callback_metrics.get(monitor)
-        if value is None:
-            logged = sorted(k for k in self.trainer.callback_metrics if k.startswith("val/"))
-            raise ValueError(
-                f"optim.plateau_monitor={monitor!r} was not logged at validation; logged: {logged}"
-            )
-        self._plateau.step(float(value))
+        if not self.trainer.sanity_checking:
+            self.plateau.step(self.optim_cfg.plateau_monitor, self.trainer.callback_metrics)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    # A run resumed mid-epoch does not call on_train_epoch_start again: whatever an epoch
+    # accumulates travels in the checkpoint (each component's state; tasks add their own).
+    # The writer's class is stored so that a checkpoint of another task is refused by name.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["deqlab_module"] = self.qualified_name()
+        for part in (self.clock, self.plateau, self.stability):
+            part.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint(checkpoint)
+        for part in (self.clock, self.plateau, self.stability):
+            part.load(checkpoint)
+
+    # -- optimization ------------------------------------------------------------------------
 
     def configure_gradient_clipping(
         self,
@@ -579,11 +494,7 @@ class DEQLitModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         total = max(1, int(self.trainer.estimated_stepping_batches))
         opt, sched = self.optim_cfg.build(self, total)
-        # optim.schedule=plateau: stepped here after each validation (Lightning steps its
-        # schedulers at epoch ends, but validation may run every N steps)
-        self._plateau = self.optim_cfg.plateau(opt)
-        if self._plateau is not None and self._plateau_state is not None:
-            self._plateau.load_state_dict(self._plateau_state)
+        self.plateau.build(self.optim_cfg, opt)  # optim.schedule=plateau, stepped after validation
         return {
             "optimizer": opt,
             # name: what callbacks.lr_monitor logs it as (optim/lr/pg1, ...)

@@ -164,3 +164,37 @@ def parameter_groups(module: nn.Module, decay_all: bool) -> list[dict[str, Any]]
         {"params": [p for p in params if id(p) not in no_decay]},
         {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
     ]
+
+
+class PlateauSchedule:
+    """``optim.schedule=plateau``'s ReduceLROnPlateau, stepped after each validation (Lightning
+    steps its schedulers at epoch ends, but validation may run every N steps); owned by the
+    module, its state travels in the checkpoint."""
+
+    def __init__(self) -> None:
+        self.scheduler: Any = None
+        self.saved: dict[str, Any] | None = None  # its state from a checkpoint, until built
+
+    def build(self, cfg: OptimConfig, opt: torch.optim.Optimizer) -> None:
+        self.scheduler = cfg.plateau(opt)
+        if self.scheduler is not None and self.saved is not None:
+            self.scheduler.load_state_dict(self.saved)
+
+    def step(self, monitor: str, metrics: Mapping[str, Any]) -> None:
+        """Step on ``metrics[monitor]`` (the trainer's callback metrics after validation)."""
+        if self.scheduler is None:
+            return
+        value = metrics.get(monitor)
+        if value is None:
+            logged = sorted(k for k in metrics if k.startswith("val/"))
+            raise ValueError(
+                f"optim.plateau_monitor={monitor!r} was not logged at validation; logged: {logged}"
+            )
+        self.scheduler.step(float(value))
+
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        if self.scheduler is not None:
+            checkpoint["deqlab_plateau"] = self.scheduler.state_dict()
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        self.saved = checkpoint.get("deqlab_plateau")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -25,6 +26,10 @@ from torch import Tensor
 
 from ..core import DEQInfo
 from ..grad import DivergenceWarning
+from .loggers import log_figure
+
+if TYPE_CHECKING:  # the module owns a StabilityMonitor and hands itself in
+    from .module import DEQLitModule
 
 
 def sample_steps(info: DEQInfo) -> Tensor:
@@ -104,3 +109,49 @@ def stability_figure(values: dict[str, Tensor], unstable_above: float, epoch: in
     fig.suptitle(f"equilibrium over the validation split, epoch {epoch}", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+class StabilityMonitor:
+    """The monitor over validations; owned by the module. ``jac_reg.adaptive``'s multiplier of
+    the scheduled Jacobian weight lives here, as it follows the unstable share. Its history and
+    the multiplier travel in the checkpoint."""
+
+    def __init__(self) -> None:
+        self.split: SplitStability | None = None  # this validation's per-sample figures
+        self.history: list[float] = []  # deq/val_unstable_share, validation by validation
+        self.jac_multiplier = 1.0
+
+    def update(self, info: DEQInfo) -> None:
+        if self.split is None:
+            self.split = SplitStability()
+        self.split.update(info)
+
+    def end_validation(self, module: DEQLitModule) -> None:
+        """Log the figures over the whole validation split (all processes' samples), adapt
+        the Jacobian weight, warn on a rising share, draw ``deq/stability``; start afresh."""
+        split, self.split = self.split, None
+        if split is None:
+            return
+        fit, jac = module.fit_cfg, module.jac_cfg
+        values = {k: module.all_gather(v).flatten().cpu() for k, v in split.tensors().items()}
+        figures = summarize(values, fit.unstable_above)
+        for name, value in figures.items():
+            module.log(f"deq/val_{name}", value)
+        self.history.append(figures["unstable_share"])
+        if jac.adaptive:
+            self.jac_multiplier = jac.adapt(self.jac_multiplier, figures["unstable_share"])
+        zero = module.trainer.is_global_zero
+        if rising(self.history, fit.unstable_patience) and zero:
+            warn_rising(self.history, fit.unstable_patience, fit.unstable_above)
+        if zero:  # figures from rank 0 alone: another would open a logger folder of its own
+            fig = stability_figure(values, fit.unstable_above, module.current_epoch)
+            data = torch.stack([values["rel_residual"], values["steps"]], dim=1)
+            log_figure(module.loggers, "deq/stability", fig, module.global_step, data)
+
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["deqlab_unstable_history"] = list(self.history)
+        checkpoint["deqlab_jac_multiplier"] = self.jac_multiplier
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("deqlab_unstable_history", []))
+        self.jac_multiplier = float(checkpoint.get("deqlab_jac_multiplier", 1.0))

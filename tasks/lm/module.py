@@ -81,7 +81,7 @@ class LMModule(DEQLitModule):
 
     def forward(self, x: Tensor, **solve: Any) -> tuple[list[Tensor], DEQInfo | None]:
         split = "train" if self.training else self._split
-        chunk = self._chunk if split == "train" else None  # fit.batch_chunk: these rows
+        chunk = self.training_chunk if split == "train" else None  # fit.batch_chunk: these rows
         mem = self._mem.get(split)
         if mem is not None and mem[0].device != x.device:  # restored from a checkpoint on the CPU
             mem = (mem[0].to(x.device), mem[1].to(x.device))
