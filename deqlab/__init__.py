@@ -8,6 +8,7 @@ The engine is this package (minus :mod:`deqlab.runner`, the Lightning/Hydra/W&B 
     z_star, info = deq(lambda z: cell(z, x), torch.zeros_like(x))
 """
 
+from .bound import Bound
 from .core import DEQ, Core, CoreConfig, DEQInfo, SlicedDEQ, build_core, register_core
 from .dropout import (
     VariationalDropout,
@@ -22,7 +23,6 @@ from .initial_state import InitConfig, mixed_init, zeros_init
 from .norm import NormConfig, apply_norm, register_norm, register_norm_module, remove_norm
 from .regularize import fp_correction, jacobian_loss, spectral_radius
 from .solvers import SolverConfig, SolverResult, get_solver, register_solver
-from .solvers.capture import Bound
 
 __all__ = [
     "DEQ",

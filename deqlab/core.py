@@ -33,8 +33,8 @@ from .regularize import jacobian_loss
 from .settings import to_config
 from .solvers import SolverConfig, SolverResult, get_solver
 from .solvers.capture import CapturedSolver
+from .solvers.catalog import takes
 from .solvers.fallback import fall_back
-from .solvers.registry import takes
 from .state import State, as_tuple, leaf
 
 
@@ -453,4 +453,4 @@ def build_core(
 register_core("indexing", DEQ)
 register_core("sliced", SlicedDEQ)
 # TorchDEQ itself behind the same interface, loaded when first asked for (it imports this module)
-CORES.register_lazy("torchdeq", "deqlab.torchdeq_core:TorchDEQCore")
+CORES.register_lazy("torchdeq", "deqlab.compat.torchdeq:TorchDEQCore")

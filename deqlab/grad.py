@@ -312,5 +312,5 @@ register_grad(
 )
 register_grad("phantom", _phantom, defaults={"steps": 5, "tau": 0.5})
 register_grad("onestep", _onestep)
-# the reversible solver's exact gradient (deqlab/reversible.py), loaded when first asked for
-GRAD_MODES.register_lazy("reversible", "deqlab.reversible:REVERSIBLE")
+# the reversible solver's exact gradient (deqlab/reversible_grad.py), loaded when first asked for
+GRAD_MODES.register_lazy("reversible", "deqlab.reversible_grad:REVERSIBLE")

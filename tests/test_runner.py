@@ -100,7 +100,7 @@ def test_each_core_trains_through_the_runner_and_logs_the_deq_statistics(core, d
     conf = tmp_path / "my_conf" / "core"
     conf.mkdir(parents=True)
     (conf / "mine.yaml").write_text(
-        "_target_: tests.test_cores.Unrolled\nsolver: ${solver}\ngrad: ${grad}\nsteps: 3\n"
+        "_target_: tests.test_core_variants.Unrolled\nsolver: ${solver}\ngrad: ${grad}\nsteps: 3\n"
     )
     out = tmp_path / "run"
     searchpath = f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"

@@ -41,9 +41,11 @@ class BatchChunks:
 
         Args:
             module: the module being trained (its ``loss``, budget and trainer).
-            x, y: the whole batch.
+            x: the whole batch's inputs.
+            y: its targets.
             batch_idx: the batch's index (gradients are zeroed where Lightning zeroes them).
-            jac_weight, jac_vecs: this step's Jacobian-loss weight and probe vectors.
+            jac_weight: this step's Jacobian-loss weight.
+            jac_vecs: its probe vectors.
         """
         n, b = module.fit_cfg.batch_chunk, x.shape[0]
         if b % n:

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..bound import Bound
 from ..core import CoreConfig, DEQInfo, GradConfig, SolverConfig, build_core
 from ..dropout import reset_dropout
 from ..grad import evaluate
@@ -33,7 +34,6 @@ from ..initial_state import InitConfig
 from ..norm import NormConfig, apply_norm
 from ..regularize import fp_correction, spectral_radius
 from ..settings import to_config
-from ..solvers.capture import Bound
 from ..state import State
 from .batch_chunks import BatchChunks
 from .budget_curve import BudgetCurve
@@ -128,15 +128,20 @@ class DEQLitModule(L.LightningModule):
     Args:
         net: the network (:class:`DEQNet`), or None for a task that builds it in ``setup``
             (then :meth:`attach_net`).
-        core, solver, grad: the core's settings (``core``, a built core, or None for deqlab's
-            own), the forward solver's and the gradient mode's (the ``core``, ``solver`` and
-            ``grad`` groups).
-        norm, jac_reg, optim, fit, init: the ``norm``, ``jac_reg``, ``optim`` groups, the
-            task's ``fit`` settings and the ``init`` group (the solve's initial state).
+        core: the core's settings (the ``core`` group), a built core, or None for deqlab's.
+        solver: the forward solver's settings (the ``solver`` group).
+        grad: the gradient mode's settings (the ``grad`` group).
+        norm: weight or spectral normalization of the cell (the ``norm`` group).
+        jac_reg: the Jacobian regularization (the ``jac_reg`` group).
+        optim: optimizer and learning-rate schedule (the ``optim`` group).
+        fit: the task's training settings (:class:`~deqlab.runner.fit.FitConfig`).
+        init: the solve's initial state (the ``init`` group).
         seed: the run's seed; each step's randomness is a function of (seed, rank, step).
-        init_from, init_from_strict: weights to start from (a deqlab checkpoint, a state dict
-            or a reference implementation's), every tensor or those that fit.
-        compile, compile_options: ``torch.compile`` the cell, with these options.
+        init_from: weights to start from: a deqlab checkpoint, a state dict or a reference
+            implementation's.
+        init_from_strict: load every tensor of ``init_from`` (else those that fit).
+        compile: ``torch.compile`` the cell.
+        compile_options: ``torch.compile``'s arguments.
     """
 
     net: nn.Module
@@ -371,8 +376,10 @@ class DEQLitModule(L.LightningModule):
         (detached), and the solve's statistics (None in unrolled pre-training).
 
         Args:
-            x, y: a batch (or a chunk of one).
-            jac_weight, jac_vecs: the Jacobian term's weight and probe vectors (0: none).
+            x: the batch's inputs (or a chunk's).
+            y: its targets.
+            jac_weight: the Jacobian term's weight (0: none).
+            jac_vecs: its probe vectors (0: none).
             max_iter: the forward budget, when drawn once for the step's chunks.
         """
         solve: dict[str, Any] = {"jac_vecs": jac_vecs}

@@ -11,11 +11,11 @@ from __future__ import annotations
 from .anderson import anderson
 from .base import FlatState, SolveLoop, SolverResult, SolveSpec, State
 from .broyden import broyden
+from .catalog import COMMON_ARGS, SOLVERS, Solver, get_solver, register_solver, solver_options
 from .checks import STOP_MODES
-from .config import SolverConfig
 from .fixed_point import fixed_point
-from .registry import COMMON_ARGS, SOLVERS, Solver, get_solver, register_solver, solver_options
 from .reversible import reversible
+from .solver_config import SolverConfig
 
 for _name, _fn in (
     ("fixed_point", fixed_point),

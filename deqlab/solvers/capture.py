@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .. import bound
 from ..dropout import VariationalDropout
 from .checks import check_finite_start
 
@@ -66,21 +67,6 @@ class GraphRecorder:
         self.flags.append(done)
         self.end()
         self.begin()
-
-
-class Bound:
-    """``f(z) = fn(z, *args)`` with its inputs in view: what a captured solve copies into its
-    static buffers before each replay. Cores and solvers call it as any f; the LightningModules
-    pass their cells this way (``Bound(net.cell, u)``)."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any):
-        self.fn, self.args = fn, args
-
-    def __call__(self, z: Any) -> Any:
-        return self.fn(z, *self.args)
-
-    def __repr__(self) -> str:
-        return f"Bound({self.fn!r}, {len(self.args)} inputs)"
 
 
 def _map(fn: Callable[[Tensor], Any], x: Any) -> Any:
@@ -150,9 +136,9 @@ class CapturedSolver:
         self.recordings: dict[tuple, tuple[GraphRecorder, Any, Any, Any]] = {}
 
     def __call__(self, f: Callable[..., Any], z0: Any, **kwargs: Any) -> Any:
-        """Solve ``f(z) = z`` from ``z0`` by replaying; ``f`` a :class:`Bound` (its inputs are
+        """Solve ``f(z) = z`` from ``z0`` by replaying; ``f`` a :class:`~deqlab.bound.Bound` (its inputs are
         copied in), a module, or a function that reads no tensor from a closure."""
-        f, args = (f.fn, f.args) if isinstance(f, Bound) else (f, ())
+        f, args = (f.fn, f.args) if isinstance(f, bound.Bound) else (f, ())
         if getattr(f, "__closure__", None):
             raise ValueError(
                 "solver.capture replays f on the tensors it read when recorded, and this f "
@@ -252,3 +238,14 @@ class CapturedSolver:
                 "deqlab's Tracker (the built-in solvers do); use solver.capture=false"
             )
         return rec, static_z0, static_args, res
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Bound":  # its home until 0.1: deqlab.Bound (deqlab.bound.Bound) now
+        warnings.warn(
+            "deqlab.solvers.capture.Bound moved to deqlab.bound: use deqlab.Bound",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return bound.Bound
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 
 from .base import FlatState, SolverResult, State, set_rows_
-from .config import SolverConfig
-from .registry import get_solver
+from .catalog import get_solver
+from .solver_config import SolverConfig
 
 
 def fall_back(

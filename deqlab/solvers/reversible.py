@@ -10,7 +10,7 @@ with relaxation beta in (0, 2), beta != 1. Each step inverts algebraically,
 
 so backpropagation can run the iteration backwards instead of storing it: the gradient of the
 returned iterate is exact, in memory that does not grow with the step count
-(``grad=reversible``, :mod:`deqlab.reversible`). As a solver on its own it is a relaxed
+(``grad=reversible``, :mod:`deqlab.reversible_grad`). As a solver on its own it is a relaxed
 fixed-point iteration with any gradient mode.
 
 Step k of the tracker tests z_k, so ``max_iter`` = k tests at most k - 1 reversible steps,
@@ -56,7 +56,7 @@ def reversible(
 
     Returns:
         A :class:`~deqlab.solvers.SolverResult` whose ``aux`` holds the partner iterate ``y``
-        of each returned z (what :class:`deqlab.reversible` inverts) and ``beta``.
+        of each returned z (what :mod:`deqlab.reversible_grad` inverts) and ``beta``.
     """
     check_beta(beta)
     run = SolveLoop("reversible", f, z0, common)

@@ -20,8 +20,8 @@ import torch
 from hydra.utils import get_class, instantiate
 from torch import Tensor
 
+from deqlab.bound import Bound
 from deqlab.runner.checkpoint import read_checkpoint, run_config
-from deqlab.solvers.capture import Bound
 
 from .data import UNK
 from .module import LMModule, vocabulary_id

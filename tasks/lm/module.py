@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
+from deqlab.bound import Bound
 from deqlab.core import DEQInfo
 from deqlab.runner.module import DEQLitModule
-from deqlab.solvers.capture import Bound
 
 from .model import DEQTransformerLM, Memory
 

@@ -211,8 +211,8 @@ def test_a_registered_or_imported_core_is_built_from_its_name():
     register_core("unrolled_test", Unrolled)
     core = build_core({"name": "unrolled_test", "options": {"steps": 3}}, None, None)
     assert isinstance(core, Unrolled) and isinstance(core, Core) and core.steps == 3
-    imported = build_core({"name": "tests.test_cores:Unrolled"}, None, None)
-    assert isinstance(imported, Unrolled) and "tests.test_cores:Unrolled" in CORES
+    imported = build_core({"name": "tests.test_core_variants:Unrolled"}, None, None)
+    assert isinstance(imported, Unrolled) and "tests.test_core_variants:Unrolled" in CORES
     with pytest.raises(ValueError, match="unknown core 'nope'"):
         build_core({"name": "nope"}, None, None)
     with pytest.raises(TypeError, match="is not a DEQ core"):
@@ -231,7 +231,7 @@ def test_solver_and_gradient_mode_by_import_path():
     _, x, f = problem()
     deq = DEQ(
         {"name": "deqlab.solvers.fixed_point:fixed_point", "max_iter": 50, "tol": 1e-12},
-        {"name": "tests.test_cores:HALF_STEP"},
+        {"name": "tests.test_core_variants:HALF_STEP"},
     )
     z, info = deq(f, torch.zeros_like(x))
     torch.testing.assert_close(z, 0.5 * (info.z + f(info.z)))
