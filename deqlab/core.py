@@ -161,6 +161,23 @@ class DEQ(nn.Module):
     and onestep, k for phantom) at each sampled state. Under ``torch.no_grad()`` it only
     solves. In eval mode the budget is the solver's eval budget. Parametrized weights
     (``deqlab.apply_norm``) are computed once per solve, not once per f evaluation.
+
+    Args:
+        solver: the forward solver's settings (:class:`~deqlab.solvers.SolverConfig`, or a
+            mapping of its fields); None: Anderson's defaults.
+        grad: the gradient mode's settings (:class:`~deqlab.grad.GradConfig`, or a mapping);
+            None: the exact implicit gradient (``ift``).
+        n_states: sample this many states along the solve (evenly), each given the gradient
+            mode (phantom gradient before the last): TorchDEQ's ``n_states``.
+        indexing: or sample the states at these steps (TorchDEQ's ``indexing``).
+
+    Example:
+        >>> cell = torch.nn.Linear(4, 4)
+        >>> deq = DEQ(solver={"name": "anderson", "max_iter": 40, "tol": 1e-6})
+        >>> x = torch.randn(2, 4)
+        >>> z_star, info = deq(lambda z: torch.tanh(0.5 * cell(z) + x), torch.zeros(2, 4))
+        >>> z_star.shape, bool(info.converged.all())
+        (torch.Size([2, 4]), True)
     """
 
     def __init__(
@@ -318,6 +335,9 @@ class DEQ(nn.Module):
         """Solve z* = f(z*) from z0 and attach the configured gradient.
 
         Args:
+            f: the map whose fixed point is sought (a cell with its input bound:
+                :class:`~deqlab.bound.Bound`, or any callable z -> z).
+            z0: the initial state: a tensor, or a tuple/list of tensors sharing the batch dim.
             max_iter: overrides this call's forward budget (e.g. a jittered budget).
             jac_vecs: if > 0, ``info.jac_loss`` holds the Hutchinson estimate of
                 ||J_f(z*)||_F^2 / dim with this many probe vectors, differentiable.
@@ -325,6 +345,11 @@ class DEQ(nn.Module):
                 ``deq(f, z0, tol=1e-6, m=8)`` (see :meth:`call_config`), and ``budgets``:
                 without a gradient, step counts k <= the budget for which ``info.at_budget[k]``
                 holds what a solve with ``max_iter=k`` returns (a budget curve in one solve).
+
+        Returns:
+            The equilibrium (with the gradient attached when grad is enabled) and a
+            :class:`DEQInfo`: the solve's statistics, the sampled ``states`` the loss reads,
+            and the backward solves' statistics once ``backward()`` has run.
         """
         budgets = solver_options.pop("budgets", None)
         cfg = self.call_config(solver_options)
@@ -362,6 +387,10 @@ class SlicedDEQ(DEQ):
     from that output. Each segment's graph is its own: the solve between segments records
     nothing. The returned statistics are the last segment's, with ``nfe`` and ``trace`` over
     all segments. In eval mode it is one solve, exactly as :class:`DEQ`.
+
+    Args:
+        *args: as :class:`DEQ` (``solver``, ``grad``, ``n_states``, ``indexing``).
+        **kwargs: as :class:`DEQ`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -388,6 +417,19 @@ class SlicedDEQ(DEQ):
         jac_vecs: int = 0,
         **solver_options: Any,
     ) -> tuple[State, DEQInfo]:
+        """Solve segment by segment (class docstring).
+
+        Args:
+            f: the map whose fixed point is sought.
+            z0: the initial state.
+            max_iter: overrides this call's forward budget, shared out over the segments.
+            jac_vecs: probe vectors of the Jacobian penalty at each segment's end (0: none).
+            **solver_options: this call's solver settings, as for :meth:`DEQ.forward`.
+
+        Returns:
+            The last segment's output and its :class:`DEQInfo` (``nfe``, ``trace`` and
+            ``states`` over all segments).
+        """
         if not torch.is_grad_enabled():
             return super().forward(f, z0, max_iter=max_iter, **solver_options)
         cfg = self.call_config(solver_options)
@@ -418,9 +460,16 @@ CORES: Registry[type] = Registry("core", "add your own with deqlab.register_core
 
 
 def register_core(name: str, cls: type) -> type:
-    """Make ``cls`` available as ``core=<name>`` / ``core.name=<name>``. It is built as
-    ``cls(solver=SolverConfig, grad=GradConfig, n_states=..., indexing=..., **options)`` and
-    must implement :class:`Core`."""
+    """Make ``cls`` available as ``core=<name>`` / ``core.name=<name>``.
+
+    Args:
+        name: the name configs use.
+        cls: a class built as ``cls(solver=SolverConfig, grad=GradConfig, n_states=...,
+            indexing=..., **options)`` whose instances implement :class:`Core`.
+
+    Returns:
+        ``cls``.
+    """
     return CORES.register(name, cls)
 
 
@@ -429,7 +478,17 @@ def build_core(
     solver: SolverConfig | Mapping[str, Any] | None,
     grad: GradConfig | Mapping[str, Any] | None,
 ) -> nn.Module:
-    """The core a config names (a built module, e.g. from a ``_target_``, passes through)."""
+    """The core a config names.
+
+    Args:
+        core: the ``core`` settings (:class:`CoreConfig` or a mapping; None: ``indexing``),
+            or a built core (e.g. from a ``_target_``), which passes through.
+        solver: the forward solver's settings.
+        grad: the gradient mode's settings.
+
+    Returns:
+        The core, an ``nn.Module`` implementing :class:`Core`.
+    """
     if isinstance(core, nn.Module):
         if not isinstance(core, Core):
             raise TypeError(

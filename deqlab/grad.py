@@ -181,8 +181,20 @@ def register_grad(
     at_equilibrium: bool = False,
     defaults: dict[str, Any] | None = None,
 ) -> GradMode:
-    """Make ``fn`` available as ``grad.name=<name>`` (see :class:`GradFn` for its contract);
-    ``defaults``: its values for the ``GradConfig`` fields a config leaves unset."""
+    """Make ``fn`` available as ``grad.name=<name>``.
+
+    Args:
+        name: the name configs use.
+        fn: the mode (:class:`GradFn`): from z (z* detached, a fresh leaf) and fz = f(z),
+            the states the loss reads.
+        needs_z_grad: z must require grad (the mode differentiates f at z).
+        at_equilibrium: only valid at a fixed point; states sampled earlier get a phantom
+            gradient instead.
+        defaults: its values for the ``GradConfig`` fields a config leaves unset.
+
+    Returns:
+        The registered :class:`GradMode`.
+    """
     mode = GradMode(fn, needs_z_grad, at_equilibrium, dict(defaults or {}))
     return GRAD_MODES.register(name, mode)
 
@@ -209,12 +221,20 @@ def implicit(
     on_backward: Callable[[SolverResult], None],
     f: Callable[[State], State] | None = None,
 ) -> State:
-    """Attach the exact implicit gradient to z* (see module docstring): the returned state
-    has z*'s values (``cfg.output == "fz"``: fz's) and the IFT gradient.
+    """``grad=ift``: attach the exact implicit gradient to z* (module docstring).
 
-    ``z`` must be a leaf that requires grad and ``fz = f(z)`` its recorded image;
-    ``on_backward`` receives the backward solve's statistics. ``f`` is needed for
-    ``cfg.jacobian_at == "fz"`` (J is then taken at f(z*), recorded during the backward pass).
+    Args:
+        z_star: the equilibrium whose values are returned (``cfg.output == "fz"``: fz's).
+        z: z* as a leaf that requires grad.
+        fz: f(z), recorded from ``z``.
+        cfg: the gradient settings: the backward solver, its budget, tol and options.
+        on_backward: receives the backward solve's :class:`SolverResult`.
+        f: needed for ``cfg.jacobian_at == "fz"`` (J is then taken at f(z*), recorded during
+            the backward pass).
+
+    Returns:
+        A state with z*'s values whose gradient is the implicit function theorem's:
+        dL/dtheta = (dL/dz*) (I - J_f)^-1 df/dtheta.
     """
     z_parts, fz_parts = as_tuple(z), as_tuple(fz)
     solve = get_solver(cfg.solver)
@@ -279,11 +299,21 @@ def evaluate(f: Callable[[State], State], z: State, checkpointed: bool) -> State
 def phantom(
     f: Callable[[State], State], z: State, fz: State, cfg: GradConfig, steps: int
 ) -> list[State]:
-    """``steps`` damped steps from z, the first of which reuses fz = f(z); returns the last
-    step, preceded by the steps ``cfg.sup_gap`` / ``cfg.sup_loc`` ask for.
+    """``grad=phantom``: ``steps`` damped steps z <- tau f(z) + (1 - tau) z from z, backpropagated
+    through those steps only (Geng et al., 2021).
 
     TorchDEQ's ``sup_gap`` drops the last step when ``steps`` is not a multiple of the gap, and
     ``sup_loc`` repeats it when listed; here every step is returned once, the last one last.
+
+    Args:
+        f: the map, recorded at each step.
+        z: z*, the start.
+        fz: f(z), reused by the first step.
+        cfg: the gradient settings (``tau``, ``sup_gap``, ``sup_loc``, ``mem_gc``).
+        steps: the number of steps.
+
+    Returns:
+        The last step, preceded by the steps ``cfg.sup_gap`` / ``cfg.sup_loc`` ask for.
     """
     out, states = mix(z, fz, cfg.tau), []
     for k in range(1, steps + 1):
@@ -303,6 +333,7 @@ def _phantom(f, z, fz, cfg, steps, on_backward):  # type: ignore[no-untyped-def]
 
 
 def _onestep(f, z, fz, cfg, steps, on_backward):  # type: ignore[no-untyped-def]
+    """``grad=onestep``: Jacobian-free backprop (Fung et al., 2022), f(z*) with z* detached."""
     return [fz]
 
 

@@ -74,10 +74,14 @@ NORM_MODULES: dict[type, tuple[tuple[str, ...], tuple[int, ...]]] = {
 def register_norm_module(
     cls: type, names: str | Sequence[str] = "weight", dims: int | Sequence[int] = 0
 ) -> None:
-    """Normalize the parameters ``names`` of every ``cls`` layer (subclasses included) that
-    :func:`apply_norm` meets, each with its output units along ``dims``, e.g.
-    ``register_norm_module(nn.MultiheadAttention, "in_proj_weight")`` (TorchDEQ's
-    ``register_norm_module``, for every norm kind at once)."""
+    """Normalize other layers' parameters too (TorchDEQ's ``register_norm_module``, for every
+    norm kind at once), e.g. ``register_norm_module(nn.MultiheadAttention, "in_proj_weight")``.
+
+    Args:
+        cls: the layer class; :func:`apply_norm` normalizes its subclasses too.
+        names: the parameters to normalize.
+        dims: the dimension of each parameter's output units (one for all, or one each).
+    """
     names = (names,) if isinstance(names, str) else tuple(names)
     dims = (dims,) * len(names) if isinstance(dims, int) else tuple(dims)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
@@ -195,9 +199,17 @@ NORMS: Registry[NormFactory] = Registry(
 
 
 def register_norm(name: str, make: NormFactory) -> NormFactory:
-    """Make ``make`` available as ``norm.kind=<name>`` / ``apply_norm(m, name)``: it builds the
-    parametrization of one weight from (weight, output dim, :class:`NormConfig`), as
-    :class:`WeightNorm` and :class:`SpectralNorm` are built (TorchDEQ's ``register_norm``)."""
+    """Make ``make`` available as ``norm.kind=<name>`` / ``apply_norm(m, name)`` (TorchDEQ's
+    ``register_norm``).
+
+    Args:
+        name: the kind's name.
+        make: builds the parametrization of one weight from (weight, output dim,
+            :class:`NormConfig`), as :class:`WeightNorm` and :class:`SpectralNorm` are built.
+
+    Returns:
+        ``make``.
+    """
     return NORMS.register(name, make)
 
 
@@ -226,12 +238,32 @@ def apply_norm(
     power_iters: int = 1,
 ) -> nn.Module:
     """Normalize the weight of every Linear/Conv layer (subclasses included) in ``module``, and
-    the parameters :func:`register_norm_module` names for other layers.
+    the parameters :func:`register_norm_module` names for other layers, as parametrizations
+    (``torch.nn.utils.parametrize``; :func:`remove_norm` bakes them back).
 
-    ``exclude`` lists submodule names (qualified, as in ``named_modules``), or fnmatch
-    patterns (``"*.attn"``, ``"head*"``), whose layers, and their children, are left alone.
-    ``kind="none"`` does nothing; other kinds are those of :func:`register_norm`. The scale
-    options are :class:`NormConfig`'s. Returns ``module``.
+    Args:
+        module: the cell (or any module) to normalize, in place.
+        kind: ``weight_norm`` (w = g v / ||v||, per output unit), ``spectral_norm``
+            (w / sigma_max(w), by power iteration), ``none``, or a kind added with
+            :func:`register_norm`.
+        exclude: submodule names (qualified, as in ``named_modules``) or fnmatch patterns
+            (``"*.attn"``, ``"head*"``) whose layers, and their children, are left alone.
+        learn_scale: the scale s of w = s v / n(v) is a parameter, starting at n(v) (the
+            weight unchanged); else a frozen buffer at that value.
+        no_scale: s is fixed at ``target_norm`` instead.
+        target_norm: the fixed scale under ``no_scale``.
+        clip: cap the factor s / n(v) at ``clip_value``.
+        clip_value: the cap of ``clip``.
+        power_iters: power-method iterations per training forward (``spectral_norm``).
+
+    Returns:
+        ``module``.
+
+    Example:
+        >>> cell = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+        >>> _ = apply_norm(cell, "spectral_norm")
+        >>> bool(torch.linalg.matrix_norm(cell[0].weight, 2) <= 1.0 + 1e-3)
+        True
     """
     cfg = NormConfig(
         kind, learn_scale, no_scale, target_norm, clip, clip_value, list(exclude), power_iters

@@ -25,3 +25,17 @@ def test_docs_site_builds_strictly(tmp_path):
     assert "The engine in ten lines" in home and 'href="engine/"' in home  # README, relinked
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "DEQLitModule" in api and "anderson" in api  # the reference, from the docstrings
+
+
+@pytest.mark.parametrize(
+    "module", ["deqlab.bound", "deqlab.core", "deqlab.norm", "deqlab.solvers.anderson"]
+)
+def test_the_examples_in_docstrings_run(module):
+    """The API reference's examples are doctests: each runs and prints what it shows."""
+    import doctest
+    import importlib
+
+    import torch
+
+    result = doctest.testmod(importlib.import_module(module), extraglobs={"torch": torch})
+    assert result.attempted > 0 and result.failed == 0

@@ -82,13 +82,51 @@ class TaskHooks(Protocol):
     curve_metric: str
     curve_higher_is_better: bool
 
-    def criterion(self, output: Tensor, target: Any) -> Tensor: ...
+    def criterion(self, output: Tensor, target: Any) -> Tensor:
+        """The loss.
 
-    def update_metrics(self, split: str, output: Tensor, target: Any) -> None: ...
+        Args:
+            output: the head's output at one state.
+            target: the batch's targets.
 
-    def curve_values(self, output: Tensor, target: Any) -> Tensor: ...
+        Returns:
+            A scalar tensor, differentiable in ``output``.
+        """
+        ...
 
-    def curve_finish(self, mean: Tensor) -> Tensor: ...
+    def update_metrics(self, split: str, output: Tensor, target: Any) -> None:
+        """Update (and log) the task's metrics.
+
+        Args:
+            split: ``train``, ``val`` or ``test``.
+            output: the head's output at the equilibrium, detached.
+            target: the batch's targets.
+        """
+        ...
+
+    def curve_values(self, output: Tensor, target: Any) -> Tensor:
+        """The budget curve's per-element values.
+
+        Args:
+            output: the head's output at a state (the equilibrium, or a shorter budget's).
+            target: the batch's targets.
+
+        Returns:
+            A tensor with the batch first whose mean over a split is the metric before
+            ``curve_finish``.
+        """
+        ...
+
+    def curve_finish(self, mean: Tensor) -> Tensor:
+        """The metric from the mean of :meth:`curve_values` (identity by default).
+
+        Args:
+            mean: the values' mean over a split.
+
+        Returns:
+            The metric logged as ``split/<curve_metric>@k``.
+        """
+        ...
 
 
 @dataclass
