@@ -20,6 +20,7 @@ from .runs import (
     compose_cfg,
     last_value,
     metrics,
+    run_cli,
     write_cifar_folder,
     write_ptb_folder,
 )
@@ -95,6 +96,20 @@ def test_cifar_checkpoint(tmp_path):
     assert float(curve[-1]["acc"]) == pytest.approx(sum(float(s["acc"]) for s in seven) / 7)
     assert "spectral radius" not in limited.read_text()
 
+    # the command prints what the user acts on: not Lightning's notes about restoring a
+    # checkpoint into an evaluation Trainer, its accelerators or its tips
+    proc = run_cli(["analyze", str(ckpt), "--limit", "7", "--out", str(tmp_path / "cli")], tmp_path)
+    for note in (
+        "Be aware",
+        "dirpath has changed",
+        "LeafSpec",
+        "GPU available",
+        "Tip",
+        "Restoring",
+    ):
+        assert note not in proc.stderr, proc.stderr
+    assert "# Analysis of" in proc.stdout
+
 
 @pytest.mark.slow
 def test_language_model_checkpoint(tmp_path):
@@ -115,3 +130,9 @@ def test_a_checkpoint_without_its_run_is_refused(tmp_path):
     (tmp_path / "x.ckpt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="deqlab analyze reads the run's config"):
         analyze(tmp_path / "x.ckpt")
+    proc = run_cli(["analyze", str(tmp_path / "x.ckpt")], tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("deqlab: ") and "deqlab analyze reads the run's config" in (
+        proc.stderr
+    )
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no traceback

@@ -25,6 +25,7 @@ import argparse
 import csv
 import io
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from hydra.utils import instantiate
 from .checkpoint import AtomicCheckpointIO, run_config
 from .files import save_figure, write_text
 from .module import DEQLitModule
+from .quiet import quiet_lightning
 from .stability import sample_steps
 
 
@@ -134,18 +136,20 @@ def evaluate(
     module.keep_eval = True
     collector = Collector(limit)
     batch = datamodule.eval_batch_size
-    trainer = L.Trainer(
-        logger=False,
-        callbacks=[collector],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],  # loads tensors only, whatever torch defaults to
-        inference_mode=False,  # the spectral radius takes vector-Jacobian products
-        limit_test_batches=None if limit is None else math.ceil(limit / batch),
-        limit_val_batches=None if limit is None else math.ceil(limit / batch),
-    )
-    run = trainer.test if split == "test" else trainer.validate
-    run(module, datamodule, ckpt_path=str(ckpt), verbose=False)
+    with quiet_lightning():
+        trainer = L.Trainer(
+            logger=False,
+            callbacks=[collector],
+            # a bar while it works for minutes, where someone watches (not in a log file)
+            enable_progress_bar=sys.stderr.isatty(),
+            enable_model_summary=False,
+            plugins=[AtomicCheckpointIO()],  # loads tensors only, whatever torch defaults to
+            inference_mode=False,  # the spectral radius takes vector-Jacobian products
+            limit_test_batches=None if limit is None else math.ceil(limit / batch),
+            limit_val_batches=None if limit is None else math.ceil(limit / batch),
+        )
+        run = trainer.test if split == "test" else trainer.validate
+        run(module, datamodule, ckpt_path=str(ckpt), verbose=False)
     return module, collector, module.deq.solver_cfg.eval_budget()
 
 

@@ -20,9 +20,10 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .files import load_tensors, save_atomic
+from .refusal import InputNotFound, Refusal
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Refusal, ValueError):
     """A checkpoint that cannot be used for this run; the message says why and what to do."""
 
 
@@ -88,7 +89,7 @@ def run_config(ckpt: str | Path, command: str, trust: bool = False) -> Any:
 
     config = Path(ckpt).resolve().parent.parent / "config_resolved.yaml"
     if not config.is_file():
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"{config} not found: {command} reads the run's config beside its checkpoints/ "
             "folder (a checkpoint of a deqlab run, left where the run wrote it)"
         )

@@ -25,7 +25,15 @@ SUBCOMMANDS = {
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else None
     if command in SUBCOMMANDS:
-        importlib.import_module(SUBCOMMANDS[command]).main(sys.argv[2:])
+        from deqlab.runner.refusal import refusal_in, refuse
+
+        try:
+            importlib.import_module(SUBCOMMANDS[command]).main(sys.argv[2:])
+        except Exception as e:
+            refusal = refusal_in(e)
+            if refusal is None:
+                raise
+            refuse(refusal)  # the message, not a traceback
     else:
         from deqlab.runner.main import main as train
 

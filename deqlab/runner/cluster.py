@@ -32,15 +32,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .checkpoint import last_checkpoint
+from .refusal import Refusal
 
 LOCK_NAME = ".deqlab.lock"
 
 
-class RunFolderInUse(RuntimeError):
+class RunFolderInUse(Refusal, RuntimeError):
     """Another live process holds the run folder."""
 
 
-class RunFolderLockError(RuntimeError):
+class RunFolderLockError(Refusal, RuntimeError):
     """The run folder's file system refuses ``flock`` (ENOLCK, EPERM, ...)."""
 
 

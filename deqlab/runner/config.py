@@ -37,6 +37,7 @@ from ..solvers import SolverConfig
 from .extras import ExtrasConfig
 from .fit import FitConfig, JacRegConfig
 from .optim import OptimConfig
+from .refusal import Refusal
 
 # The config tree: the repository's top-level conf/ in a clone, deqlab/conf in an installed
 # wheel (pyproject.toml maps one onto the other).
@@ -117,7 +118,7 @@ class RootConfig:
 RUN_ID = secrets.token_hex(3)
 
 
-class ConfigError(ValueError):
+class ConfigError(Refusal, ValueError):
     """A config value that cannot run; raised before any data, model or logger is built."""
 
 

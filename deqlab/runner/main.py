@@ -24,6 +24,8 @@ import lightning as L
 import rich
 import rich.syntax
 import rich.tree
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -40,6 +42,7 @@ from deqlab.runner.checkpoint import (
 from deqlab.runner.cluster import Preempted, Preemption, requeued_checkpoint, slurm_restarted
 from deqlab.runner.config import CONF_DIR, register_configs, validate
 from deqlab.runner.extras import run_extras
+from deqlab.runner.refusal import refusal_in, refuse
 from deqlab.runner.run_folder import RunFolder
 
 register_configs()
@@ -216,7 +219,13 @@ def close_loggers(loggers: list[Logger], succeeded: bool) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return run(cfg)
+    try:
+        return run(cfg)
+    except Exception as e:
+        refusal = refusal_in(e)
+        if refusal is None or HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a sweep records the job as failed (manifest, report) and goes on
+        refuse(refusal)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import yaml
 
 from .files import replacing
 from .manifest import read_manifest
+from .refusal import InputNotFound
 
 # overrides that say where a run reads or resumes from, not what it is
 HIDDEN_OVERRIDES = ("paths.", "ckpt_path=", "hydra.")
@@ -335,10 +336,10 @@ def report(folder: str | Path) -> Path:
     """Write the report of the runs under ``folder`` into it; returns ``report.md``'s path."""
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder")
+        raise InputNotFound(f"{root}: no such folder")
     runs = find_runs(root)
     if not runs:
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"no runs under {root}: a run folder holds config_resolved.yaml and its CSV log "
             "(csv/version_*/metrics.csv); pass a run's folder, a sweep's, or one holding several"
         )

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .cluster import describe_holder, hold_run_folder
 from .files import write_text
+from .refusal import Refusal
 
 # Absolute run folders -> whether each existed before this process's Hydra job made it, and
 # sweep folders -> the entries they held when the sweep started (FolderWitness).
@@ -38,7 +39,7 @@ _SWEEP_DIRS: dict[Path, set[str]] = {}
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
-class RunFolderHoldsARun(RuntimeError):
+class RunFolderHoldsARun(Refusal, RuntimeError):
     """A new run was pointed at a folder that holds another run."""
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .refusal import Refusal
+
 # The packages whose classes and functions the config tree builds (conf/**.yaml): deqlab and
 # its tasks, torch's optimizers, Lightning's trainer, callbacks, loggers and profilers.
 ALLOWED = (
@@ -30,7 +32,7 @@ ALLOWED = (
 )
 
 
-class UntrustedTarget(ValueError):
+class UntrustedTarget(Refusal, ValueError):
     """A config names something outside :data:`ALLOWED` to build."""
 
 

@@ -30,6 +30,7 @@ from deqlab.runner.data import (
     rank_and_world,
 )
 from deqlab.runner.files import load_cache, save_atomic
+from deqlab.runner.refusal import InputNotFound
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -114,7 +115,7 @@ def _decode_folder(root: Path) -> tuple[Tensor, Tensor]:
         files += found
         labels += [label] * len(found)
     if not files:
-        raise FileNotFoundError(f"no images under {root}/<class>/ for classes {CLASSES}")
+        raise InputNotFound(f"no images under {root}/<class>/ for classes {CLASSES}")
     images = torch.empty(len(files), 3, 32, 32, dtype=torch.uint8)
     for i, path in enumerate(files):
         try:
@@ -160,7 +161,7 @@ def load_split(data_dir: str | Path, train: bool, download: bool = False) -> tup
 
         ds = CIFAR10(str(data_dir), train=train, download=download)
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
-    raise FileNotFoundError(
+    raise InputNotFound(
         f"CIFAR-10 not found under {data_dir.resolve()}: looked for {folder} (image folder) and "
         f"{data_dir / 'cifar-10-batches-py'} (torchvision). Get it with `data_dir=... "
         "task.datamodule.download=true` (online), or put an image-folder copy there "

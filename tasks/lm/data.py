@@ -33,6 +33,7 @@ from deqlab.runner.data import (
     rank_and_world,
 )
 from deqlab.runner.files import load_cache, save_atomic
+from deqlab.runner.refusal import InputNotFound
 
 from .download import HUB_CONFIGS, HUB_SOURCE, download_wikitext
 
@@ -66,7 +67,7 @@ def corpus_files(data_dir: str | Path, corpus: str) -> dict[str, Path]:
             if corpus in HUB_CONFIGS
             else "put the release's files there (no download: the Hub has no copy)"
         )
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"{corpus}: missing {', '.join(missing)}. Expected the standard release's "
             f"{', '.join(p.name for p in files.values())} under {root.resolve()}: {get}. "
             "(WikiText: Merity et al.'s word-level release; PTB: Mikolov's ptb.*.txt.)"
