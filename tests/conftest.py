@@ -6,6 +6,12 @@ import pytest
 import torch
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.requires_cuda``: a GPU variant, beside its CPU test, skipped without one."""
+    if item.get_closest_marker("requires_cuda") and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

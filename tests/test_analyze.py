@@ -14,7 +14,7 @@ from deqlab.runner.analyze import analyze
 from deqlab.runner.checkpoint import read_checkpoint, run_config
 from deqlab.runner.main import run
 
-from .runs import (
+from .helpers.runs import (
     TINY,
     TINY_LM,
     compose_cfg,

@@ -11,7 +11,7 @@ from benchmarks.baseline import TutorialDEQFixedPoint, tutorial_anderson
 from benchmarks.memory import SavedBytes, memory
 from deqlab import get_solver
 
-from .problems import ConvCell
+from .helpers.problems import ConvCell
 
 
 def test_tutorial_baseline_solves_and_differentiates_like_deqlab():

@@ -8,7 +8,7 @@ import torch
 
 from deqlab.solvers import get_solver, register_solver
 
-from .problems import SOLVERS, StaggeredCell
+from .helpers.problems import SOLVERS, StaggeredCell
 
 
 def _same(a, b) -> None:
@@ -115,7 +115,7 @@ def test_budgets_of_a_solve_that_blows_up(tol, check_every):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from .runs import write_cifar_folder
+    from .helpers.runs import write_cifar_folder
 
     return write_cifar_folder(tmp_path_factory.mktemp("data"))
 
@@ -127,7 +127,7 @@ def test_one_test_pass_draws_the_curve_that_separate_runs_confirm(data_dir, tmp_
     from deqlab.runner.main import run
     from deqlab.runner.report import budget_curve, find_runs, report
 
-    from .runs import TINY, compose_cfg, last_value, metrics
+    from .helpers.runs import TINY, compose_cfg, last_value, metrics
 
     common = [f"paths.data_dir={data_dir}", *TINY, "solver.tol=1e-4", "test_ckpt=last"]
     run(

@@ -1,6 +1,6 @@
 """Deferred convergence tests and captured solves (``solver.check_every``, ``solver.capture``),
-and the bf16 policy (f in bf16, the solver in fp32), on the CPU. The CUDA-graph replays
-themselves are in tests/test_cuda.py."""
+and the bf16 policy (f in bf16, the solver in fp32), on the CPU; the CUDA-graph replays
+themselves at the end (``requires_cuda``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from deqlab import DEQ, Bound, get_solver, register_solver
 from deqlab.solvers import SolverConfig
 from deqlab.solvers import capture as capture_mod
 
-from .problems import SOLVERS, ConvCell, StaggeredCell, contraction
+from .helpers.problems import SOLVERS, ConvCell, StaggeredCell, contraction
 
 MODES = ("rel", "abs", "batch_rel", "batch_abs")
 
@@ -292,3 +292,102 @@ def test_under_bf16_autocast_f_runs_in_bf16_and_the_solver_in_fp32(name, jacobia
     assert spy.dtypes["tracker"] == {torch.float32}  # the backward solve, in fp32
     assert info.backward[0].trace.dtype == torch.float32 and info.backward[0].converged.all()
     assert xb.grad is not None and torch.isfinite(xb.grad).all()
+
+
+# -- on a GPU (skipped without CUDA) ---------------------------------------------------------
+
+
+def _captured_and_eager(name, stop_mode="rel", every=4, **solver):
+    cfg = {"name": name, "max_iter": 100, "tol": 1e-8, "stop_mode": stop_mode, **solver}
+    eager = DEQ(solver={**cfg, "check_every": every}).eval()
+    captured = DEQ(solver={**cfg, "check_every": every, "capture": True}).eval()
+    return eager, captured
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("stop_mode", ["rel", "batch_abs"])
+def test_captured_solves_replay_what_eager_solves_return(name, stop_mode):
+    """Three calls on new inputs and a new z0, the cell's weights changed in place between
+    them (as an optimizer does): each replay returns the eager solve's statistics, stops at
+    the same test, and one recording serves all three."""
+    from deqlab import Bound
+
+    torch.manual_seed(0)
+    cell = StaggeredCell().cuda()
+    eager, captured = _captured_and_eager(name, stop_mode)
+    for _ in range(3):
+        x = torch.randn(6, 32, device="cuda", dtype=torch.float64)
+        z0 = 0.1 * torch.randn_like(x)
+        with torch.no_grad():
+            z, info = captured(Bound(cell, x), z0)
+            ref, ref_info = eager(Bound(cell, x), z0)
+        torch.testing.assert_close(z, ref, rtol=1e-9, atol=1e-12)
+        assert info.nfe == ref_info.nfe < 100 and info.nfe % 4 == 0
+        assert torch.equal(info.best_step, ref_info.best_step)
+        assert torch.equal(info.converged, ref_info.converged) and info.converged.all()
+        torch.testing.assert_close(info.rel_residual, ref_info.rel_residual)
+        assert info.trace.shape == ref_info.trace.shape
+        cell.w.mul_(0.9)
+    assert len(captured.captured.recordings) == 1
+
+
+class NormedCell(torch.nn.Module):
+    """tanh(W z + x) with ||W|| = 0.8 through a Linear layer (which weight norm applies to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(32, 32, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(contraction(32, 0.8))
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+@pytest.mark.requires_cuda
+def test_captured_training_step_gives_the_eager_gradients_with_weight_norm():
+    """ift through a captured forward solve of a weight-normed cell: the parametrization is
+    recomputed inside the graph, so each SGD step on g and v shows in the next replay, and
+    the gradients equal the eager ones bit for bit (H100, 2026-11-28: three steps, 25
+    evaluations each, difference 0.0)."""
+    from deqlab import Bound, apply_norm
+
+    torch.manual_seed(0)
+    cells = [NormedCell().cuda().double() for _ in range(2)]
+    cells[1].load_state_dict(cells[0].state_dict())
+    for c in cells:
+        apply_norm(c, "weight_norm")
+    grad = {"max_iter": 60, "tol": 1e-12}
+    solver = {"name": "anderson", "max_iter": 60, "tol": 1e-12, "check_every": 5}
+    layers = [DEQ(solver=solver, grad=grad), DEQ(solver={**solver, "capture": True}, grad=grad)]
+    opts = [torch.optim.SGD(c.parameters(), lr=0.1) for c in cells]
+    x = torch.randn(6, 32, device="cuda", dtype=torch.float64)
+    for _ in range(3):
+        grads, nfe = [], []
+        for cell, layer, opt in zip(cells, layers, opts):
+            z, info = layer(Bound(cell, x), torch.zeros_like(x))
+            opt.zero_grad()
+            (z**2).sum().backward()
+            grads.append([p.grad.clone() for p in cell.parameters()])
+            nfe.append(info.nfe)
+            opt.step()
+        assert nfe[0] == nfe[1] < 60
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.requires_cuda
+def test_capture_refuses_what_it_cannot_replay():
+    from deqlab import Bound
+    from deqlab.tasks.cifar.model import TutorialDEQ
+
+    cell = ConvCell(8, 12, 4).cuda()
+    x = torch.randn(2, 8, 8, 8, device="cuda")
+    deq = DEQ(solver={"capture": True, "check_every": 5})
+    with pytest.raises(ValueError, match=r"closure.*deqlab.Bound\(cell, x\)"):
+        deq(lambda z: cell(z, x), torch.zeros_like(x))
+    net = TutorialDEQ(16, 16, groups=4, dropout=0.2).cuda().train()
+    u = torch.randn(2, 16, 8, 8, device="cuda")
+    with pytest.raises(ValueError, match="mask is drawn anew for each batch"):
+        deq(Bound(net.cell, u), torch.zeros_like(u))

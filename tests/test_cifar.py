@@ -11,7 +11,7 @@ import torch
 from deqlab.tasks.cifar.data import CifarDataModule, load_split
 from deqlab.tasks.cifar.model import TutorialDEQ
 
-from .runs import short_real_cifar_run, write_cifar_folder
+from .helpers.runs import short_real_cifar_run, write_cifar_folder
 
 REAL_DATA = Path(os.environ.get("DEQLAB_DATA", "/nonexistent"))
 HAS_CIFAR = (REAL_DATA / "cifar10" / "test").is_dir()

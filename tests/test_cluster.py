@@ -18,7 +18,7 @@ import torch
 
 from deqlab.runner.cluster import LOCK_NAME, RunFolderInUse, hold_run_folder
 
-from .runs import CLI_ENV, TINY, last_value, metrics, run_cli, write_cifar_folder
+from .helpers.runs import CLI_ENV, TINY, last_value, metrics, run_cli, write_cifar_folder
 
 HOLDER = """
 import sys
@@ -102,7 +102,7 @@ CIFAR = [
 
 def signal_at(name: str, step: int, during: str) -> list[str]:
     return [
-        "+callbacks.signal._target_=tests.runs.SendSignal",
+        "+callbacks.signal._target_=tests.helpers.runs.SendSignal",
         f"+callbacks.signal.signal={name}",
         f"+callbacks.signal.step={step}",
         f"+callbacks.signal.during={during}",

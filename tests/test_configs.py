@@ -12,7 +12,7 @@ from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from deqlab.runner.config import CONF_DIR
 
-from .runs import compose_cfg
+from .helpers.runs import compose_cfg
 
 GROUPS = [
     "core",

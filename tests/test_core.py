@@ -7,7 +7,7 @@ import torch
 
 from deqlab import DEQ, DivergenceWarning, GradConfig, SolverConfig
 
-from .problems import LinearProblem, contraction
+from .helpers.problems import LinearProblem, contraction
 
 
 def test_unknown_keys_are_named():

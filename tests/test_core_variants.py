@@ -10,7 +10,7 @@ from deqlab import DEQ, register_core
 from deqlab.core import CORES, Core, DEQInfo, SlicedDEQ, build_core
 from deqlab.grad import GradMode
 
-from .problems import contraction
+from .helpers.problems import contraction
 
 
 def problem(d: int = 6, norm: float = 0.9):

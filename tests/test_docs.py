@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .runs import ROOT
+from .helpers.runs import ROOT
 
 pytest.importorskip("mkdocs", reason="the docs extra: pip install -e '.[docs]'")
 

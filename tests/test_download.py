@@ -11,7 +11,7 @@ import pytest
 from deqlab.tasks.lm.data import Corpus, LMDataModule, corpus_paths
 from deqlab.tasks.lm.download import PUBLISHED, count, download_wikitext
 
-from .runs import TINY_LM, run_cli
+from .helpers.runs import TINY_LM, run_cli
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

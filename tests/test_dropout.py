@@ -78,7 +78,7 @@ def test_mask_follows_input_dtype_and_shape():
     assert d.mask.shape == (5, 3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.requires_cuda
 def test_mask_on_the_inputs_device():
     d = VariationalDropout(0.5).cuda()
     d(torch.ones(2, 3, device="cuda"))

@@ -9,7 +9,7 @@ import torch
 from deqlab import DEQ, Bound
 from deqlab.solvers import SolverConfig, get_solver
 
-from .problems import RotatingCell
+from .helpers.problems import RotatingCell
 
 SOLVER = {"name": "anderson", "max_iter": 60, "tol": 1e-8, "m": 5}
 

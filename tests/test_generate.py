@@ -11,7 +11,7 @@ import torch
 from deqlab.runner.main import run
 from deqlab.tasks.lm.generate import generate, load_model, main
 
-from .runs import TINY_LM, compose_cfg, write_ptb_folder
+from .helpers.runs import TINY_LM, compose_cfg, write_ptb_folder
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_the_deqlab_command_runs_generate(trained):
     import subprocess
     import sys
 
-    from .runs import ROOT
+    from .helpers.runs import ROOT
 
     ckpt, _ = trained
     args = [sys.executable, "-m", "deqlab", "generate", str(ckpt), "--prompt", "w1 w2"]

@@ -8,7 +8,7 @@ import torch
 from benchmarks.baseline import TutorialDEQFixedPoint
 from deqlab import DEQ
 
-from .problems import GRADS, SOLVERS, ConvCell, LinearProblem, contraction
+from .helpers.problems import GRADS, SOLVERS, ConvCell, LinearProblem, contraction
 
 TIGHT = {"max_iter": 400, "tol": 1e-13}
 
@@ -403,7 +403,7 @@ def saved_bytes(fn):
 def test_mem_gc_gives_the_same_gradient_from_the_inputs_alone(name):
     """Checkpointed f evaluations: the gradient is the same, and the graph saves each step's
     input instead of the cell's activations (5 phantom steps of a conv cell: under a third)."""
-    from .problems import ConvCell
+    from .helpers.problems import ConvCell
 
     torch.manual_seed(0)
     cell = ConvCell(chan=4, inner=16).double()
@@ -419,3 +419,26 @@ def test_mem_gc_gives_the_same_gradient_from_the_inputs_alone(name):
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     assert saved[1] < saved[0] / 3, saved
+
+
+# -- on a GPU (skipped without CUDA) ---------------------------------------------------------
+
+
+@pytest.mark.requires_cuda
+def test_ift_gradients_on_cuda_match_cpu():
+    cell = ConvCell().double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    deq = DEQ(
+        solver={"name": "broyden", "max_iter": 300, "tol": 1e-12},
+        grad={"max_iter": 300, "tol": 1e-12},
+    )
+    grads = []
+    for device in ("cpu", "cuda"):
+        c = ConvCell().double().to(device)
+        c.load_state_dict(cell.state_dict())
+        xx = x.detach().to(device).requires_grad_()
+        z, _ = deq(lambda z, c=c, xx=xx: c(z, xx), torch.zeros_like(xx))
+        (z**2).sum().backward()
+        grads.append([xx.grad.cpu(), *[p.grad.cpu() for p in c.parameters()]])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)

@@ -22,8 +22,8 @@ from deqlab.tasks.cifar.data import CifarDataModule, load_split
 from deqlab.tasks.lm import data as lm_data
 from deqlab.tasks.lm.data import Corpus, LMDataModule
 
-from . import wandb_records
-from .runs import (
+from .helpers import wandb_records
+from .helpers.runs import (
     CLI_ENV,
     ROOT,
     TINY,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .runs import ROOT, TINY_LM, write_cifar_folder, write_ptb_folder
+from .helpers.runs import ROOT, TINY_LM, write_cifar_folder, write_ptb_folder
 
 pytestmark = pytest.mark.slow
 

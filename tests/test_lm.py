@@ -17,7 +17,7 @@ from deqlab.tasks.lm import data as lm_data
 from deqlab.tasks.lm.data import EOS, UNK, BPTTStream, Corpus, corpus_files
 from deqlab.tasks.lm.model import DEQTransformerCell, DEQTransformerLM, rel_shift
 
-from .runs import TINY_LM, compose_cfg, write_ptb_folder
+from .helpers.runs import TINY_LM, compose_cfg, write_ptb_folder
 
 REAL_DATA = Path(os.environ.get("DEQLAB_DATA", "/nonexistent"))
 HAS_PTB = (REAL_DATA / "ptb" / "ptb.train.txt").is_file()

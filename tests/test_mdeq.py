@@ -9,8 +9,8 @@ from hydra.utils import instantiate
 from deqlab import DEQ, get_solver
 from deqlab.tasks.cifar.mdeq import MDEQCell, MDEQClassifier
 
-from .problems import GRADS
-from .runs import compose_cfg, short_real_cifar_run
+from .helpers.problems import GRADS
+from .helpers.runs import compose_cfg, short_real_cifar_run
 from .test_cifar import HAS_CIFAR, REAL_DATA
 
 

@@ -391,3 +391,24 @@ def test_batch_chunks_train_as_the_whole_batch_in_float64():
     assert len(rows_whole) == len(rows_chunked) == 10  # 5 steps of 2 accumulated batches
     with pytest.raises(ValueError, match=r"fit\.batch_chunk must be >= 1, got 0"):
         Synthetic(fit={"batch_chunk": 0})
+
+
+# -- on a GPU (skipped without CUDA) ---------------------------------------------------------
+
+
+@pytest.mark.requires_cuda
+def test_bf16_autocast_training_step():
+    from deqlab.tasks.cifar.model import TutorialDEQ
+    from deqlab.tasks.cifar.module import CifarModule
+
+    module = CifarModule(
+        TutorialDEQ(16, 16, groups=4), solver={"max_iter": 10}, grad={"max_iter": 10}
+    ).cuda()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outputs, info = module(x)
+        loss = module.criterion(outputs[-1].float(), y)
+    loss.backward()
+    assert torch.isfinite(loss) and len(info.backward) == 1
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from deqlab import DEQ, apply_norm, remove_norm
 from deqlab.norm import WeightNorm
 
-from .problems import ConvCell
+from .helpers.problems import ConvCell
 
 
 class MyConv(nn.Conv2d):

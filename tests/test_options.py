@@ -22,7 +22,7 @@ from deqlab.runner.config import CONF_DIR, ConfigError
 from deqlab.runner.extras import EnforceTags, ExtrasConfig, run_extras
 from deqlab.runner.main import run
 
-from .runs import ROOT, TINY, compose_cfg, last_value, metrics, write_cifar_folder
+from .helpers.runs import ROOT, TINY, compose_cfg, last_value, metrics, write_cifar_folder
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +343,7 @@ def test_compile_with_inductor_solves_and_differentiates_as_the_eager_cell(data_
 
     from deqlab import DEQ
 
-    from .problems import ConvCell
+    from .helpers.problems import ConvCell
 
     torch.manual_seed(0)
     eager = ConvCell().double()

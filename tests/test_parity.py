@@ -34,7 +34,7 @@ from deqlab.runner.config import compose
 from deqlab.tasks.cifar.convert import _layer_map, from_locuslab_mdeq
 from deqlab.tasks.lm.convert import LAYERS, from_locuslab_deq
 
-from .problems import ConvCell
+from .helpers.problems import ConvCell
 
 FIXTURES = Path(__file__).parent / "parity" / "fixtures"
 STEPS = 20
@@ -572,7 +572,7 @@ def test_cifar_images_are_what_the_references_transforms_give(experiment, normal
     from PIL import Image
     from torchvision import transforms
 
-    from .runs import write_cifar_folder
+    from .helpers.runs import write_cifar_folder
 
     write_cifar_folder(tmp_path)
     overrides = ["task.datamodule.batch_size=10", "task.datamodule.eval_batch_size=10"]

@@ -11,7 +11,7 @@ from deqlab import DEQ, register_grad
 from deqlab.grad import GRAD_MODES, GradConfig
 from deqlab.registry import Registry, load_object
 
-from .problems import contraction
+from .helpers.problems import contraction
 
 
 def checked_registry() -> tuple[Registry[object], list]:

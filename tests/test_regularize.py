@@ -7,7 +7,7 @@ import torch
 
 from deqlab import fp_correction, jacobian_loss, spectral_radius
 
-from .problems import contraction
+from .helpers.problems import contraction
 
 
 def test_jacobian_loss_matches_frobenius_norm_of_a_linear_map():

@@ -137,7 +137,7 @@ def test_float32_drift_is_measured_and_warned_of():
     its start, and says so (deq/bwd_rel_residual, DivergenceWarning)."""
     from deqlab.grad import DivergenceWarning
 
-    from .problems import ConvCell
+    from .helpers.problems import ConvCell
 
     torch.manual_seed(0)
     cell, x = ConvCell(chan=4, inner=8), torch.randn(3, 4, 8, 8, requires_grad=True)

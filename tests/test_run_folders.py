@@ -25,7 +25,7 @@ from deqlab.runner.cluster import RunFolderLockError, hold_run_folder, node_loca
 from deqlab.runner.main import run
 from deqlab.runner.trust import UntrustedTarget, check_targets
 
-from .runs import (
+from .helpers.runs import (
     CLI_ENV,
     TINY,
     TINY_LM,

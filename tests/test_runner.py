@@ -12,9 +12,17 @@ import torch
 
 from deqlab.runner.main import run
 
-from . import wandb_records
-from .problems import GRADS, SOLVERS
-from .runs import TINY, compose_cfg, last_value, metrics, run_cli, wait_for, write_cifar_folder
+from .helpers import wandb_records
+from .helpers.problems import GRADS, SOLVERS
+from .helpers.runs import (
+    TINY,
+    compose_cfg,
+    last_value,
+    metrics,
+    run_cli,
+    wait_for,
+    write_cifar_folder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +153,10 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     """Two epochs straight == one epoch, then resume from last.ckpt for the second."""
     full = _train(data_dir, tmp_path / "full", 2)
     first = _train(
-        data_dir, tmp_path / "part", 2, ["+callbacks.kill._target_=tests.runs.StopAfterEpoch"]
+        data_dir,
+        tmp_path / "part",
+        2,
+        ["+callbacks.kill._target_=tests.helpers.runs.StopAfterEpoch"],
     )
     last = tmp_path / "part" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=False)
@@ -269,3 +280,29 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(data_dir, tmp_path
     assert "skipped (not usable here): cell.conv1.weight, cell.conv2.weight" in text
     assert "new (not in the file): cell.conv1.weight, cell.conv2.weight" in text
     torch.testing.assert_close(module.net.stem[0].weight, trained["net.stem.0.weight"])
+
+
+# -- on a GPU (skipped without CUDA) ---------------------------------------------------------
+
+
+@pytest.mark.requires_cuda
+def test_runner_on_gpu(tmp_path):
+    data = write_cifar_folder(tmp_path / "data")
+    overrides = [o for o in TINY if not o.startswith("trainer=")]
+    cfg = compose_cfg(
+        [f"paths.data_dir={data}", *overrides, "trainer=gpu", "trainer.precision=bf16-mixed"],
+        tmp_path / "out",
+    )
+    assert run(cfg) is not None
+
+
+@pytest.mark.requires_cuda
+def test_runner_trains_with_captured_solves_in_bf16(tmp_path):
+    data = write_cifar_folder(tmp_path / "data")
+    overrides = [o for o in TINY if not o.startswith("trainer=")]
+    cfg = compose_cfg(
+        [f"paths.data_dir={data}", *overrides, "trainer=gpu", "trainer.precision=bf16-mixed",
+         "solver.capture=true", "solver.check_every=4"],
+        tmp_path / "out",
+    )  # fmt: skip
+    assert run(cfg) is not None

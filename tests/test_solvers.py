@@ -9,7 +9,7 @@ from benchmarks.baseline import tutorial_anderson
 from deqlab import get_solver, register_solver
 from deqlab.solvers import SolverResult, solver_options
 
-from .problems import SOLVERS, ConvCell, LinearProblem, contraction
+from .helpers.problems import SOLVERS, ConvCell, LinearProblem, contraction
 
 
 def rel_residual(f, z):
@@ -917,3 +917,18 @@ def test_line_search_is_refused_where_it_cannot_run():
     with pytest.raises(ValueError) as e:
         SolverConfig(name="anderson", ls=True)
     assert str(e.value) == "solver.ls is Broyden's line search; solver 'anderson' has none"
+
+
+# -- on a GPU (skipped without CUDA) ---------------------------------------------------------
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_solvers_on_cuda(name, dtype):
+    cell = ConvCell(8, 12, 4).cuda().to(dtype)
+    x = torch.randn(4, 8, 8, 8, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        res = get_solver(name)(lambda z: cell(z, x), torch.zeros_like(x), max_iter=60, tol=2e-2)
+    assert res.z.device.type == "cuda" and res.z.dtype == dtype
+    assert torch.isfinite(res.z).all() and res.converged.all()

@@ -12,7 +12,7 @@ from deqlab.grad import DivergenceWarning
 from deqlab.runner.main import run
 from deqlab.runner.stability import rising, summarize
 
-from .runs import TINY, compose_cfg, metrics, write_cifar_folder
+from .helpers.runs import TINY, compose_cfg, metrics, write_cifar_folder
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from deqlab.runner.main import run
 from deqlab.runner.manifest import read_manifest
 from deqlab.runner.report import report
 
-from . import wandb_records
-from .runs import TINY, compose_cfg, run_cli, write_cifar_folder
+from .helpers import wandb_records
+from .helpers.runs import TINY, compose_cfg, run_cli, write_cifar_folder
 
 FIGURES = (
     "monitor_vs_step.png",
@@ -188,7 +188,7 @@ def test_log_model_without_a_login_fails_by_name(data_dir, tmp_path, monkeypatch
 def test_python_m_deqlab_is_the_deqlab_command(data_dir, tmp_path):
     """`python -m deqlab report FOLDER` is `deqlab report FOLDER`; `--help` names deqlab and
     lists real options only (no schema), with the subcommands."""
-    from .runs import run_cli
+    from .helpers.runs import run_cli
 
     run(compose_cfg([f"paths.data_dir={data_dir}", *TINY], tmp_path / "one"))
     proc = run_cli(["report", str(tmp_path)], tmp_path)

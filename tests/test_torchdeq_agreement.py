@@ -7,7 +7,7 @@ import torch
 
 from deqlab import DEQ, get_solver
 
-from .problems import ConvCell, contraction
+from .helpers.problems import ConvCell, contraction
 
 torchdeq = pytest.importorskip("torchdeq")
 from torchdeq.solver import get_solver as td_get_solver  # noqa: E402

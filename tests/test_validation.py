@@ -17,7 +17,7 @@ from deqlab.registry import Registry
 from deqlab.solvers import SolverConfig
 from deqlab.solvers.base import FlatState
 
-from .problems import SOLVERS
+from .helpers.problems import SOLVERS
 
 
 def refuses(exc: type[Exception], message: str):
@@ -184,7 +184,7 @@ def test_a_solver_without_check_every_is_refused_in_full(restore_registries):
 def test_clip_nonemb_needs_a_clip_value(tmp_path):
     from deqlab.runner.config import ConfigError, validate
 
-    from .runs import compose_cfg
+    from .helpers.runs import compose_cfg
 
     with pytest.raises(ConfigError) as e:
         validate(compose_cfg(["optim.clip_nonemb=true"], tmp_path))

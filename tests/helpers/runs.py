@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from deqlab.runner.config import compose as compose_cfg
 from deqlab.tasks.cifar.data import CLASSES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 # Small enough to train in seconds: 8-channel cell, 4 solver steps, no progress bar.
 TINY = [
