@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 @dataclass
 class JacRegConfig:
@@ -161,6 +163,14 @@ class FitConfig:
             return list(self.budget_grid)
         powers = [2**i for i in range(eval_budget.bit_length()) if 2**i < eval_budget]
         return [*powers, eval_budget]
+
+    def draw_budget(self, budget: int, jac_vecs: int) -> int:
+        """This step's forward budget: ``budget`` jittered as ``jitter`` and ``jitter_on`` say
+        (on every step, or on the steps that take the Jacobian term, ``jac_vecs`` > 0)."""
+        low, high = self.jitter_range()
+        if (low, high) != (0, 0) and (self.jitter_on == "every_step" or jac_vecs > 0):
+            budget = int(torch.randint(max(1, budget + low), budget + high + 1, ()).item())
+        return budget
 
     def jitter_range(self) -> tuple[int, int]:
         """The inclusive range of budget offsets."""

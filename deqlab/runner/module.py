@@ -42,7 +42,7 @@ from .clock import TrainingClock
 from .data import mix_seed
 from .fit import FitConfig, JacRegConfig
 from .loggers import log_figure, residual_trace_figure
-from .optim import OptimConfig, PlateauSchedule, non_embedding_parameters
+from .optim import OptimConfig, PlateauSchedule, clip_non_embedding
 from .stability import StabilityMonitor
 
 
@@ -322,12 +322,7 @@ class DEQLitModule(L.LightningModule):
 
     def training_budget(self, jac_vecs: int) -> int:
         """This step's forward budget: max_iter, jittered as ``fit.jitter`` says."""
-        t = self.fit_cfg
-        budget = self.deq.max_iter_for_training()
-        low, high = t.jitter_range()
-        if (low, high) != (0, 0) and (t.jitter_on == "every_step" or jac_vecs > 0):
-            budget = int(torch.randint(max(1, budget + low), budget + high + 1, ()).item())
-        return budget
+        return self.fit_cfg.draw_budget(self.deq.max_iter_for_training(), jac_vecs)
 
     def forward(self, x: Tensor, **solve: Any) -> tuple[list[Tensor], DEQInfo | None]:
         """Outputs of ``net.head`` for each returned state (the last is the equilibrium's),
@@ -527,14 +522,10 @@ class DEQLitModule(L.LightningModule):
     ) -> None:
         """As Lightning clips (``trainer.gradient_clip_val``), or, with ``optim.clip_nonemb``,
         the norm of the non-embedding parameters only."""
-        if not (self.optim_cfg.clip_nonemb and gradient_clip_val):
+        if self.optim_cfg.clip_nonemb and gradient_clip_val:
+            clip_non_embedding(self, gradient_clip_val, gradient_clip_algorithm)
+        else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            return
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(
-                "optim.clip_nonemb clips a norm: set trainer.gradient_clip_algorithm=norm"
-            )
-        torch.nn.utils.clip_grad_norm_(non_embedding_parameters(self), gradient_clip_val)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -198,3 +198,11 @@ class PlateauSchedule:
 
     def load(self, checkpoint: dict[str, Any]) -> None:
         self.saved = checkpoint.get("deqlab_plateau")
+
+
+def clip_non_embedding(module: nn.Module, max_norm: float, algorithm: str | None) -> None:
+    """``optim.clip_nonemb``: clip the gradient norm of the non-embedding parameters only (the
+    DEQ-Transformer reference's clipping), to ``max_norm`` (``trainer.gradient_clip_val``)."""
+    if algorithm not in (None, "norm"):
+        raise ValueError("optim.clip_nonemb clips a norm: set trainer.gradient_clip_algorithm=norm")
+    torch.nn.utils.clip_grad_norm_(non_embedding_parameters(module), max_norm)
