@@ -193,3 +193,19 @@ def test_clip_nonemb_needs_a_clip_value(tmp_path):
         "which is not set (the DEQ-Transformer's is 0.25)"
     )
     validate(compose_cfg(["optim.clip_nonemb=true", "trainer.gradient_clip_val=0.25"], tmp_path))
+
+
+def test_an_option_the_solver_does_not_read_is_refused_not_ignored():
+    """solver=broyden solver.m=8 used to compose and run with m ignored: the option is
+    refused by name, with the solver that reads it; a fallback that reads it makes it valid."""
+    with pytest.raises(ValueError, match=r"solver\.m=8: solver 'broyden' takes no m .*anderson"):
+        SolverConfig(name="broyden", m=8)
+    with pytest.raises(ValueError, match=r"solver\.memory=12: .* memory is an option of broyden"):
+        SolverConfig(name="anderson", memory=12)
+    assert (
+        SolverConfig(name="anderson", memory=12, fallback=["broyden"])
+        .fallback_configs()[0]
+        .solver_kwargs()["memory"]
+        == 12
+    )
+    SolverConfig(name="broyden", m=5)  # the default: nothing was asked for

@@ -5,9 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .catalog import solver_options
+from .catalog import SOLVERS, solver_options
 from .checks import check_common
 from .reversible import check_beta
+
+# The settings every solver config has; its other fields are options of some solvers.
+SHARED_FIELDS = (
+    "name",
+    "max_iter",
+    "tol",
+    "stop_mode",
+    "eval_max_iter",
+    "eval_factor",
+    "return_final",
+    "check_every",
+    "capture",
+    "fallback",
+    "options",
+)
 
 
 @dataclass
@@ -89,6 +104,18 @@ class SolverConfig:
                 "tol: set solver.tol, or solver.fallback=[]"
             )
         self.fallback_configs()  # raises for an unknown solver name
+        # A named option set away from its default that neither this solver nor a fallback
+        # takes would be ignored without a word (solver=broyden solver.m=8): refuse it.
+        takers = set(accepted).union(*(solver_options(n) for n in self.fallback))
+        for f in fields(self):
+            if f.name in SHARED_FIELDS or f.name in takers or getattr(self, f.name) == f.default:
+                continue
+            readers = sorted(n for n in SOLVERS.entries if f.name in solver_options(n))
+            raise ValueError(
+                f"solver.{f.name}={getattr(self, f.name)!r}: solver {self.name!r} takes no "
+                f"{f.name} (its options: {', '.join(sorted(accepted))}); {f.name} is an option "
+                f"of {', '.join(readers)}"
+            )
         unknown = sorted(set(self.options) - set(accepted))
         if unknown:
             raise ValueError(
