@@ -237,13 +237,15 @@ class DEQ(nn.Module):
         ``options``), checked as a config is. The solver itself is the layer's."""
         if not options:
             return self.solver_cfg
-        fixed = sorted({"name", "capture", "options", "fallback"} & set(options))
+        fixed = sorted(
+            {"name", "capture", "options", "fallback", "fallback_options"} & set(options)
+        )
         if fixed:
             raise ValueError(
                 f"{fixed} cannot change per call: they are the layer's (build another DEQ, "
                 "or set them in its solver config)"
             )
-        named = {f.name for f in fields(SolverConfig)}
+        named = {f.name for f in fields(self.solver_cfg)}
         own = {k: v for k, v in options.items() if k not in named}
         return replace(
             self.solver_cfg,

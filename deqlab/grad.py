@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
@@ -37,6 +37,10 @@ from .state import State, as_tuple, like, mix
 
 class DivergenceWarning(UserWarning):
     """A solve met non-finite iterates; the best finite iterate was used instead."""
+
+
+class UnreadSettingWarning(UserWarning):
+    """A setting away from its default that the chosen gradient mode does not read."""
 
 
 @dataclass
@@ -72,6 +76,23 @@ class GradConfig:
 
     def __post_init__(self) -> None:
         mode = GRAD_MODES.get(self.name)  # raises with the list of known modes
+        unread = [
+            f.name
+            for f in fields(self)
+            if not mode.reads(f.name) and getattr(self, f.name) != _default(f)
+        ]
+        if unread:
+            # Not refused: the modes' settings nest (ift reads phantom's for sampled states),
+            # experiments pin ift's backward solve, and grad=phantom on such an experiment is
+            # an ablation a researcher runs. Said, so that nothing set is ignored unseen.
+            warnings.warn(
+                f"grad={self.name} does not read "
+                + ", ".join(f"{k}={getattr(self, k)!r}" for k in unread)
+                + f" (it reads {', '.join(mode.settings or ())}{' and ' if mode.settings else ''}"
+                f"{', '.join(EVERY_MODE)}): those settings have no effect",
+                UnreadSettingWarning,
+                stacklevel=3,
+            )
         if self.steps is None:
             self.steps = mode.defaults.get("steps", 1)
         if self.tau is None:
@@ -126,6 +147,15 @@ class GradConfig:
         return steps
 
 
+# The GradConfig fields every gradient mode has: mem_gc is read by the core and the unrolled
+# pre-training, options by a user's mode.
+EVERY_MODE = ("name", "mem_gc", "options")
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
 class GradFn(Protocol):
     """A gradient mode: from z (z* detached, a fresh leaf) and fz = f(z) recorded from it,
     return the states the loss reads, the last being the layer's output. ``steps`` is this
@@ -151,13 +181,21 @@ class GradMode:
     ``tau``), so ``grad={"name": m}`` in Python and ``grad=m`` on the command line agree.
     ``solver``: set for a mode that differentiates that solver's own iteration (``reversible``);
     the core then calls ``fn(f, z0, result, cfg, on_backward)`` with the solve's
-    :class:`SolverResult` and uses its one returned state."""
+    :class:`SolverResult` and uses its one returned state. ``settings``: the ``GradConfig``
+    fields the mode reads besides those every mode has (:data:`EVERY_MODE`); a config that
+    sets another away from its default is refused. ``None``: any field (a mode registered
+    without saying)."""
 
     fn: GradFn
     needs_z_grad: bool = False
     at_equilibrium: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
     solver: str | None = None
+    settings: tuple[str, ...] | None = None
+
+    def reads(self, key: str) -> bool:
+        """Whether a config of this mode may set the ``GradConfig`` field ``key``."""
+        return self.settings is None or key in EVERY_MODE or key in self.settings
 
 
 def _check_mode(name: str, mode: Any) -> None:
@@ -180,6 +218,7 @@ def register_grad(
     needs_z_grad: bool = False,
     at_equilibrium: bool = False,
     defaults: dict[str, Any] | None = None,
+    settings: tuple[str, ...] | None = None,
 ) -> GradMode:
     """Make ``fn`` available as ``grad.name=<name>``.
 
@@ -191,11 +230,13 @@ def register_grad(
         at_equilibrium: only valid at a fixed point; states sampled earlier get a phantom
             gradient instead.
         defaults: its values for the ``GradConfig`` fields a config leaves unset.
+        settings: the ``GradConfig`` fields it reads besides ``name``, ``mem_gc`` and
+            ``options`` (``None``: any); the others are refused when set.
 
     Returns:
         The registered :class:`GradMode`.
     """
-    mode = GradMode(fn, needs_z_grad, at_equilibrium, dict(defaults or {}))
+    mode = GradMode(fn, needs_z_grad, at_equilibrium, dict(defaults or {}), settings=settings)
     return GRAD_MODES.register(name, mode)
 
 
@@ -337,11 +378,21 @@ def _onestep(f, z, fz, cfg, steps, on_backward):  # type: ignore[no-untyped-def]
     return [fz]
 
 
-# ift's states sampled before the equilibrium get TorchDEQ's default: one undamped step.
+# What each mode reads: phantom its unrolled steps; ift its backward solve, and the phantom
+# settings for the states a core samples before the equilibrium (TorchDEQ's default for
+# those: one undamped step); onestep nothing more.
+PHANTOM_SETTINGS = ("steps", "tau", "sup_gap", "sup_loc")
+BACKWARD_SETTINGS = ("solver", "max_iter", "tol", "stop_mode", "solver_options")
+IFT_SETTINGS = (*BACKWARD_SETTINGS, "output", "jacobian_at", "solve_from", *PHANTOM_SETTINGS)
 register_grad(
-    "ift", _ift, needs_z_grad=True, at_equilibrium=True, defaults={"steps": 1, "tau": 1.0}
+    "ift",
+    _ift,
+    needs_z_grad=True,
+    at_equilibrium=True,
+    defaults={"steps": 1, "tau": 1.0},
+    settings=IFT_SETTINGS,
 )
-register_grad("phantom", _phantom, defaults={"steps": 5, "tau": 0.5})
-register_grad("onestep", _onestep)
+register_grad("phantom", _phantom, defaults={"steps": 5, "tau": 0.5}, settings=PHANTOM_SETTINGS)
+register_grad("onestep", _onestep, settings=())
 # the reversible solver's exact gradient (deqlab/reversible_grad.py), loaded when first asked for
 GRAD_MODES.register_lazy("reversible", "deqlab.reversible_grad:REVERSIBLE")

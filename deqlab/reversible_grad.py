@@ -191,4 +191,5 @@ def reverse_gradient(
 REVERSIBLE = GradMode(
     lambda f, z0, res, cfg, on_backward: [reverse_gradient(f, z0, res, cfg, on_backward)],  # type: ignore[arg-type]
     solver="reversible",
+    settings=("tol",),  # the reverse pass's drift bound
 )

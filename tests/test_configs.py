@@ -97,12 +97,18 @@ def test_misspelled_key_in_yaml_fails_at_composition(tmp_path):
     [
         ("solver.max_iter=abc", ConfigCompositionException, "max_iter"),
         ("solver=newton", ConfigCompositionException, "newton"),
+        # each solver's schema is its own signature's: Anderson's m is not Broyden's
+        (
+            "solver=broyden solver.m=8",
+            ConfigCompositionException,
+            "'m' not in 'BroydenSolverConfig'",
+        ),
         ("grad.tau=fast", ConfigCompositionException, "tau"),
     ],
 )
 def test_command_line_mistakes_fail_with_a_clear_message(override, exc, match, tmp_path):
     with pytest.raises(exc) as err:
-        compose_cfg([override], tmp_path)
+        compose_cfg(override.split(), tmp_path)
     text = f"{err.value} {err.value.__cause__}"
     assert match in text
 
@@ -118,6 +124,16 @@ def test_appended_unknown_key_is_rejected_before_any_work(override, tmp_path):
         match=r"unknown (solver|grad) key '(max_itr|step)'; valid keys: .*(max_iter|steps)",
     ):
         run(cfg)
+
+
+def test_a_fallback_gets_its_own_options_from_the_command_line(tmp_path):
+    cfg = compose_cfg(
+        ["solver.fallback=[broyden]", "+solver.fallback_options.broyden.memory=12"], tmp_path
+    )
+    solver = instantiate(cfg.task.module).deq.solver_cfg
+    assert (solver.name, solver.m) == ("anderson", 5)
+    (broyden,) = solver.fallback_configs()
+    assert (broyden.name, broyden.memory) == ("broyden", 12)
 
 
 def test_schema_rejects_a_bad_value_at_assignment(tmp_path):

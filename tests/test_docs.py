@@ -28,7 +28,14 @@ def test_docs_site_builds_strictly(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "module", ["deqlab.bound", "deqlab.core", "deqlab.norm", "deqlab.solvers.anderson"]
+    "module",
+    [
+        "deqlab.bound",
+        "deqlab.core",
+        "deqlab.norm",
+        "deqlab.solvers.anderson",
+        "deqlab.solvers.solver_config",
+    ],
 )
 def test_the_examples_in_docstrings_run(module):
     """The API reference's examples are doctests: each runs and prints what it shows."""

@@ -84,6 +84,33 @@ def test_fallback_settings_are_checked():
         deq(f, torch.zeros_like(x), budgets=[2])
     with pytest.raises(ValueError, match="cannot change per call"):
         deq(f, torch.zeros_like(x), fallback=[])
-    # a fallback takes the named options it accepts: Broyden's memory, not Anderson's m
-    (fb,) = SolverConfig(name="anderson", m=3, memory=12, fallback=["broyden"]).fallback_configs()
-    assert (fb.name, fb.memory, fb.m) == ("broyden", 12, SolverConfig().m)
+    # a fallback takes its own options from fallback_options, and those of the main solver it
+    # also takes (fixed_point's tau from anderson's); Anderson's m goes to neither
+    cfg = SolverConfig(
+        name="anderson",
+        m=3,
+        tau=0.5,
+        fallback=["broyden", "fixed_point"],
+        fallback_options={"broyden": {"memory": 12}},
+    )
+    broyden, fixed_point = cfg.fallback_configs()
+    assert (broyden.name, broyden.memory, hasattr(broyden, "m")) == ("broyden", 12, False)
+    assert (fixed_point.name, fixed_point.tau) == ("fixed_point", 0.5)
+    with pytest.raises(ValueError, match=r"takes no m \(its options: check_every, ls, memory"):
+        SolverConfig(fallback=["broyden"], fallback_options={"broyden": {"m": 3}})
+    with pytest.raises(ValueError, match=r"fallback_options names \['fixed_point'\], which"):
+        SolverConfig(fallback=["broyden"], fallback_options={"fixed_point": {"tau": 0.5}})
+
+
+def test_a_config_saved_with_the_flat_schema_keeps_its_meaning():
+    """Run folders and checkpoints written when one schema held every built-in solver's
+    options load as they ran: another solver's options at their defaults are dropped, and one
+    set for a fallback (the old way to reach it) moves to fallback_options."""
+    from deqlab.core import to_config
+
+    flat = {"name": "anderson", "m": 3, "memory": 12, "ls": False, "beta": 0.5}
+    cfg = to_config(SolverConfig, {**flat, "fallback": ["broyden"]}, "solver")
+    assert (cfg.m, cfg.fallback_options) == (3, {"broyden": {"memory": 12}})
+    assert not hasattr(cfg, "beta") and not hasattr(cfg, "memory")
+    with pytest.raises(ValueError, match=r"solver\.memory=12: solver 'anderson' takes no memory"):
+        to_config(SolverConfig, flat, "solver")

@@ -916,7 +916,11 @@ def test_line_search_is_refused_where_it_cannot_run():
 
     with pytest.raises(ValueError) as e:
         SolverConfig(name="anderson", ls=True)
-    assert str(e.value) == "solver.ls is Broyden's line search; solver 'anderson' has none"
+    assert str(e.value) == (
+        "solver.ls=True: solver 'anderson' takes no ls (its options: check_every, lam, lam_mode, "
+        "m, return_final, tau); ls is an option of broyden (a fallback's options go in "
+        "solver.fallback_options.<name>)"
+    )
 
 
 # -- on a GPU (skipped without CUDA) ---------------------------------------------------------

@@ -201,11 +201,83 @@ def test_an_option_the_solver_does_not_read_is_refused_not_ignored():
     with pytest.raises(ValueError, match=r"solver\.m=8: solver 'broyden' takes no m .*anderson"):
         SolverConfig(name="broyden", m=8)
     with pytest.raises(ValueError, match=r"solver\.memory=12: .* memory is an option of broyden"):
-        SolverConfig(name="anderson", memory=12)
+        SolverConfig(name="anderson", memory=12, fallback=["broyden"])  # fallback_options: yes
+    with pytest.raises(ValueError, match=r"solver\.m=5: solver 'broyden' takes no m"):
+        SolverConfig(name="broyden", m=5)  # in Python, even at Anderson's default
+    # a composed config over another solver's group file holds that solver's defaults
+    assert not hasattr(SolverConfig.from_mapping({"name": "broyden", "m": 5}), "m")
+    with pytest.raises(ValueError, match=r"unknown solver key 'mm'; valid keys: name, max_iter"):
+        SolverConfig.from_mapping({"name": "broyden", "mm": 5})
+
+
+def test_a_solvers_schema_is_its_signature(restore_registries):
+    """A solver of one's own gets a settings class from its keyword-only options: their
+    annotations become the fields' types (Any where a config cannot hold one), a required
+    option a required field, and its options are keywords like a built-in's."""
+    from dataclasses import MISSING, fields
+    from typing import Any
+
+    from deqlab import register_solver
+    from deqlab.solvers.solver_config import solver_schema
+
+    def newton(
+        f,
+        z0,
+        *,
+        max_iter,
+        tol,
+        stop_mode="rel",
+        save_at=(),
+        restart: int,
+        damping: float | None = 0.5,
+        shifts: list[float] = [0.0],  # noqa: B006
+        tag="x",
+    ):
+        raise AssertionError("not called")
+
+    register_solver("newton", newton)
+    schema = solver_schema("newton")
+    own = {f.name: f for f in fields(schema)}
+    assert schema.__name__ == "NewtonSolverConfig" and issubclass(schema, SolverConfig)
+    assert own["restart"].default is MISSING and own["restart"].type is int
+    assert (own["damping"].type, own["damping"].default) == (float | None, 0.5)
+    assert own["shifts"].type is Any and own["tag"].type is Any
+    cfg = SolverConfig(name="newton", restart=3)
     assert (
-        SolverConfig(name="anderson", memory=12, fallback=["broyden"])
-        .fallback_configs()[0]
-        .solver_kwargs()["memory"]
-        == 12
+        type(cfg) is schema
+        and cfg.shifts == [0.0]
+        and cfg.shifts is not newton.__kwdefaults__["shifts"]
     )
-    SolverConfig(name="broyden", m=5)  # the default: nothing was asked for
+    assert cfg.solver_kwargs() == {"restart": 3, "damping": 0.5, "shifts": [0.0], "tag": "x"}
+    with pytest.raises(TypeError, match="restart"):
+        SolverConfig(name="newton")
+    with pytest.raises(ValueError, match=r"solver\.m=3: solver 'newton' takes no m"):
+        SolverConfig(name="newton", restart=3, m=3)
+    with pytest.raises(TypeError, match="keyword arguments"):
+        SolverConfig("newton")
+    assert schema(restart=1).name == "newton"  # the class names its solver
+    with pytest.raises(ValueError, match=r"^NewtonSolverConfig is another solver's settings class"):
+        schema(name="anderson", restart=1)
+
+
+def test_a_gradient_mode_says_which_settings_it_does_not_read():
+    """grad=phantom with ift's backward settings (an experiment's recipe, or a sweep over
+    modes) runs, and says those settings have no effect; settings a mode reads say nothing."""
+    import warnings
+
+    from deqlab.grad import GradConfig, UnreadSettingWarning
+
+    with pytest.warns(UnreadSettingWarning) as seen:
+        GradConfig(name="phantom", solver="broyden", max_iter=8)
+    assert str(seen[0].message) == (
+        "grad=phantom does not read solver='broyden', max_iter=8 (it reads steps, tau, sup_gap, "
+        "sup_loc and name, mem_gc, options): those settings have no effect"
+    )
+    with pytest.warns(
+        UnreadSettingWarning, match=r"grad=onestep does not read steps=3 \(it reads name"
+    ):
+        GradConfig(name="onestep", steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradConfig(name="ift", max_iter=8, steps=2, sup_gap=1, mem_gc=True)
+        GradConfig(name="phantom", steps=2, tau=0.3)

@@ -33,7 +33,8 @@ from ..grad import GradConfig
 from ..initial_state import InitConfig
 from ..norm import NormConfig
 from ..settings import to_config
-from ..solvers import SolverConfig
+from ..solvers import SOLVERS, SolverConfig
+from ..solvers.solver_config import solver_schema
 from .extras import ExtrasConfig
 from .fit import FitConfig, JacRegConfig
 from .optim import OptimConfig
@@ -127,6 +128,9 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=RootConfig)
     for group, schema in SCHEMAS.items():
         cs.store(group=group, name="schema", node=schema)
+    # each solver's own schema, from its signature: solver=broyden solver.m=8 fails here
+    for name in SOLVERS.entries:
+        cs.store(group="solver", name=f"{name}_schema", node=solver_schema(name))
     OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
     OmegaConf.register_new_resolver("slurm_folder", _slurm_folder, replace=True)
     OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)

@@ -4,8 +4,10 @@ the options each solver takes (its keyword-only arguments beyond the shared sett
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import MISSING, fields
+from typing import Any
 
 from ..registry import Registry
 from .base import SPEC_FIELDS, SolverResult, SolveSpec
@@ -94,6 +96,40 @@ def solver_options(name: str) -> dict[str, object]:
             if f.name not in COMMON_ARGS + OPTIONAL_ARGS and f.default is not MISSING:
                 options.setdefault(f.name, f.default)
     return options
+
+
+def solver_option_types(name: str) -> dict[str, Any]:
+    """The annotated type of each of a solver's options (``Any`` where it has none or one a
+    config cannot hold), for the schema :func:`~deqlab.solvers.solver_config.solver_schema`
+    builds.
+
+    Args:
+        name: a registered name or an import path, as for :func:`get_solver`.
+
+    Returns:
+        Option name -> ``int``, ``float``, ``bool``, ``str``, ``X | None`` of one of those, or
+        ``Any``.
+    """
+    fn = get_solver(name)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve: the option is still an option
+        hints = {}
+    spec = typing.get_type_hints(SolveSpec)
+    return {k: _config_type(hints.get(k, spec.get(k, Any))) for k in solver_options(name)}
+
+
+def _config_type(tp: Any) -> Any:
+    """``tp`` if a config can hold it (a scalar, or an optional scalar), else ``Any``."""
+    scalars = (int, float, bool, str)
+    if tp in scalars:
+        return tp
+    args = typing.get_args(tp)
+    if len(args) == 2 and type(None) in args:
+        (inner,) = (a for a in args if a is not type(None))
+        if inner in scalars:
+            return inner | None
+    return Any
 
 
 def takes(name: str, arg: str) -> bool:
