@@ -391,3 +391,65 @@ def test_capture_refuses_what_it_cannot_replay():
     u = torch.randn(2, 16, 8, 8, device="cuda")
     with pytest.raises(ValueError, match="mask is drawn anew for each batch"):
         deq(Bound(net.cell, u), torch.zeros_like(u))
+
+
+def test_the_arguments_a_recording_keeps_are_walked_to_every_tensor():
+    """A captured solve copies its arguments into static buffers and keys its recordings on
+    their structure: tuples, named tuples, lists, dicts and dataclasses (a language model's
+    context) are walked to every tensor, anything else is kept; the key sees every shape,
+    dtype and grad flag, and not the values."""
+    import dataclasses
+    from collections import namedtuple
+
+    from deqlab.solvers.capture import _copy_into, _map, _signature, _static
+
+    Pair = namedtuple("Pair", "a b")
+
+    @dataclasses.dataclass
+    class Context:
+        mask: torch.Tensor
+        lengths: list
+        derived: torch.Tensor = dataclasses.field(init=False, default=None)
+
+    args = (
+        torch.ones(2),
+        Pair(torch.zeros(1), 3),
+        [torch.full((2, 2), 2.0), "tag"],
+        {"pos": torch.arange(3.0)},
+        Context(torch.ones(1, 4), [torch.ones(1)]),
+    )
+    doubled = _map(lambda t: t * 2, args)
+    assert type(doubled) is tuple and type(doubled[1]) is Pair and doubled[1].b == 3
+    assert doubled[2][1] == "tag" and type(doubled[2]) is list
+    assert torch.equal(doubled[3]["pos"], torch.arange(3.0) * 2)
+    assert type(doubled[4]) is Context and torch.equal(doubled[4].mask, torch.full((1, 4), 2.0))
+    assert torch.equal(doubled[4].lengths[0], torch.full((1,), 2.0))
+    assert _map(lambda t: t, Context) is Context  # a class is kept as it is
+    static = _static(args)
+    assert static[0] is not args[0] and torch.equal(static[0], args[0])
+    _copy_into(static, doubled)
+    assert torch.equal(static[2][0], torch.full((2, 2), 4.0)) and torch.equal(
+        args[2][0], torch.full((2, 2), 2.0)
+    )
+    assert _signature(args) == _signature(doubled)  # the values do not matter
+    for other in (
+        (torch.ones(3), *args[1:]),
+        (torch.ones(2, dtype=torch.float64), *args[1:]),
+        (torch.ones(2, requires_grad=True), *args[1:]),
+        (torch.ones(2), Pair(torch.zeros(1), 4), *args[2:]),
+    ):
+        assert _signature(other) != _signature(args)
+
+
+def test_the_old_home_of_bound_warns_and_hands_it_over():
+    import deqlab
+
+    with pytest.warns(DeprecationWarning) as seen:
+        assert capture_mod.Bound is deqlab.Bound
+    assert str(seen[0].message) == (
+        "deqlab.solvers.capture.Bound moved to deqlab.bound: use deqlab.Bound"
+    )
+    assert seen[0].filename == __file__  # the warning points at the caller's line
+    with pytest.raises(AttributeError) as err:
+        capture_mod.Bounds  # noqa: B018
+    assert str(err.value) == "module 'deqlab.solvers.capture' has no attribute 'Bounds'"

@@ -15,6 +15,7 @@ from deqlab.runner.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
     check_compatible,
+    initial_state,
     load_initial_weights,
     network_state,
     read_checkpoint,
@@ -327,3 +328,39 @@ def test_strict_loading_names_a_tensor_of_the_file_that_the_network_lacks(tmp_pa
     with pytest.raises(CheckpointError) as err:
         load_initial_weights(path, Net())
     assert "(e.g. aa.extra: shape (2,) in the file, absent here)" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("read", "key"),
+    [
+        (lambda url: initial_state(url), "init_from"),
+        (lambda url: resolve_checkpoint(url, "."), "ckpt_path"),
+        (lambda url: AtomicCheckpointIO().load_checkpoint(url), "ckpt_path"),
+    ],
+)
+def test_a_url_is_refused_under_the_key_that_named_it(read, key):
+    url = "https://example.com/runs/m.ckpt"
+    with pytest.raises(CheckpointError) as err:
+        read(url)
+    assert str(err.value) == (
+        f"{key}={url}: a URL; deqlab reads checkpoints from local files only. Download it "
+        f"first and pass the file: {key}=<file.ckpt>"
+    )
+
+
+def test_init_from_without_a_network_checks_the_file_and_returns_its_tensors(tmp_path):
+    """A task that builds its network later checks init_from first: a state dict (bare or under
+    state_dict) comes back as it is; anything else is refused, naming the file."""
+    weights = {"cell.weight": torch.arange(6.0).reshape(2, 3)}
+    bare, wrapped, listed = tmp_path / "bare.pt", tmp_path / "wrapped.ckpt", tmp_path / "list.pt"
+    torch.save(weights, bare)
+    torch.save({"state_dict": weights, "epoch": 3}, wrapped)
+    torch.save([torch.zeros(2)], listed)
+    for path in (bare, wrapped):
+        state = initial_state(path)
+        assert state.keys() == weights.keys() and torch.equal(
+            state["cell.weight"], weights["cell.weight"]
+        )
+    with pytest.raises(CheckpointError) as err:
+        initial_state(listed)
+    assert str(err.value) == f"init_from={listed}: no state dict of tensors in it"

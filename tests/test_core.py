@@ -251,3 +251,81 @@ def test_forward_solve_uses_the_configured_stop_mode():
         assert info.nfe == direct.nfe
         nfe[mode] = info.nfe
     assert nfe["abs"] > nfe["rel"]
+
+
+def test_what_a_budget_curve_and_a_reversible_core_cannot_do_is_said_in_full():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    f = lambda z: 0.5 * torch.tanh(z + x)
+    z0 = torch.zeros_like(x)
+    cases = [
+        (
+            DEQ({"fallback": ["broyden"]}).eval(),
+            torch.no_grad,
+            "budgets: with solver.fallback a shorter budget would also cut the fallback's "
+            "solve, which one solve cannot show; set solver.fallback=[] for a budget curve",
+        ),
+        (
+            DEQ(),
+            torch.enable_grad,
+            "budgets: a budget curve is read from a solve without a gradient (evaluation, or "
+            "under torch.no_grad()); a training solve keeps no per-budget states",
+        ),
+    ]
+    for deq, mode, message in cases:
+        with mode(), pytest.raises(ValueError) as e:
+            deq(f, z0, budgets=[2])
+        assert str(e.value) == message
+    with pytest.raises(ValueError) as e:
+        DEQ({"name": "reversible"}, {"name": "reversible"}, indexing=[2])
+    assert str(e.value) == (
+        "grad=reversible returns one state, the solve's own: set core.n_states=1 and "
+        "core.indexing=[]"
+    )
+    from deqlab.core import SlicedDEQ
+
+    with pytest.raises(ValueError) as e:
+        SlicedDEQ({"name": "reversible"}, {"name": "reversible"})
+    assert str(e.value) == (
+        "grad=reversible reverses one solve from its start; core=sliced restarts the solve "
+        "between segments: use core=indexing"
+    )
+
+
+@pytest.mark.parametrize("option", ["capture", "options", "fallback", "fallback_options", "name"])
+def test_the_layers_own_solver_settings_do_not_change_per_call(option):
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError) as e:
+        DEQ()(lambda z: 0.5 * torch.tanh(z + x), torch.zeros_like(x), **{option: {}})
+    assert str(e.value) == (
+        f"['{option}'] cannot change per call: they are the layer's (build another DEQ, or set "
+        "them in its solver config)"
+    )
+
+
+def test_a_budget_curve_is_kept_only_by_a_plain_solve_of_a_solver_that_keeps_one():
+    assert DEQ({"name": "anderson"}).keeps_budgets()
+    assert not DEQ({"name": "anderson", "capture": True, "check_every": 2}).keeps_budgets()
+    assert not DEQ({"name": "anderson", "fallback": ["broyden"]}).keeps_budgets()
+
+
+def test_fallbacks_are_counted_only_when_a_sample_needs_one_and_named_when_all_fail():
+    x = torch.randn(4, 6, dtype=torch.float64)
+    deq = DEQ({"max_iter": 40, "tol": 1e-8, "fallback": ["broyden"]}).eval()
+    with torch.no_grad():
+        _, info = deq(lambda z: 0.5 * torch.tanh(z + x), torch.zeros_like(x))
+    assert bool(info.converged.all()) and info.fallbacks == []
+
+    # sample 1 climbs (z <- z + 1) until f is undefined (NaN beyond |z| = 5), in both solvers
+    def bad(z):
+        climb = torch.where(z.abs() < 5, z + 1, z * float("nan"))
+        return torch.where(torch.arange(4)[:, None] == 1, climb, 0.5 * z + x)
+
+    with torch.no_grad(), pytest.warns(DivergenceWarning) as seen:
+        _, info = deq(bad, torch.zeros_like(x))
+    assert info.fallbacks == [1]
+    assert any(
+        str(w.message).startswith(
+            "DEQ forward solve (anderson and its fallbacks ['broyden']) met non-finite iterates"
+        )
+        for w in seen
+    )

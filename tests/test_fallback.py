@@ -114,3 +114,71 @@ def test_a_config_saved_with_the_flat_schema_keeps_its_meaning():
     assert not hasattr(cfg, "beta") and not hasattr(cfg, "memory")
     with pytest.raises(ValueError, match=r"solver\.memory=12: solver 'anderson' takes no memory"):
         to_config(SolverConfig, flat, "solver")
+
+
+def _result(offset: float, converged: list[bool], nonfinite: bool, steps: int = 3):
+    from deqlab.solvers.base import SolverResult
+
+    b = len(converged)
+    return SolverResult(
+        z=(
+            torch.arange(b * 2, dtype=torch.float64).reshape(b, 2) + offset,
+            torch.full((b, 1), offset),
+        ),
+        abs_residual=torch.arange(b, dtype=torch.float64) + offset,
+        rel_residual=torch.arange(b, dtype=torch.float64) + 2 * offset,
+        nfe=steps + int(offset),
+        best_step=torch.arange(b) % steps,
+        converged=torch.tensor(converged),
+        trace=torch.full((steps, b), offset, dtype=torch.float64),
+        nonfinite=nonfinite,
+        saved=[torch.full((b, 1), offset)],
+    )
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+@pytest.mark.parametrize(("first_bad", "again_bad"), [(False, False), (True, False), (False, True)])
+def test_merge_takes_every_field_of_the_rescued_rows_from_the_fallback(
+    per_batch, first_bad, again_bad
+):
+    """Row by row (the whole batch in the batch modes), each per-sample field comes from the
+    fallback's solve for the rows handed to it; the trace and the count add up; a non-finite
+    iterate in either solve is reported; the saved iterates stay the first solve's."""
+    from deqlab.solvers.fallback import _merge
+
+    first = _result(10.0, [True, False, True, False], first_bad, steps=3)
+    again = _result(100.0, [True, True, True, False], again_bad, steps=2)
+    todo = ~first.converged
+    res = _merge(first, again, todo, per_batch=per_batch)
+    rows = torch.ones_like(todo) if per_batch else todo
+    for name in ("abs_residual", "rel_residual", "converged"):
+        want = torch.where(rows, getattr(again, name), getattr(first, name))
+        assert torch.equal(getattr(res, name), want), name
+    assert torch.equal(res.best_step, torch.where(rows, again.best_step + 3, first.best_step))
+    for got, a, b in zip(res.z, first.z, again.z):
+        assert torch.equal(got, torch.where(rows.unsqueeze(1), b, a))
+    assert res.nfe == first.nfe + again.nfe and res.trace.shape == (5, 4)
+    assert torch.equal(res.trace, torch.cat([first.trace, again.trace]))
+    assert res.nonfinite is (first_bad or again_bad)
+    assert res.saved is first.saved
+
+
+def test_each_fallback_is_called_with_the_budget_the_stop_rule_and_its_options(
+    restore_registries,
+):
+    from deqlab import register_solver
+
+    calls = []
+
+    def spy(f, z0, *, max_iter, tol, stop_mode="rel", save_at=(), depth: int = 1):
+        calls.append((max_iter, tol, stop_mode, depth))
+        return get_solver("broyden")(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+
+    register_solver("spy", spy)
+    f, x = setup()
+    cfg = {**SOLVER, "stop_mode": "abs", "fallback": ["spy", "spy"]}
+    deq = DEQ({**cfg, "fallback_options": {"spy": {"depth": 4}}, "eval_max_iter": 70}).eval()
+    with torch.no_grad():
+        _, info = deq(f, torch.zeros_like(x))
+    # the second spy finds every sample converged: it is not called, and counts none
+    assert calls == [(70, 1e-8, "abs", 4)] and info.fallbacks[1] == 0 < info.fallbacks[0]

@@ -337,3 +337,45 @@ def test_a_registered_norm_kind_is_applied_and_removed_like_the_built_in_ones():
     with pytest.raises(ValueError) as e:
         NormConfig(kind="row_max")
     assert str(e.value).startswith("unknown norm kind 'row_max'; known: spectral_norm, weight_norm")
+
+
+def test_apply_norms_keyword_defaults_are_the_configs():
+    """apply_norm(cell, kind) in Python and norm=<kind> on the command line agree: one set of
+    defaults."""
+    import dataclasses
+    import inspect
+
+    from deqlab.norm import NormConfig
+
+    config = {f.name: f.default for f in dataclasses.fields(NormConfig)}
+    keywords = {
+        name: p.default
+        for name, p in inspect.signature(apply_norm).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "exclude"
+    }
+    assert keywords == {k: config[k] for k in keywords} and len(keywords) == 6
+
+
+def test_norm_module_registration_and_an_empty_module_are_refused_by_name():
+    from deqlab import register_norm_module
+    from deqlab.norm import NORM_MODULES
+
+    layer = nn.Linear(2, 2)
+    with pytest.raises(TypeError) as e:
+        register_norm_module(layer)  # an instance, not the class
+    assert str(e.value) == f"register_norm_module: {layer!r} is not an nn.Module class"
+    with pytest.raises(TypeError, match=r"is not an nn\.Module class"):
+        register_norm_module(int)
+    saved = dict(NORM_MODULES)
+    try:
+        register_norm_module(nn.Bilinear)  # its `weight`, output units first
+        assert NORM_MODULES[nn.Bilinear] == (("weight",), (0,))
+    finally:
+        NORM_MODULES.clear()
+        NORM_MODULES.update(saved)
+    with pytest.raises(ValueError) as e:
+        apply_norm(nn.Sequential(nn.ReLU()), "spectral_norm")
+    assert str(e.value) == (
+        "apply_norm('spectral_norm') found no Linear/Conv layer to normalize in Sequential "
+        "(after exclude=[]; other layers: deqlab.register_norm_module)"
+    )

@@ -172,3 +172,56 @@ def test_bad_settings_are_refused():
         build_core({"name": "sliced"}, {"name": "reversible"}, {"name": "reversible"})
     with pytest.raises(TypeError, match=r"deqlab\.Bound"):
         reversible_deq()(lambda z: 0.5 * torch.tanh(z + x), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, 2.5, -0.5])
+def test_beta_outside_the_open_interval_or_one_is_refused(beta):
+    from deqlab.solvers.reversible import check_beta
+
+    with pytest.raises(ValueError, match="beta must lie in"):
+        check_beta(beta)
+
+
+def test_the_solver_counts_two_evaluations_per_step_and_names_itself():
+    """max_iter k: k - 1 steps of two f evaluations after the first, 2 (k - 1) + 1 in all; a
+    solve that converges earlier stops there; the default relaxation is the paper's 0.5;
+    a non-finite f is reported under the solver's name."""
+    from deqlab.solvers import reversible
+
+    cell, x = Cell(), torch.randn(5, 12, dtype=torch.float64)
+    f = lambda z: cell(z, x)
+    z0 = torch.zeros_like(x)
+    with torch.no_grad():
+        for k in (1, 2, 7):
+            res = reversible(f, z0, max_iter=k, tol=None, beta=BETA)
+            assert res.nfe == 2 * (k - 1) + 1 and res.trace.shape[0] == k
+            torch.testing.assert_close(res.z, unrolled(cell, x, k - 1)[-1], rtol=1e-12, atol=0)
+        early = reversible(f, z0, max_iter=200, tol=1e-6, stop_mode="batch_rel", beta=BETA)
+        steps = early.trace.shape[0]
+        assert bool(early.converged.all()) and steps < 200 and early.nfe == 2 * (steps - 1) + 1
+        default = reversible(f, z0, max_iter=9, tol=None)
+        assert torch.equal(default.z, reversible(f, z0, max_iter=9, tol=None, beta=0.5).z)
+        assert default.aux["beta"] == 0.5
+        with pytest.raises(FloatingPointError, match=r"^reversible: f returned non-finite"):
+            reversible(lambda z: z * float("nan"), z0, max_iter=5, tol=1e-3)
+
+
+def test_the_jacobian_penalty_is_taken_at_the_reversible_solves_equilibrium():
+    """jac_vecs > 0 under grad=reversible: info.jac_loss is the Hutchinson estimate at the
+    returned z* (the same probes drawn from the same seed), and its gradient reaches the cell."""
+    from deqlab.regularize import jacobian_loss
+
+    torch.manual_seed(0)
+    cell, x = Cell(), torch.randn(5, 12, dtype=torch.float64)
+    f = Bound(cell, x)
+    deq = reversible_deq(max_iter=60, tol=1e-10)
+    torch.manual_seed(1)
+    z, info = deq(f, torch.zeros_like(x), jac_vecs=3)
+    z_star = z.detach().requires_grad_()
+    torch.manual_seed(1)
+    want = jacobian_loss(cell(z_star, x), z_star, vecs=3)
+    torch.testing.assert_close(info.jac_loss, want, rtol=1e-8, atol=0)
+    (g,) = torch.autograd.grad(info.jac_loss, [cell.lin.weight])
+    assert g.abs().sum() > 0
+    _, silent = deq(f, torch.zeros_like(x))
+    assert silent.jac_loss is None

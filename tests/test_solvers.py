@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -902,6 +904,55 @@ def test_armijo_step_takes_the_full_step_when_no_step_size_helps():
     assert s.flatten().tolist() == [1.0, 1.0]
     assert torch.equal(z_new, z + d)
     assert 2 <= evals <= 8
+
+
+def _armijo_by_hand(phi, phi0, c1=1e-4, min_step=1e-2):
+    """The documented search for one sample, in plain floats: (s, f evaluations, accepted)."""
+    s, value, evals = 1.0, phi(1.0), 1
+    if value <= phi0 * (1 - c1):
+        return s, evals, True
+    while True:
+        quad = phi0 * s * s / (2 * (value - phi0 + phi0 * s))
+        quad = quad if math.isfinite(quad) else 0.5 * s
+        s = min(max(quad, 0.1 * s), 0.5 * s)
+        if s < min_step:
+            return 1.0, evals, False
+        value, evals = phi(s), evals + 1
+        if value <= phi0 * (1 - c1 * s):
+            return s, evals, True
+
+
+def test_armijo_step_agrees_with_the_search_written_out_by_hand():
+    """48 samples of g(z) = -k atan(z) stepped along d = -c z, with c from 0.3 (too short, the
+    full step accepted) to 300 (no step helps), and slightly uphill (c < 0: each trial halves
+    s until it is below min_step): each sample's step size, iterate and f value are those of
+    the one-sample search written out in floats, and the batch spends the f evaluations of its
+    slowest sample."""
+    from deqlab.solvers.broyden import armijo_step
+
+    k = torch.linspace(0.5, 2.0, 48, dtype=torch.float64).unsqueeze(1)
+    downhill = torch.logspace(math.log10(0.3), math.log10(300.0), 40, dtype=torch.float64)
+    uphill = -torch.logspace(-3, -1, 8, dtype=torch.float64)
+    c = torch.cat([downhill, uphill]).unsqueeze(1)
+    z = torch.linspace(-4.0, 4.0, 48, dtype=torch.float64).unsqueeze(1) + 0.05
+    f = lambda y: y + k * torch.atan(y)
+    d = -c * z
+    z_new, fz_new, s, evals = armijo_step(f, z, f(z) - z, d)
+    by_hand = [
+        _armijo_by_hand(
+            lambda t, i=i: (k[i, 0].item() * math.atan(z[i, 0].item() + t * d[i, 0].item())) ** 2,
+            (k[i, 0].item() * math.atan(z[i, 0].item())) ** 2,
+        )
+        for i in range(48)
+    ]
+    want_s = torch.tensor([[h[0]] for h in by_hand], dtype=torch.float64)
+    torch.testing.assert_close(s, want_s, rtol=1e-12, atol=0)
+    torch.testing.assert_close(z_new, z + want_s * d, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(fz_new, f(z_new), rtol=0, atol=0)
+    assert evals == max(h[1] for h in by_hand)
+    # every branch is taken: accepted at once, after one or two trials, refused after 3 or 7
+    branches = {(h[1], h[2]) for h in by_hand}
+    assert branches == {(1, True), (2, True), (3, True), (3, False), (7, False)}, branches
 
 
 def test_line_search_is_refused_where_it_cannot_run():
