@@ -184,6 +184,64 @@ class SpectralNorm(_Scale):
         return w * self.factor(sigma)
 
 
+def project_rows_l1(w: Tensor, radius: float | Tensor) -> Tensor:
+    """Each row of the matrix ``w`` projected (Euclidean) onto the L1 ball of ``radius``: the
+    projection of ``w`` onto {||W||_inf <= radius}, whose rows are independent (Duchi et al.,
+    2008, the sort-based algorithm; the IGNN code's ``projection_norm_inf``). Rows inside the
+    ball are kept exactly."""
+    a = w.abs()
+    inside = a.sum(1, keepdim=True) <= radius
+    sorted_abs = a.sort(dim=1, descending=True).values
+    cumulative = sorted_abs.cumsum(1) - radius
+    k = torch.arange(1, w.shape[1] + 1, device=w.device, dtype=w.dtype)
+    # the largest k with sorted_abs[k-1] > (cumsum_k - radius) / k sets the threshold
+    support = (sorted_abs * k > cumulative).sum(1, keepdim=True).clamp(min=1)
+    theta = cumulative.gather(1, support - 1) / support.to(w.dtype)
+    projected = w.sign() * (a - theta).clamp(min=0)
+    return torch.where(inside, w, projected)
+
+
+class InfNormBall(nn.Module):
+    """Keeps W in {||W||_inf <= radius}, radius = ``target_norm / bound``: IGNN's well-posedness
+    condition (Gu et al., 2020), with ``bound`` the Perron-Frobenius eigenvalue of the graph's
+    |A| (:func:`set_norm_bound`), so that f(Z) = relu(A^T Z W^T + B) is a contraction.
+
+    As the IGNN code does, the weight itself is projected (in place, without a gradient) when it
+    has left the ball, before it is used: projected gradient descent, not a reparametrization.
+    The weight's rows are its output units."""
+
+    def __init__(self, weight: Tensor, out_dim: int, target_norm: float = 1.0):
+        super().__init__()
+        if weight.dim() != 2 or out_dim != 0:
+            raise ValueError(
+                f"inf_ball projects a matrix by its rows (output units first), got a weight of "
+                f"shape {tuple(weight.shape)} with output dim {out_dim}"
+            )
+        self.target_norm = target_norm
+        self.register_buffer("bound", torch.ones((), dtype=weight.dtype))
+
+    def radius(self) -> Tensor:
+        return self.target_norm / self.bound
+
+    def forward(self, w: Tensor) -> Tensor:
+        radius = self.radius()
+        if bool((w.detach().abs().sum(1) > radius).any()):
+            with torch.no_grad():
+                w.copy_(project_rows_l1(w, radius))
+        return w
+
+
+def set_norm_bound(module: nn.Module, bound: float | Tensor) -> int:
+    """Set the ``bound`` of every :class:`InfNormBall` in ``module`` (a graph's
+    Perron-Frobenius eigenvalue); returns how many were set."""
+    found = 0
+    for m in module.modules():
+        if isinstance(m, InfNormBall):
+            m.bound.fill_(float(bound))
+            found += 1
+    return found
+
+
 # A norm kind builds the parametrization of one weight: (weight, out_dim, NormConfig) -> module.
 NormFactory = Callable[[Tensor, int, NormConfig], nn.Module]
 
@@ -218,6 +276,7 @@ register_norm(
     "spectral_norm",
     lambda w, out_dim, cfg: SpectralNorm(w, out_dim, cfg.power_iters, **cfg.scale_options()),
 )
+register_norm("inf_ball", lambda w, out_dim, cfg: InfNormBall(w, out_dim, cfg.target_norm))
 
 
 def _excluded(name: str, patterns: Sequence[str]) -> bool:

@@ -35,7 +35,13 @@ GROUPS = [
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 # an option that needs another choice to make sense: the network of another task, the solver
 # whose iteration a gradient mode reverses
-WITH = {("net", "deq_transformer"): ["task=ptb"], ("grad", "reversible"): ["solver=reversible"]}
+WITH = {
+    ("net", "deq_transformer"): ["task=ptb"],
+    ("grad", "reversible"): ["solver=reversible"],
+    ("net", "ignn"): ["task=chains"],
+    ("net", "gcn"): ["task=chains"],
+    ("norm", "inf_ball"): ["task=chains"],  # a matrix's rows: the graph cell's weight
+}
 
 
 def test_every_group_is_composed():

@@ -82,7 +82,10 @@ class BudgetCurve:
             at_k = output if res.z is info.z else head(res.z)
             kept[k] = values(at_k, target).detach()
             curve[k][0].update(kept[k].flatten().float())
-            curve[k][1].update(torch.tensor(float(res.nfe), device=output.device), len(target))
+            # weighted by the solve's samples (a batch of images, or one graph)
+            curve[k][1].update(
+                torch.tensor(float(res.nfe), device=output.device), res.converged.numel()
+            )
         return kept
 
     def log(

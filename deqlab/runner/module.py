@@ -244,7 +244,7 @@ class DEQLitModule(L.LightningModule):
         self.net = net
         n = self.norm_cfg
         apply_norm(
-            net.cell,
+            getattr(net, "cell", net),  # an explicit baseline has no cell: the whole net
             n.kind,
             exclude=n.exclude,
             power_iters=n.power_iters,
@@ -255,7 +255,7 @@ class DEQLitModule(L.LightningModule):
             clip_value=n.clip_value,
         )
         if self.compile_cell:
-            compile_cell(net.cell, self.compile_options)
+            compile_cell(getattr(net, "cell", net), self.compile_options)
 
     def setup(self, stage: str) -> None:
         """Start from ``init_from``'s weights (once; a resumed run's checkpoint, restored after
@@ -326,7 +326,11 @@ class DEQLitModule(L.LightningModule):
 
     def forward(self, x: Tensor, **solve: Any) -> tuple[list[Tensor], DEQInfo | None]:
         """Outputs of ``net.head`` for each returned state (the last is the equilibrium's),
-        and the solve's statistics; ``solve`` goes to :meth:`equilibrium`."""
+        and the solve's statistics; ``solve`` goes to :meth:`equilibrium`. A network without
+        ``inject`` is an explicit baseline (a finite-depth GCN, a ResNet): its output alone,
+        no solve and no statistics, so that it trains through the same runner."""
+        if not hasattr(self.net, "inject"):
+            return [self.net(x)], None
         u, z0 = self.net.inject(x)
         states, info = self.equilibrium(Bound(self.net.cell, u), z0, **solve)
         return [self.net.head(s) for s in states], info

@@ -1,0 +1,1 @@
+"""Graphs: implicit graph neural networks (IGNN) and their finite-depth baselines."""

@@ -1,0 +1,94 @@
+"""Node classification data: one graph, served whole as every split's one batch (the split
+reads the nodes its mask selects)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .chains import make_chains
+from .graph import GraphInput, NodeTargets, check_graph, normalized_adjacency, perron_frobenius
+
+
+class _One(Dataset):
+    def __init__(self, item: Any):
+        self.item = item
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> Any:
+        return self.item
+
+
+class ChainsDataModule(L.LightningDataModule):
+    """The IGNN paper's chains (:func:`~deqlab.tasks.graph.chains.make_chains`), one graph.
+
+    Args:
+        chain_length: nodes per chain.
+        num_classes: classes (the reference's 2).
+        chains_per_class: chains of each class (20).
+        feature_dim: node feature dimension (100).
+        train, val, test: nodes in each split (20, 100, 200).
+        noise: uniform feature noise (0).
+        seed: the generator's seed (the reference's 42).
+    """
+
+    def __init__(
+        self,
+        chain_length: int = 10,
+        num_classes: int = 2,
+        chains_per_class: int = 20,
+        feature_dim: int = 100,
+        train: int = 20,
+        val: int = 100,
+        test: int = 200,
+        noise: float = 0.0,
+        seed: int = 42,
+    ):
+        super().__init__()
+        self.options = dict(
+            classes=num_classes,
+            chains_per_class=chains_per_class,
+            features=feature_dim,
+            train=train,
+            val=val,
+            test=test,
+            noise=noise,
+            seed=seed,
+        )
+        self.chain_length, self.num_classes = chain_length, num_classes
+        self.batches: dict[str, tuple[GraphInput, NodeTargets]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.batches:
+            return
+        d = make_chains(self.chain_length, **self.options)
+        n = d["x"].shape[0]
+        check_graph(n, d["edge_index"], d["y"], self.num_classes)
+        # messages follow the edges: row i of A^T gathers from the nodes with an edge into i
+        adj = normalized_adjacency(d["edge_index"], n)
+        graph = GraphInput(d["x"], adj.t().coalesce(), perron_frobenius(adj))
+        for split in ("train", "val", "test"):
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[d[split]] = True
+            self.batches[split] = (graph, NodeTargets(d["y"], mask))
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(_One(self.batches[split]), batch_size=None, num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    @property
+    def in_features(self) -> int:
+        return self.options["features"]
