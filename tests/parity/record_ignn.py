@@ -8,6 +8,11 @@ never code: the train split, the heads of the val and test splits, the test indi
 and checksums of the normalized adjacency, the features and the labels.
 ``tests/test_graph.py`` requires deqlab's chains to give the same numbers.
 
+It also runs the reference's ImplicitFunction (functions.py) on a 6-node directed chain and on
+its symmetrized adjacency, and records its equilibrium X and its gradient dL/dW for
+L = sum(X * C): the forward solve deqlab must reproduce, and the backward pass whose dL/dW
+uses A where A^T belongs (``grad_W = grad_z @ spmm(A, X.T)``): right for a symmetric A only.
+
 Only the function is taken from utils.py (its other imports, torch_sparse, networkx and
 sklearn, serve the other datasets); its chain length is the constant ``l = 10`` in its body,
 replaced for each length.
@@ -66,7 +71,33 @@ def main(checkout: Path) -> None:
             feat_sum=float(x.double().sum()),
             labels_sum=int(y.sum()),
         )
+    out["implicit"] = implicit_function(show("functions.py"))
     json.dump(out, sys.stdout)
+
+
+def implicit_function(functions_source: str) -> dict:
+    import torch.nn.functional as F
+
+    scope: dict = {}
+    exec(functions_source.replace("from utils import sparse_mx_to_torch_sparse_tensor", ""), scope)
+    implicit = scope["ImplicitFunction"]
+    g = torch.Generator().manual_seed(0)
+    n, m = 6, 3
+    a = torch.eye(n, dtype=torch.float64) + torch.diag(torch.ones(n - 1, dtype=torch.float64), 1)
+    d = a.sum(1).pow(-0.5)
+    directed = d[:, None] * a * d[None, :]
+    w = 0.3 * torch.randn(m, m, dtype=torch.float64, generator=g)
+    b = torch.randn(m, n, dtype=torch.float64, generator=g)
+    c = torch.randn(m, n, dtype=torch.float64, generator=g)
+    out = {"W": w.tolist(), "B": b.tolist(), "C": c.tolist()}
+    for name, adj in (("directed", directed), ("symmetric", (directed + directed.t()) / 2)):
+        wk = w.clone().requires_grad_()
+        x = implicit.apply(
+            wk, torch.zeros(m, n, dtype=torch.float64), adj.to_sparse(), b, F.relu, 300, 300
+        )
+        (grad_w,) = torch.autograd.grad((x * c).sum(), [wk])
+        out[name] = {"A": adj.tolist(), "X": x.tolist(), "grad_W": grad_w.tolist()}
+    return out
 
 
 if __name__ == "__main__":
