@@ -205,15 +205,28 @@ CHAINS_RUN = ["trainer.num_sanity_val_steps=0", "~callbacks.progress", "logger=c
 
 def test_the_chains_experiments_train_through_the_runner(tmp_path):
     """experiment=ignn_chains and gcn_chains run end to end: IGNN solves (statistics logged,
-    the weight kept in its ball), the GCN baseline trains without a solve."""
+    the weight kept in its ball), the GCN baseline trains without a solve. Figures are drawn
+    at the first validation and every figures_every-th after it."""
     from deqlab.runner.main import run
 
     from .helpers.runs import compose_cfg, metrics
 
     ignn_dir, gcn_dir = tmp_path / "ignn", tmp_path / "gcn"
-    run(compose_cfg(["experiment=ignn_chains", "trainer.max_epochs=3", *CHAINS_RUN], ignn_dir))
+    every = "task.module.fit.figures_every=2"
+    run(
+        compose_cfg(
+            ["experiment=ignn_chains", "trainer.max_epochs=3", every, *CHAINS_RUN], ignn_dir
+        )
+    )
     rows = metrics(ignn_dir)
     assert any(r.get("deq/val_fwd_nfe") for r in rows) and any(r.get("test/acc") for r in rows)
+    assert len([r for r in rows if r.get("deq/val_unstable_share")]) == 3
+    figures = ignn_dir / "csv" / "version_0" / "figures"
+    for name in ("deq_residual_trace", "deq_stability"):
+        assert sorted(p.name for p in figures.glob(f"{name}_*.png")) == [
+            f"{name}_step1.png",  # after the first epoch's step: the first validation
+            f"{name}_step3.png",  # the third
+        ]
     run(compose_cfg(["experiment=gcn_chains", "trainer.max_epochs=3", *CHAINS_RUN], gcn_dir))
     rows = metrics(gcn_dir)
     assert not any(r.get("deq/val_fwd_nfe") for r in rows) and any(r.get("test/acc") for r in rows)

@@ -101,6 +101,10 @@ class FitConfig:
     ``deq/val_unstable_share``; a share rising at ``unstable_patience`` validations in a row
     warns (0: never).
     trace_samples: samples drawn in the validation residual-trace figure (0: off).
+    figures_every: draw the validation figures (``deq/residual_trace``, ``deq/stability``)
+    at the first validation and every ``figures_every``-th after it (0: never); their
+    statistics are logged at every validation. A figure takes about half a second: with an
+    epoch of one step (a graph), drawing every time would be most of the run.
     batch_chunk: split each training batch into this many chunks, solved and backpropagated
     one after the other, their gradients accumulated in one step (the DEQ-Transformer
     reference's ``--batch_chunk``: the same step in less memory).
@@ -122,6 +126,7 @@ class FitConfig:
     fp_normalize: bool = False
     sradius_iters: int = 0
     trace_samples: int = 4
+    figures_every: int = 1
     batch_chunk: int = 1
     unstable_above: float = 0.05
     unstable_patience: int = 2
@@ -147,6 +152,8 @@ class FitConfig:
             raise ValueError(f"fit.jitter [low, high] needs low <= high, got {self.jitter}")
         if self.batch_chunk < 1:
             raise ValueError(f"fit.batch_chunk must be >= 1, got {self.batch_chunk}")
+        if self.figures_every < 0:
+            raise ValueError(f"fit.figures_every must be >= 0 (0: never), got {self.figures_every}")
         if self.jitter_on not in ("every_step", "jac_steps"):
             raise ValueError(
                 f"fit.jitter_on must be every_step or jac_steps, got {self.jitter_on!r}"
@@ -163,6 +170,10 @@ class FitConfig:
             return list(self.budget_grid)
         powers = [2**i for i in range(eval_budget.bit_length()) if 2**i < eval_budget]
         return [*powers, eval_budget]
+
+    def figures_due(self, validation: int) -> bool:
+        """Whether the validation numbered ``validation`` (0 for the first) draws figures."""
+        return self.figures_every > 0 and validation % self.figures_every == 0
 
     def draw_budget(self, budget: int, jac_vecs: int) -> int:
         """This step's forward budget: ``budget`` jittered as ``jitter`` and ``jitter_on`` say

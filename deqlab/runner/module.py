@@ -488,7 +488,8 @@ class DEQLitModule(L.LightningModule):
             self.stability.split = None
             return
         # figures come from rank 0 alone: another rank would open a logger folder of its own
-        if trace is not None and self.trainer.is_global_zero:
+        due = self.fit_cfg.figures_due(len(self.stability.history))  # this validation's number
+        if trace is not None and self.trainer.is_global_zero and due:
             fig = residual_trace_figure(trace, self.current_epoch)
             log_figure(self.loggers, "deq/residual_trace", fig, self.global_step, trace)
         self.curve.log("val", self.log, self.curve_metric, self.curve_finish)

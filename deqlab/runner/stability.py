@@ -143,7 +143,8 @@ class StabilityMonitor:
         zero = module.trainer.is_global_zero
         if rising(self.history, fit.unstable_patience) and zero:
             warn_rising(self.history, fit.unstable_patience, fit.unstable_above)
-        if zero:  # figures from rank 0 alone: another would open a logger folder of its own
+        # figures from rank 0 alone: another would open a logger folder of its own
+        if zero and fit.figures_due(len(self.history) - 1):
             fig = stability_figure(values, fit.unstable_above, module.current_epoch)
             data = torch.stack([values["rel_residual"], values["steps"]], dim=1)
             log_figure(module.loggers, "deq/stability", fig, module.global_step, data)
