@@ -336,7 +336,9 @@ def test_a_registered_norm_kind_is_applied_and_removed_like_the_built_in_ones():
         NORMS.entries.pop("row_max")
     with pytest.raises(ValueError) as e:
         NormConfig(kind="row_max")
-    assert str(e.value).startswith("unknown norm kind 'row_max'; known: spectral_norm, weight_norm")
+    assert str(e.value).startswith(
+        "unknown norm kind 'row_max'; known: inf_ball, spectral_norm, weight_norm"
+    )
 
 
 def test_apply_norms_keyword_defaults_are_the_configs():
