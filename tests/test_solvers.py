@@ -922,12 +922,9 @@ def _armijo_by_hand(phi, phi0, c1=1e-4, min_step=1e-2):
             return s, evals, True
 
 
-def test_armijo_step_agrees_with_the_search_written_out_by_hand():
-    """48 samples of g(z) = -k atan(z) stepped along d = -c z, with c from 0.3 (too short, the
-    full step accepted) to 300 (no step helps), and slightly uphill (c < 0: each trial halves
-    s until it is below min_step): each sample's step size, iterate and f value are those of
-    the one-sample search written out in floats, and the batch spends the f evaluations of its
-    slowest sample."""
+def _armijo_on_atan(c1: float):
+    """armijo_step on 48 samples of g(z) = -k atan(z) along d = -c z, beside the search
+    written out by hand for each sample."""
     from deqlab.solvers.broyden import armijo_step
 
     k = torch.linspace(0.5, 2.0, 48, dtype=torch.float64).unsqueeze(1)
@@ -937,11 +934,12 @@ def test_armijo_step_agrees_with_the_search_written_out_by_hand():
     z = torch.linspace(-4.0, 4.0, 48, dtype=torch.float64).unsqueeze(1) + 0.05
     f = lambda y: y + k * torch.atan(y)
     d = -c * z
-    z_new, fz_new, s, evals = armijo_step(f, z, f(z) - z, d)
+    z_new, fz_new, s, evals = armijo_step(f, z, f(z) - z, d, c1=c1)
     by_hand = [
         _armijo_by_hand(
             lambda t, i=i: (k[i, 0].item() * math.atan(z[i, 0].item() + t * d[i, 0].item())) ** 2,
             (k[i, 0].item() * math.atan(z[i, 0].item())) ** 2,
+            c1=c1,
         )
         for i in range(48)
     ]
@@ -950,9 +948,22 @@ def test_armijo_step_agrees_with_the_search_written_out_by_hand():
     torch.testing.assert_close(z_new, z + want_s * d, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(fz_new, f(z_new), rtol=0, atol=0)
     assert evals == max(h[1] for h in by_hand)
+    return s, by_hand
+
+
+def test_armijo_step_agrees_with_the_search_written_out_by_hand():
+    """48 samples stepped along d = -c z, with c from 0.3 (too short, the full step accepted)
+    to 300 (no step helps), and slightly uphill (c < 0: each trial halves s until it is below
+    min_step): each sample's step size, iterate and f value are those of the one-sample search
+    written out in floats, and the batch spends the f evaluations of its slowest sample. With
+    a demanding sufficient decrease (c1 = 0.9; TorchDEQ's and scipy's is 1e-4) the same
+    holds, and the condition decides differently for some samples."""
+    s, by_hand = _armijo_on_atan(1e-4)
     # every branch is taken: accepted at once, after one or two trials, refused after 3 or 7
     branches = {(h[1], h[2]) for h in by_hand}
     assert branches == {(1, True), (2, True), (3, True), (3, False), (7, False)}, branches
+    strict, _ = _armijo_on_atan(0.9)
+    assert int((strict != s).sum()) >= 3
 
 
 def test_line_search_is_refused_where_it_cannot_run():
