@@ -281,3 +281,74 @@ def test_a_gradient_mode_says_which_settings_it_does_not_read():
         warnings.simplefilter("error")
         GradConfig(name="ift", max_iter=8, steps=2, sup_gap=1, mem_gc=True)
         GradConfig(name="phantom", steps=2, tau=0.3)
+
+
+def test_solver_settings_refusals_and_conversions_in_full(restore_registries):
+    """The messages of SolverConfig's refusals word for word, and what from_mapping makes of
+    a composed config: plain dicts, a legacy option merged into fallback_options beside the
+    ones given, the caller's name for the config in its errors."""
+    from omegaconf import OmegaConf
+
+    from deqlab import register_solver
+    from deqlab.solvers.solver_config import solver_schema
+
+    cases = [
+        (
+            dict(name="broyden", ls=True, check_every=2),
+            "solver.ls reads its Armijo test back at every trial: set solver.check_every=1 and "
+            "solver.capture=false, or solver.ls=false",
+        ),
+        (
+            dict(name="broyden", ls=True, capture=True, check_every=1),
+            "solver.ls reads its Armijo test back at every trial: set solver.check_every=1 and "
+            "solver.capture=false, or solver.ls=false",
+        ),
+        (
+            dict(fallback=["broyden"], fallback_options={"fixed_point": {"tau": 0.5}}),
+            "solver.fallback_options names ['fixed_point'], which solver.fallback=['broyden'] "
+            "does not list",
+        ),
+        (
+            dict(memory=3),  # no name: Anderson's settings
+            "solver.memory=3: solver 'anderson' takes no memory (its options: check_every, lam, "
+            "lam_mode, m, return_final, tau); memory is an option of broyden (a fallback's "
+            "options go in solver.fallback_options.<name>)",
+        ),
+        (
+            dict(name="broyden", tau=0.5),
+            "solver.tau=0.5: solver 'broyden' takes no tau (its options: check_every, ls, "
+            "memory, return_final); tau is an option of anderson, fixed_point (a fallback's "
+            "options go in solver.fallback_options.<name>)",
+        ),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as e:
+            SolverConfig(**kwargs)
+        assert str(e.value) == message
+    SolverConfig(name="broyden", ls=True)  # every step tested: the line search may run
+
+    node = OmegaConf.create(
+        {
+            "name": "anderson",
+            "options": {},
+            "fallback": ["broyden"],
+            "fallback_options": {"broyden": {"ls": True}},
+            "memory": 12,  # the flat schema's way to reach the fallback
+        }
+    )
+    cfg = SolverConfig.from_mapping(node)
+    assert type(cfg.options) is dict and type(cfg.fallback_options) is dict
+    assert cfg.fallback_options == {"broyden": {"ls": True, "memory": 12}}
+    with pytest.raises(ValueError, match=r"^unknown grad\.solver key 'mm'; valid keys: name"):
+        SolverConfig.from_mapping({"name": "broyden", "mm": None}, "grad.solver")
+
+    def newton(f, z0, *, max_iter, tol, stop_mode="rel", save_at=(), shifts=[[0.0]]):  # noqa: B006
+        raise AssertionError("not called")
+
+    register_solver("my_pkg.Solvers:newton-krylov", newton)
+    schema = solver_schema("my_pkg.Solvers:newton-krylov")
+    assert schema.__name__ == "MyPkgSolversNewtonKrylovSolverConfig"
+    assert schema.__module__ == "deqlab.solvers.solver_config"
+    assert schema.__doc__ == "The 'my_pkg.Solvers:newton-krylov' solver's settings."
+    cfg = schema()
+    assert cfg.shifts == [[0.0]] and cfg.shifts[0] is not newton.__kwdefaults__["shifts"][0]
