@@ -110,3 +110,31 @@ def test_soak_probe_records_resident_memory_every_n_steps(tmp_path):
         next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]
     )
     assert abs(rss_mb() - vm_rss_kb / 1024) < 5
+
+
+def test_the_graph_benchmark_steps_the_same_model_sparse_and_dense():
+    """Both steps train the same IGNN on the same chains: the gradients agree, and the sparse
+    adjacency and its saved tensors take a fraction of the dense ones."""
+    from benchmarks.graph_sparse import graph_sparse
+    from deqlab import DEQ, Bound
+    from deqlab.tasks.graph.chains import make_chains
+    from deqlab.tasks.graph.graph import GraphInput, normalized_adjacency
+    from deqlab.tasks.graph.model import IGNN
+
+    (row,) = graph_sparse(torch.device("cpu"), repeats=1, lengths=(20,))
+    assert row["nodes"] == 800 and row["sparse_s"] > 0 and row["dense_s"] > 0
+    assert row["sparse_adj_MB"] < row["dense_adj_MB"] / 50
+    assert row["sparse_saved_MB"] < row["dense_saved_MB"] / 2
+    d = make_chains(20, train=4, val=4, test=4)
+    adj_t = normalized_adjacency(d["edge_index"], 800).t().coalesce().double()
+    grads = []
+    for a in (adj_t, adj_t.to_dense()):
+        torch.manual_seed(0)
+        net = IGNN(100, hidden=8, dropout=0.0).double()
+        deq = DEQ({"name": "fixed_point", "max_iter": 30, "tol": None})
+        u, z0 = net.inject(GraphInput(d["x"].double(), a, 1.0))
+        z, _ = deq(Bound(net.cell, u), z0)
+        net.head(z).logsumexp(1).sum().backward()
+        grads.append([p.grad for p in net.parameters()])
+    for sparse, dense in zip(*grads):
+        torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-12)

@@ -17,8 +17,9 @@ from .graph import GraphInput
 
 
 def propagate(adj_t: Tensor, h: Tensor) -> Tensor:
-    """adj_t @ h with a sparse ``adj_t`` (N, N) and a dense h (N, d), differentiable in h."""
-    return torch.sparse.mm(adj_t, h)
+    """adj_t @ h with a sparse ``adj_t`` (N, N) and a dense h (N, d), differentiable in h. A
+    dense ``adj_t`` is multiplied densely (what ``benchmarks/graph_sparse.py`` compares)."""
+    return torch.sparse.mm(adj_t, h) if adj_t.is_sparse else adj_t @ h
 
 
 def _uniform_(p: Tensor, fan: int) -> None:
