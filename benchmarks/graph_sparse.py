@@ -45,7 +45,7 @@ class _Saved:
 def _step(net: IGNN, deq: DEQ, graph: GraphInput, labels: torch.Tensor) -> None:
     u, z0 = net.inject(graph)
     z, _ = deq(Bound(net.cell, u), z0)
-    torch.nn.functional.cross_entropy(net.head(z), labels).backward()
+    torch.nn.functional.cross_entropy(net.head(z)[0], labels).backward()
 
 
 def graph_sparse(
@@ -81,7 +81,7 @@ def graph_sparse(
             with _Saved() as saved:
                 u, z0 = net.inject(graph)
                 z, _ = deq(Bound(net.cell, u), z0)
-                loss = torch.nn.functional.cross_entropy(net.head(z), labels)
+                loss = torch.nn.functional.cross_entropy(net.head(z)[0], labels)
             loss.backward()
             adj_bytes = a.values().nbytes + a.indices().nbytes if a.is_sparse else a.nbytes
             row[f"{kind}_s"] = sorted(times)[len(times) // 2]

@@ -134,7 +134,7 @@ def test_the_graph_benchmark_steps_the_same_model_sparse_and_dense():
         deq = DEQ({"name": "fixed_point", "max_iter": 30, "tol": None})
         u, z0 = net.inject(GraphInput(d["x"].double(), a, 1.0))
         z, _ = deq(Bound(net.cell, u), z0)
-        net.head(z).logsumexp(1).sum().backward()
+        net.head(z).logsumexp(-1).sum().backward()
         grads.append([p.grad for p in net.parameters()])
     for sparse, dense in zip(*grads):
         torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-12)

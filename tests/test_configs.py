@@ -40,6 +40,7 @@ WITH = {
     ("grad", "reversible"): ["solver=reversible"],
     ("net", "ignn"): ["task=chains"],
     ("net", "gcn"): ["task=chains"],
+    ("net", "ignn_graph"): ["task=tu"],
     ("norm", "inf_ball"): ["task=chains"],  # a matrix's rows: the graph cell's weight
 }
 

@@ -285,6 +285,28 @@ def test_inverse_square_root_schedule_is_the_deq_sequence_references():
     assert opt.param_groups[0]["lr"] == pytest.approx(2**-0.5)
 
 
+def test_multistep_schedule_multiplies_the_rate_at_its_milestones():
+    """schedule=multistep: lr * gamma^(milestones passed), each milestone a step after the
+    warmup (the IGNN graph code halves Adam's rate once, before epoch 51)."""
+    net = nn.Linear(2, 2)
+    adam = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1.0}
+    cfg = OptimConfig(optimizer=adam, schedule="multistep", milestones=[3, 5], gamma=0.5)
+    opt, sched = cfg.build(net, 50)
+    lrs = []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    for bad, message in (
+        ({"milestones": []}, "needs optim.milestones"),
+        ({"milestones": [5, 3]}, "increasing steps"),
+        ({"milestones": [3], "gamma": 0.0}, "gamma must be > 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            OptimConfig(optimizer=adam, schedule="multistep", **bad)
+
+
 class ValLosses(L.Callback):
     def __init__(self):
         self.seen = []

@@ -40,8 +40,10 @@ class OptimConfig:
     optimizer: Any = field(
         default_factory=lambda: {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
     )
-    schedule: str = "cosine"  # cosine | constant | inv_sqrt | plateau
+    schedule: str = "cosine"  # cosine | constant | inv_sqrt | plateau | multistep
     warmup_steps: int = 0
+    milestones: list[int] = field(default_factory=list)  # multistep: steps where lr *= gamma
+    gamma: float = 0.1
     min_lr: float = 0.0
     anneal_over: str = "rest"  # rest | all
     decay_norms_and_biases: bool = False
@@ -69,6 +71,12 @@ class OptimConfig:
             )
         if self.anneal_over not in ("rest", "all"):
             raise ValueError(f"optim.anneal_over must be rest or all, got {self.anneal_over!r}")
+        if self.schedule == "multistep" and not self.milestones:
+            raise ValueError("optim.schedule=multistep needs optim.milestones (steps)")
+        if sorted(self.milestones) != list(self.milestones) or any(m < 1 for m in self.milestones):
+            raise ValueError(f"optim.milestones must be increasing steps >= 1: {self.milestones}")
+        if not self.gamma > 0:
+            raise ValueError(f"optim.gamma must be > 0, got {self.gamma}")
         if self.warmup_steps < 0 or self.min_lr < 0:
             raise ValueError("optim.warmup_steps and optim.min_lr must be >= 0")
 
@@ -95,8 +103,10 @@ class OptimConfig:
             return opt, torch.optim.lr_scheduler.LambdaLR(opt, [factor(lr) for lr in base])
         if self.schedule == "inv_sqrt":
             return opt, torch.optim.lr_scheduler.LambdaLR(opt, partial(inv_sqrt, warmup=warmup))
-        if self.schedule in ("constant", "plateau"):  # plateau: see plateau()
-            main: Any = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+        if self.schedule == "multistep":
+            main: Any = torch.optim.lr_scheduler.MultiStepLR(opt, list(self.milestones), self.gamma)
+        elif self.schedule in ("constant", "plateau"):  # plateau: see plateau()
+            main = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
         else:
             main = torch.optim.lr_scheduler.CosineAnnealingLR(
                 opt, T_max=max(1, total_steps - warmup), eta_min=self.min_lr
@@ -123,7 +133,7 @@ class OptimConfig:
         )
 
 
-SCHEDULES = ("cosine", "constant", "inv_sqrt", "plateau")
+SCHEDULES = ("cosine", "constant", "inv_sqrt", "plateau", "multistep")
 
 
 def inv_sqrt(t: int, warmup: int) -> float:

@@ -17,9 +17,12 @@ from .graph import GraphInput
 
 
 def propagate(adj_t: Tensor, h: Tensor) -> Tensor:
-    """adj_t @ h with a sparse ``adj_t`` (N, N) and a dense h (N, d), differentiable in h. A
-    dense ``adj_t`` is multiplied densely (what ``benchmarks/graph_sparse.py`` compares)."""
-    return torch.sparse.mm(adj_t, h) if adj_t.is_sparse else adj_t @ h
+    """adj_t @ h per node row, for node states h (B, n, d) and a sparse ``adj_t`` (B n, B n)
+    (:class:`GraphInput`'s), differentiable in h. A dense ``adj_t`` is multiplied densely
+    (what ``benchmarks/graph_sparse.py`` compares)."""
+    rows = h.reshape(-1, h.shape[-1])
+    out = torch.sparse.mm(adj_t, rows) if adj_t.is_sparse else adj_t @ rows
+    return out.view(h.shape[:-1] + out.shape[-1:])
 
 
 def _uniform_(p: Tensor, fan: int) -> None:
@@ -28,7 +31,7 @@ def _uniform_(p: Tensor, fan: int) -> None:
 
 
 class IGNNCell(nn.Module):
-    """f(Z; (A^T, B)) = relu(A^T Z W^T + B) on the node states Z (1, N, m): the IGNN
+    """f(Z; (A^T, B)) = relu(A^T Z W^T + B) on the node states Z (B, n, m): the IGNN
     equilibrium (Gu et al., 2020, eq. 2, written node-major). With ||W||_inf < 1 / lambda_pf(A)
     (``norm=inf_ball``) it is a contraction, so the fixed point exists and is unique."""
 
@@ -39,7 +42,7 @@ class IGNNCell(nn.Module):
 
     def forward(self, z: Tensor, u: tuple[Tensor, Tensor]) -> Tensor:
         adj_t, b = u
-        return F.relu(propagate(adj_t, self.linear(z[0])) + b).unsqueeze(0)
+        return F.relu(propagate(adj_t, self.linear(z)) + b)
 
 
 class IGNN(nn.Module):
@@ -68,11 +71,10 @@ class IGNN(nn.Module):
     def inject(self, x: GraphInput) -> tuple[tuple[Tensor, Tensor], Tensor]:
         set_norm_bound(self.cell, x.pf_eigenvalue)  # the ball's radius: kappa / lambda_pf(A)
         b = propagate(x.adj_t, x.features @ self.omega.t())
-        z0 = b.new_zeros(1, b.shape[0], self.hidden)  # the reference starts from X_0 = 0
-        return (x.adj_t, b), z0
+        return (x.adj_t, b), torch.zeros_like(b)  # the reference starts from X_0 = 0
 
     def head(self, z: Tensor) -> Tensor:
-        h = F.normalize(z[0], dim=-1)
+        h = F.normalize(z, dim=-1)
         h = F.dropout(h, self.dropout, training=self.training)
         return self.classifier(h)
 
@@ -110,6 +112,83 @@ class GCN(nn.Module):
         for i, conv in enumerate(self.convs):
             h = F.dropout(h, self.dropout, training=self.training)
             h = propagate(x.adj_t, F.linear(h, conv.weight)) + conv.bias  # A^T H W + b
+            if x.mask is not None:  # padding stays zero: it is no node
+                h = h * x.mask.unsqueeze(-1)
             if i < len(self.convs) - 1:
                 h = F.relu(h)
         return h
+
+
+class IGNNStack(nn.Module):
+    """L implicit graph layers solved jointly: the state is (Z_1, ..., Z_L) and
+
+        f_1 = relu(A^T Z_1 W_1^T + B),   f_l = relu(A^T Z_l W_l^T + A^T Z_{l-1} Omega_l^T),
+
+    each layer's injection the previous layer's state. The Jacobian is block lower
+    triangular with each diagonal block a contraction (``norm=inf_ball``), so the joint fixed
+    point exists, is unique, and is the stacked layers' fixed points solved one after the
+    other, as the IGNN code does; one joint solve gives the same implicit gradient.
+
+    Args:
+        hidden: the width m of every layer.
+        layers: L.
+    """
+
+    def __init__(self, hidden: int, layers: int):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"an IGNN stack needs at least one layer, got layers={layers}")
+        self.layers = nn.ModuleList(IGNNCell(hidden) for _ in range(layers))
+        # Parameters, not Linear layers: a norm of the cell acts on the W_l alone
+        self.omegas = nn.ParameterList(
+            nn.Parameter(torch.empty(hidden, hidden)) for _ in range(layers - 1)
+        )
+        for omega in self.omegas:
+            _uniform_(omega, hidden)
+
+    def forward(self, z: tuple[Tensor, ...], u: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
+        adj_t, b = u
+        out = [self.layers[0](z[0], (adj_t, b))]
+        for layer, omega, z_prev, z_l in zip(self.layers[1:], self.omegas, z, z[1:]):
+            out.append(layer(z_l, (adj_t, propagate(adj_t, z_prev @ omega.t()))))
+        return tuple(out)
+
+
+class IGNNGraphClassifier(nn.Module):
+    """IGNN for graph classification, as the reference's (``graphclassification/models.py``):
+    ``layers`` implicit graph layers (:class:`IGNNStack`), the last one's node states summed
+    over each graph (``global_add_pool``), then relu(V_0 .), dropout and V_1.
+
+    Args:
+        in_features: the node feature dimension.
+        hidden: the width of every layer.
+        num_classes: output classes.
+        layers: implicit graph layers (the reference's 3).
+        dropout: dropout before the last linear layer (training only).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int = 64,
+        num_classes: int = 2,
+        layers: int = 3,
+        dropout: float = 0.5,
+    ):
+        super().__init__()
+        self.cell = IGNNStack(hidden, layers)
+        self.omega = nn.Parameter(torch.empty(hidden, in_features))
+        _uniform_(self.omega, hidden)
+        self.pool_linear = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.dropout = dropout
+
+    def inject(self, x: GraphInput) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, ...]]:
+        set_norm_bound(self.cell, x.pf_eigenvalue)
+        b = propagate(x.adj_t, x.features @ self.omega.t())
+        return (x.adj_t, b), tuple(torch.zeros_like(b) for _ in self.cell.layers)
+
+    def head(self, z: tuple[Tensor, ...]) -> Tensor:
+        pooled = z[-1].sum(1)  # padded rows are zero: the sum over each graph's nodes
+        h = F.dropout(F.relu(self.pool_linear(pooled)), self.dropout, training=self.training)
+        return self.classifier(h)
