@@ -98,6 +98,22 @@ def test_the_ball_projects_the_weight_itself_only_when_it_left_the_ball():
         apply_norm(torch.nn.Conv2d(2, 2, 3), "inf_ball")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_projected_weight_is_not_projected_again(dtype):
+    """Rows projected onto the ball sum to the radius up to rounding: using the weight again
+    leaves it alone, so a graph that saved it for backward stays valid (an unrolled loop)."""
+    torch.manual_seed(0)
+    for _ in range(20):
+        layer = torch.nn.Linear(16, 16, bias=False).to(dtype)
+        apply_norm(layer, "inf_ball", target_norm=0.9)
+        layer.weight  # noqa: B018  (projects: the rows sum to 16 * 0.125 on average)
+        original = layer.parametrizations.weight.original
+        version = original._version
+        for _ in range(5):
+            layer.weight  # noqa: B018
+        assert original._version == version
+
+
 def _chain_graph(length: int = 6, dtype=torch.float64):
     d = make_chains(length, chains_per_class=3, train=4, val=4, test=4)
     adj = normalized_adjacency(d["edge_index"], d["x"].shape[0])

@@ -26,6 +26,7 @@ import csv
 import io
 import math
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -135,7 +136,10 @@ def evaluate(
     )
     module.keep_eval = True
     collector = Collector(limit)
-    batch = datamodule.eval_batch_size
+    # batches to run for `limit` samples; a datamodule without a fixed evaluation batch (one
+    # graph per split) runs them all, and the collector keeps the first `limit` samples
+    batch = getattr(datamodule, "eval_batch_size", None)
+    batches = None if limit is None or batch is None else math.ceil(limit / batch)
     with quiet_lightning():
         trainer = L.Trainer(
             logger=False,
@@ -145,8 +149,8 @@ def evaluate(
             enable_model_summary=False,
             plugins=[AtomicCheckpointIO()],  # loads tensors only, whatever torch defaults to
             inference_mode=False,  # the spectral radius takes vector-Jacobian products
-            limit_test_batches=None if limit is None else math.ceil(limit / batch),
-            limit_val_batches=None if limit is None else math.ceil(limit / batch),
+            limit_test_batches=batches,
+            limit_val_batches=batches,
         )
         run = trainer.test if split == "test" else trainer.validate
         run(module, datamodule, ckpt_path=str(ckpt), verbose=False)
@@ -227,7 +231,9 @@ def _figures(
         written.append("budget_curve.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = np.arange(trace.shape[0])
-    with np.errstate(all="ignore"):
+    # steps after every solve stopped are all NaN: numpy warns, the plot leaves a gap
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         for q, style in ((50, "-"), (10, "--"), (90, "--")):
             ax.semilogy(steps, np.nanpercentile(trace, q, axis=1), style, color="k", label=f"p{q}")
     for i in np.flatnonzero(samples["converged"] == 0)[:10]:

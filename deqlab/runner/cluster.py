@@ -294,6 +294,6 @@ class Preemption(Callback):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(written[-1], path)
         else:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # a full state to resume from
         if trainer.is_global_zero:
             print(f"deqlab: checkpoint at step {trainer.global_step} written to {path}", flush=True)
