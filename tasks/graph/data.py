@@ -1,5 +1,6 @@
 """Node classification data: one graph, served whole as every split's one batch (the split
-reads the nodes its mask selects)."""
+reads the nodes its mask selects): the chains here, Planetoid's citation graphs in
+:mod:`~deqlab.tasks.graph.planetoid`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .chains import make_chains
@@ -24,7 +26,53 @@ class _One(Dataset):
         return self.item
 
 
-class ChainsDataModule(L.LightningDataModule):
+class OneGraphDataModule(L.LightningDataModule):
+    """Node classification on one graph: the graph served whole as each split's one batch,
+    the split reading the nodes its mask selects. A subclass supplies the graph
+    (:meth:`load`); this class checks it, normalizes the adjacency and builds the splits.
+
+    Args:
+        num_classes: the classes the network scores; every label must be below it.
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.batches: dict[str, tuple[GraphInput, NodeTargets]] = {}
+
+    def load(self) -> dict[str, Tensor]:
+        """The graph: ``x`` (N, F), ``edge_index`` (2, E), ``y`` (N,) and the node indices of
+        ``train``, ``val`` and ``test``."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.batches:
+            return
+        d = self.load()
+        n = d["x"].shape[0]
+        check_graph(n, d["edge_index"], d["y"], self.num_classes)
+        # messages follow the edges: row i of A^T gathers from the nodes with an edge into i
+        adj = normalized_adjacency(d["edge_index"], n)
+        graph = GraphInput(d["x"], adj.t().coalesce(), perron_frobenius(adj))
+        for split in ("train", "val", "test"):
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[d[split]] = True
+            self.batches[split] = (graph, NodeTargets(d["y"], mask))
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(_One(self.batches[split]), batch_size=None, num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class ChainsDataModule(OneGraphDataModule):
     """The IGNN paper's chains (:func:`~deqlab.tasks.graph.chains.make_chains`), one graph.
 
     Args:
@@ -49,7 +97,7 @@ class ChainsDataModule(L.LightningDataModule):
         noise: float = 0.0,
         seed: int = 42,
     ):
-        super().__init__()
+        super().__init__(num_classes)
         self.options = dict(
             classes=num_classes,
             chains_per_class=chains_per_class,
@@ -60,34 +108,10 @@ class ChainsDataModule(L.LightningDataModule):
             noise=noise,
             seed=seed,
         )
-        self.chain_length, self.num_classes = chain_length, num_classes
-        self.batches: dict[str, tuple[GraphInput, NodeTargets]] = {}
+        self.chain_length = chain_length
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.batches:
-            return
-        d = make_chains(self.chain_length, **self.options)
-        n = d["x"].shape[0]
-        check_graph(n, d["edge_index"], d["y"], self.num_classes)
-        # messages follow the edges: row i of A^T gathers from the nodes with an edge into i
-        adj = normalized_adjacency(d["edge_index"], n)
-        graph = GraphInput(d["x"], adj.t().coalesce(), perron_frobenius(adj))
-        for split in ("train", "val", "test"):
-            mask = torch.zeros(n, dtype=torch.bool)
-            mask[d[split]] = True
-            self.batches[split] = (graph, NodeTargets(d["y"], mask))
-
-    def _loader(self, split: str) -> DataLoader:
-        return DataLoader(_One(self.batches[split]), batch_size=None, num_workers=0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def load(self) -> dict[str, Tensor]:
+        return make_chains(self.chain_length, **self.options)
 
     @property
     def in_features(self) -> int:

@@ -119,18 +119,32 @@ def normalized_adjacency(edge_index: Tensor, num_nodes: int) -> Tensor:
 
 def perron_frobenius(adj: Tensor, tol: float = 1e-5) -> float:
     """The largest eigenvalue of |adj| (a nonnegative matrix's spectral radius), plus ``tol``,
-    as the IGNN code computes it (``scipy.sparse.linalg.eigs``, k=1); densely below
-    ``DENSE_EIGEN_NODES`` nodes, where ARPACK cannot run (k must be below N - 1)."""
+    as the IGNN code computes it (``scipy.sparse.linalg.eigs``, k=1), taken component by
+    component: the eigenvalues of a graph are those of its (weakly) connected components,
+    and on a graph of many components ARPACK meets the same largest eigenvalue many times
+    over and does not converge. A component below ``DENSE_EIGEN_NODES`` nodes is solved
+    densely (ARPACK needs k < N - 1); a larger one has a simple largest eigenvalue (self
+    loops make it aperiodic), where ARPACK converges."""
     import numpy as np
     from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
     from scipy.sparse.linalg import eigs
 
     adj = adj.coalesce()
     rows, cols = adj.indices().numpy()
-    mat = coo_matrix((np.abs(adj.values().double().numpy()), (rows, cols)), shape=adj.shape)
-    if adj.shape[0] < DENSE_EIGEN_NODES:
-        return float(np.abs(np.linalg.eigvals(mat.toarray())).max()) + tol
-    return float(np.abs(eigs(mat, k=1, return_eigenvectors=False)[0])) + tol
+    mat = coo_matrix((np.abs(adj.values().double().numpy()), (rows, cols)), shape=adj.shape).tocsr()
+    _, label = connected_components(mat, directed=True, connection="weak")
+    order = np.argsort(label, kind="stable")
+    bounds = np.cumsum(np.bincount(label))[:-1]
+    largest = 0.0
+    for nodes in np.split(order, bounds):
+        block = mat[nodes][:, nodes]
+        if len(nodes) < DENSE_EIGEN_NODES:
+            value = np.abs(np.linalg.eigvals(block.toarray())).max()
+        else:
+            value = np.abs(eigs(block, k=1, return_eigenvectors=False)[0])
+        largest = max(largest, float(value))
+    return largest + tol
 
 
 DENSE_EIGEN_NODES = 400  # below it a dense eigvals is fast and always converges
@@ -181,13 +195,6 @@ def pad_batch(x: Tensor, edge_index: Tensor, batch: Tensor, max_nodes: int) -> G
     start = torch.cumsum(counts, 0) - counts
     slot = batch * n + (torch.arange(num_nodes) - start[batch])  # node -> padded row
     adj = normalized_adjacency(edge_index, num_nodes)
-    # The union's eigenvalues are its graphs': the largest is theirs, taken graph by graph
-    # (on the union, ARPACK meets one eigenvalue of modulus 1 per graph and does not converge).
-    pf = 0.0
-    ends = (start + counts).tolist()
-    for g, (lo, hi) in enumerate(zip(start.tolist(), ends)):
-        own = batch[edge_index[0]] == g if edge_index.numel() else edge_index[0] < 0
-        pf = max(pf, perron_frobenius(normalized_adjacency(edge_index[:, own] - lo, hi - lo)))
     rows, cols = slot[adj.indices()]
     adj_t = torch.sparse_coo_tensor(
         torch.stack([cols, rows]),
@@ -199,4 +206,4 @@ def pad_batch(x: Tensor, edge_index: Tensor, batch: Tensor, max_nodes: int) -> G
     features[slot] = x
     mask = torch.zeros(b * n, dtype=torch.bool)
     mask[slot] = True
-    return GraphInput(features.view(b, n, -1), adj_t, pf, mask.view(b, n))
+    return GraphInput(features.view(b, n, -1), adj_t, perron_frobenius(adj), mask.view(b, n))

@@ -167,6 +167,7 @@ class TUDataModule(ResumableDataModule):
         where = SimpleNamespace(
             url=self.url, cleaned=False, raw_dir=str(self.raw_dir), name=self.name
         )
+        self.raw_dir.mkdir(parents=True, exist_ok=True)  # as torch_geometric does first
         TUDataset.download(where)  # type: ignore[arg-type]
         if self._missing():
             raise FileNotFoundError(f"{self.url}/{self.name}.zip lacked {self._missing()}")
