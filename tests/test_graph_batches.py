@@ -243,6 +243,37 @@ def test_mutag_is_read_from_its_raw_files_and_split_into_stratified_folds():
     assert graph.pf_eigenvalue == pytest.approx(1.0, abs=1e-4)  # D^-1/2 (A + I) D^-1/2, symmetric
 
 
+def _write_tu(raw: Path, attributes: bool, labels: bool) -> None:
+    """Two graphs (a triangle, an edge) in the TU raw format: 1-based, comma separated."""
+    raw.mkdir(parents=True)
+    edges = [(1, 2), (2, 1), (2, 3), (3, 2), (1, 3), (3, 1), (4, 5), (5, 4)]
+    (raw / "TOY_A.txt").write_text("".join(f"{a}, {b}\n" for a, b in edges))
+    (raw / "TOY_graph_indicator.txt").write_text("1\n1\n1\n2\n2\n")
+    (raw / "TOY_graph_labels.txt").write_text("1\n-1\n")
+    if attributes:
+        (raw / "TOY_node_attributes.txt").write_text("0.5\n1.5\n2.5\n3.5\n4.5\n")
+    if labels:
+        (raw / "TOY_node_labels.txt").write_text("0\n1\n2\n0\n1\n")
+
+
+@pytest.mark.parametrize(
+    ("attributes", "labels", "width"), [(True, True, 3), (False, True, 3), (True, False, 1)]
+)
+def test_tu_features_are_the_node_labels_or_else_the_degrees(tmp_path, attributes, labels, width):
+    """As TUDataset's default (use_node_attr=False) and the IGNN code read them: node labels
+    one-hot, continuous attributes left out; without labels, each node's in-degree."""
+    from deqlab.tasks.graph.tu import read_tu
+
+    _write_tu(tmp_path / "raw", attributes, labels)
+    graphs = read_tu(tmp_path / "raw", "TOY")
+    assert [x.shape for x, _, _ in graphs] == [(3, width), (2, width)]
+    assert [y for *_, y in graphs] == [1, 0]
+    if labels:
+        assert graphs[0][0].argmax(1).tolist() == [0, 1, 2]
+    else:
+        assert graphs[0][0][:, 0].tolist() == [2.0, 2.0, 2.0]  # triangle: in-degree 2
+
+
 def test_missing_data_names_the_download_and_the_client_fetches_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"set task\.datamodule\.download=true"):
         TUDataModule(str(tmp_path / "root")).prepare_data()

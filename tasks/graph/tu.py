@@ -57,12 +57,18 @@ class CollateGraphs:
 
 def read_tu(raw_dir: Path, name: str) -> list[tuple[Tensor, Tensor, int]]:
     """The graphs of a TU dataset's raw files (``<name>_A.txt``, ``_graph_indicator``,
-    ``_graph_labels``, ``_node_labels``, ...), read by PyG's ``read_tu_data``: node labels
-    one-hot, then node attributes, as the features; self loops and duplicate edges removed.
+    ``_graph_labels``, ``_node_labels``, ...), read by PyG's ``read_tu_data``: the node
+    labels one-hot as the features (continuous node attributes left out, as torch_geometric's
+    ``TUDataset`` leaves them by default and the IGNN code reads them); self loops and
+    duplicate edges removed.
     A dataset without node features gets each node's in-degree, as the IGNN code does."""
     from torch_geometric.io import read_tu_data
 
-    data, slices, _ = read_tu_data(str(raw_dir), name)
+    data, slices, sizes = read_tu_data(str(raw_dir), name)
+    if data.x is not None:  # node labels only, as TUDataset(use_node_attr=False) gives them
+        data.x = data.x[:, sizes["num_node_attributes"] :]
+        if data.x.shape[1] == 0:
+            data.x = None
     if data.y is None:
         raise GraphError(f"{name} has no {name}_graph_labels.txt: not a classification dataset")
     graphs = []
@@ -71,8 +77,8 @@ def read_tu(raw_dir: Path, name: str) -> list[tuple[Tensor, Tensor, int]]:
         edge_index = data.edge_index[:, e0:e1]
         if data.x is not None:
             x = data.x[int(slices["x"][g]) : int(slices["x"][g + 1])].float()
-        else:
-            n = data._num_nodes[g]
+        else:  # no node labels: the counts come from the slices, or from the reader
+            n = int(slices["x"][g + 1] - slices["x"][g]) if "x" in slices else data._num_nodes[g]
             x = torch.bincount(edge_index[1], minlength=n).float().unsqueeze(1)
         graphs.append((x, edge_index, int(data.y[g])))
     return graphs
