@@ -25,19 +25,24 @@ def mixed_init(shape: Sequence[int], *, device=None, dtype=None) -> Tensor:
 INITIAL_STATES = {"zeros": zeros_init, "mixed": mixed_init}
 
 
+# ``net``: the start the network's ``inject`` returns, as it is (an inverse problem's A^T y)
+NAMES = (*INITIAL_STATES, "net")
+
+
 @dataclass
 class InitConfig:
-    """Where each solve starts (the ``init`` config group): ``zeros`` or ``mixed``."""
+    """Where each solve starts (the ``init`` config group): ``zeros``, ``mixed``, or ``net``
+    (the state the network's ``inject`` returns, values included)."""
 
     name: str = "zeros"
 
     def __post_init__(self) -> None:
-        if self.name not in INITIAL_STATES:
-            raise ValueError(
-                f"init.name must be one of {sorted(INITIAL_STATES)}, got {self.name!r}"
-            )
+        if self.name not in NAMES:
+            raise ValueError(f"init.name must be one of {sorted(NAMES)}, got {self.name!r}")
 
     def like(self, z0: State) -> State:
-        """A start with the structure, shapes, dtype and device of ``z0``."""
+        """A start with the structure, shapes, dtype and device of ``z0`` (``net``: z0)."""
+        if self.name == "net":
+            return z0
         make = INITIAL_STATES[self.name]
         return like(z0, [make(p.shape, device=p.device, dtype=p.dtype) for p in as_tuple(z0)])

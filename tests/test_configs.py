@@ -41,6 +41,8 @@ WITH = {
     ("net", "ignn"): ["task=chains"],
     ("net", "gcn"): ["task=chains"],
     ("net", "ignn_graph"): ["task=tu"],
+    ("net", "de_grad"): ["task=inverse_cifar"],
+    ("net", "de_prox"): ["task=inverse_cifar"],
     ("norm", "inf_ball"): ["task=chains"],  # a matrix's rows: the graph cell's weight
 }
 

@@ -85,6 +85,11 @@ class FitConfig:
 
     pretrain_steps / pretrain_unroll: for the first steps, run the cell as a weight-tied
     network of ``pretrain_unroll`` layers with ordinary backprop (Bai et al., 2019, 2020).
+    unrolled: k > 0 trains the cell as an unrolled network of k iterations from the start
+    (ordinary backprop through all of them), the baseline an equilibrium model is compared
+    with (Gilton et al., 2021); evaluation still runs the solver, so with ``fixed_point``,
+    no tolerance and ``eval_max_iter=k`` it is that network, and larger budgets run it past
+    its training depth.
     jitter: the forward budget of a step is max_iter + k, k drawn uniformly from -jitter ..
     jitter (an int) or from low .. high (a list [low, high], both included): the
     DEQ-Transformer reference draws from [-delta, 0] (``rand_f_thres_delta``), MDEQ-Vision
@@ -118,6 +123,7 @@ class FitConfig:
 
     pretrain_steps: int = 0
     pretrain_unroll: int = 0
+    unrolled: int = 0
     jitter: Any = 0  # int k: -k..k; [low, high]
     jitter_on: str = "every_step"  # every_step | jac_steps
     fp_weight: str = "exp"
@@ -147,6 +153,11 @@ class FitConfig:
             raise ValueError(f"fit.budget_grid lists increasing step counts >= 1, got {grid}")
         if self.pretrain_steps > 0 and self.pretrain_unroll < 1:
             raise ValueError("fit.pretrain_steps > 0 needs fit.pretrain_unroll >= 1")
+        if self.unrolled < 0 or (self.unrolled > 0 and self.pretrain_steps > 0):
+            raise ValueError(
+                f"fit.unrolled={self.unrolled}: an unrolled network of k >= 1 iterations, "
+                "trained so from the start (without fit.pretrain_steps)"
+            )
         low, high = self.jitter_range()
         if low > high:
             raise ValueError(f"fit.jitter [low, high] needs low <= high, got {self.jitter}")

@@ -295,7 +295,8 @@ class DEQLitModule(L.LightningModule):
         loss should read (last = the equilibrium) and the solve's statistics.
 
         In unrolled pre-training it runs ``pretrain_unroll`` plain steps instead (no
-        statistics), in training with ordinary backprop, and in evaluation too: until
+        statistics), in training with ordinary backprop, and in evaluation too (an
+        ``unrolled`` network: ``unrolled`` steps in training only); until
         ``pretrain_steps`` the model being trained is the unrolled network (as the reference
         implementations evaluate it). ``jac_vecs`` > 0 asks for the Jacobian penalty,
         ``sradius_iters`` > 0 for ``info.sradius`` (power method at the equilibrium);
@@ -304,9 +305,10 @@ class DEQLitModule(L.LightningModule):
         """
         t = self.fit_cfg
         z0 = self.init_cfg.like(z0)
-        if self.global_step < t.pretrain_steps:
+        unrolled = t.unrolled if self.training and torch.is_grad_enabled() else 0
+        if self.global_step < t.pretrain_steps or unrolled:
             z = z0
-            for _ in range(t.pretrain_unroll):
+            for _ in range(unrolled or t.pretrain_unroll):
                 z = evaluate(f, z, self.grad_cfg.mem_gc)
             return [z], None
         kwargs: dict[str, Any] = {}
