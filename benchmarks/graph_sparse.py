@@ -14,32 +14,7 @@ from deqlab.tasks.graph.chains import make_chains
 from deqlab.tasks.graph.graph import GraphInput, normalized_adjacency
 from deqlab.tasks.graph.model import IGNN
 
-
-class _Saved:
-    """Bytes of the distinct tensors autograd saves inside the context (a sparse tensor by its
-    indices and values, a dense one by its storage)."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, int] = {}
-
-    def __enter__(self) -> _Saved:
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.is_sparse:
-                self.seen[id(t)] = t._values().nbytes + t._indices().nbytes
-            else:
-                self.seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._ctx.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
+from .memory import SavedBytes
 
 
 def _step(net: IGNN, deq: DEQ, graph: GraphInput, labels: torch.Tensor) -> None:
@@ -78,7 +53,7 @@ def graph_sparse(
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
-            with _Saved() as saved:
+            with SavedBytes() as saved:
                 u, z0 = net.inject(graph)
                 z, _ = deq(Bound(net.cell, u), z0)
                 loss = torch.nn.functional.cross_entropy(net.head(z)[0], labels)

@@ -14,21 +14,25 @@ from .training_step import TutorialModel
 
 
 class SavedBytes:
-    """Bytes of distinct tensor storages autograd saves for backward inside the context."""
+    """Bytes of the distinct tensors autograd saves inside the context (a sparse tensor by its
+    indices and values, a dense one by its storage)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.seen: dict[int, int] = {}
 
-    def __enter__(self):
-        def pack(t: Tensor) -> Tensor:
-            self.seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    def __enter__(self) -> SavedBytes:
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.is_sparse:
+                self.seen[id(t)] = t._values().nbytes + t._indices().nbytes
+            else:
+                self.seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
         self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         self._ctx.__enter__()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self._ctx.__exit__(*exc)
 
     @property

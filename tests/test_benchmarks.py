@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.baseline import TutorialDEQFixedPoint, tutorial_anderson
@@ -138,3 +139,13 @@ def test_the_graph_benchmark_steps_the_same_model_sparse_and_dense():
         grads.append([p.grad for p in net.parameters()])
     for sparse, dense in zip(*grads):
         torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-12)
+
+
+def test_the_inverse_benchmark_shows_unrolled_memory_growing_and_the_deqs_flat():
+    pytest.importorskip("deepinv")
+    from benchmarks.inverse_memory import inverse_memory
+
+    short, long = inverse_memory(torch.device("cpu"), repeats=1, iterations=(2, 6))
+    assert long["unrolled_saved_MB"] > 2.5 * short["unrolled_saved_MB"]  # k activations
+    assert long["deq_saved_MB"] == short["deq_saved_MB"]  # one f at z*, whatever k
+    assert short["deq_saved_MB"] < short["unrolled_saved_MB"]
