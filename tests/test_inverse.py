@@ -132,14 +132,27 @@ def test_deq_and_unrolled_deblurring_train_through_the_runner(tmp_path):
     quick += ["task.datamodule.subset=null", "task.datamodule.val_size=8", "logger=csv"]
     quick += ["trainer.log_every_n_steps=1"]
     quick += ["task.datamodule.batch_size=8", "task.module.net.width=4", "~callbacks.progress"]
-    for experiment, solves in (("deq_deblur_cifar", True), ("unrolled_deblur_cifar", False)):
+    experiments = ("deq_deblur_cifar", "unrolled_deblur_cifar")
+    scores = {}
+    for experiment, solves in zip(experiments, (True, False)):
         folder = tmp_path / experiment
         run(compose_cfg([f"experiment={experiment}", "solver.max_iter=5", *quick], folder))
         rows = metrics(folder)
         assert any(r.get("deq/fwd_nfe") for r in rows) == solves
         tested = next(r for r in rows if r.get("test/psnr"))
+        scores[experiment] = float(tested["test/psnr"])
         for key in ("test/ssim", "test/psnr_input", "test/psnr@1"):
             assert tested.get(key), key
+    # the side-by-side comparison: both models, the measurement and Tikhonov on one table
+    from deqlab.tasks.inverse.compare import compare
+
+    deq, unrolled = (tmp_path / e / "checkpoints" / "last.ckpt" for e in experiments)
+    report = compare(deq, unrolled, tmp_path / "compare").read_text()
+    for method in ("measurement", "Tikhonov (gamma=", "unrolled", "DEQ"):
+        assert f"| {method}" in report
+    deq_psnr = float(report.split("| DEQ | ")[1].split(" |")[0])
+    assert deq_psnr == pytest.approx(scores["deq_deblur_cifar"], abs=0.01)
+    assert (tmp_path / "compare" / "grid.png").stat().st_size > 5000
 
 
 def test_an_unrolled_network_trains_its_k_iterations_and_evaluates_through_the_solver():
