@@ -199,3 +199,19 @@ def test_python_m_deqlab_is_the_deqlab_command(data_dir, tmp_path):
     assert "solver: anderson, broyden, fixed_point, reversible\n" in ours
     assert "deqlab analyze CKPT" in ours
     assert "schema" not in ours and "__main__" not in ours
+
+
+def test_report_names_runs_by_what_tells_them_apart():
+    """Runs started by hand carry every override in their name: the report keeps only the
+    ones that differ (commas inside a list do not split), and leaves names that would
+    collide or vanish as they were."""
+    from deqlab.runner.report import Run, distinct_names, override_parts
+
+    assert override_parts("a=1,b=[1,2],c={x: 1, y: 2}") == ["a=1", "b=[1,2]", "c={x: 1, y: 2}"]
+    shared = "mode=test,solver.eval_max_iter=101,task.module.fit.budget_grid=[1,2,4]"
+    runs = [Run(Path(n), f"experiment={n},{shared}", "m", "max") for n in ("deq", "unrolled")]
+    distinct_names(runs)
+    assert [r.name for r in runs] == ["experiment=deq", "experiment=unrolled"]
+    same = [Run(Path(n), "solver=anderson", "m", "max") for n in ("a", "b")]
+    distinct_names(same)
+    assert [r.name for r in same] == ["solver=anderson", "solver=anderson"]

@@ -129,6 +129,30 @@ def run_name(folder: Path, config: dict[str, Any]) -> str:
     return folder.name
 
 
+def override_parts(name: str) -> list[str]:
+    """A run name's overrides, split at the commas outside brackets (``a=1,b=[1,2]``)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(name):
+        depth += (c in "[{(") - (c in "]})")
+        if c == "," and depth == 0:
+            parts.append(name[start:i])
+            start = i + 1
+    return [*parts, name[start:]]
+
+
+def distinct_names(runs: list[Run]) -> None:
+    """Name each run by the overrides that tell it from the others (those every run shares
+    left out), so that a figure's legend says what differs; names stay unique."""
+    if len(runs) < 2:
+        return
+    split = [override_parts(r.name) for r in runs]
+    common = set(split[0]).intersection(*split[1:])
+    short = [",".join(p for p in parts if p not in common) for parts in split]
+    if all(short) and len(set(short)) == len(short):
+        for run, name in zip(runs, short, strict=True):
+            run.name = name
+
+
 def find_runs(root: Path) -> list[Run]:
     runs = []
     for config in sorted(root.rglob("config_resolved.yaml")):
@@ -338,6 +362,7 @@ def report(folder: str | Path) -> Path:
     if not root.is_dir():
         raise InputNotFound(f"{root}: no such folder")
     runs = find_runs(root)
+    distinct_names(runs)
     if not runs:
         raise InputNotFound(
             f"no runs under {root}: a run folder holds config_resolved.yaml and its CSV log "
