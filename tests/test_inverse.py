@@ -153,6 +153,16 @@ def test_deq_and_unrolled_deblurring_train_through_the_runner(tmp_path):
     deq_psnr = float(report.split("| DEQ | ")[1].split(" |")[0])
     assert deq_psnr == pytest.approx(scores["deq_deblur_cifar"], abs=0.01)
     assert (tmp_path / "compare" / "grid.png").stat().st_size > 5000
+    # deqlab analyze: one row per image (the targets are a pair of tensors, not a batch)
+    import csv
+
+    from deqlab.runner.analyze import analyze
+
+    for limit, rows in ((None, 10), (6, 6)):
+        out = tmp_path / f"analysis_{limit}"
+        analyze(deq, out=out, limit=limit, sradius_iters=0)
+        with open(out / "samples.csv") as fh:
+            assert len(list(csv.DictReader(fh))) == rows
 
 
 def test_an_unrolled_network_trains_its_k_iterations_and_evaluates_through_the_solver():

@@ -62,14 +62,16 @@ class Collector(L.Callback):
 
     def _batch(self, module: DEQLitModule) -> None:
         kept = module.kept_eval
-        info, y, values, curve = kept.info, kept.target, kept.values, kept.by_budget
+        info, values, curve = kept.info, kept.values, kept.by_budget
         if info is None or (self.limit is not None and self.seen >= self.limit):
             return
-        keep = len(y) if self.limit is None else min(len(y), self.limit - self.seen)
+        # the solve's samples (not len(y): targets may be a tuple of tensors)
+        batch = info.rel_residual.shape[0]
+        keep = batch if self.limit is None else min(batch, self.limit - self.seen)
         self.seen += keep
 
         def per_sample(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            values = values.double().reshape(len(y), -1)[:keep]
+            values = values.double().reshape(batch, -1)[:keep]
             return values.sum(1).cpu().numpy(), np.full(keep, values.shape[1], dtype=float)
 
         value, count = per_sample(values)
@@ -80,7 +82,7 @@ class Collector(L.Callback):
             ("steps", sample_steps(info)),
         ):
             self.rows[name].append(col[:keep].detach().double().cpu().numpy())
-        sradius = info.sradius if info.sradius is not None else torch.full((len(y),), math.nan)
+        sradius = info.sradius if info.sradius is not None else torch.full((batch,), math.nan)
         self.rows["sradius"].append(sradius[:keep].detach().double().cpu().numpy())
         self.rows["value"].append(value)
         self.rows["count"].append(count)
