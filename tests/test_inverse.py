@@ -147,12 +147,14 @@ def test_deq_and_unrolled_deblurring_train_through_the_runner(tmp_path):
     from deqlab.tasks.inverse.compare import compare
 
     deq, unrolled = (tmp_path / e / "checkpoints" / "last.ckpt" for e in experiments)
-    report = compare(deq, unrolled, tmp_path / "compare").read_text()
+    report = compare(deq, unrolled, tmp_path / "compare", photos=True).read_text()
     for method in ("measurement", "Tikhonov (gamma=", "unrolled", "DEQ"):
         assert f"| {method}" in report
     deq_psnr = float(report.split("| DEQ | ")[1].split(" |")[0])
     assert deq_psnr == pytest.approx(scores["deq_deblur_cifar"], abs=0.01)
     assert (tmp_path / "compare" / "grid.png").stat().st_size > 5000
+    photos = (tmp_path / "compare" / "photos.md").read_text()  # scikit-image's, 256 x 256
+    assert "astronaut" in photos and "| DEQ |" in photos
     # deqlab analyze: one row per image (the targets are a pair of tensors, not a batch)
     import csv
 

@@ -9,11 +9,16 @@ split from a grid. ``DIR/grid.png`` shows a few test images: measurement / class
 unrolled / DEQ / ground truth. Both checkpoints must come from runs of the same task and
 operator; their configs are read as ``deqlab analyze`` reads them (allow-listed classes
 only unless ``--trust-config``).
+
+``--photos`` adds the same comparison on real photographs that scikit-image ships (offline),
+center-cropped to 256 x 256, measured through the same operator at that size with the same
+weights: ``photos.md`` and ``photos.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import sys
 from pathlib import Path
@@ -26,8 +31,10 @@ from torchmetrics.functional import structural_similarity_index_measure
 from deqlab.runner.checkpoint import read_checkpoint, run_config
 
 from .module import psnr
+from .operators import make_physics
 
 GAMMAS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
 
 
 def _load(ckpt: str | Path, trust: bool) -> tuple[Any, Any]:
@@ -43,7 +50,11 @@ def _batches(datamodule: Any, split: str) -> list[tuple[torch.Tensor, Any]]:
 
 
 def compare(
-    deq_ckpt: str | Path, unrolled_ckpt: str | Path, out: str | Path, trust: bool = False
+    deq_ckpt: str | Path,
+    unrolled_ckpt: str | Path,
+    out: str | Path,
+    trust: bool = False,
+    photos: bool = False,
 ) -> Path:
     """Write ``compare.md``, ``compare.csv`` and ``grid.png`` into ``out``; returns the report."""
     deq, cfg = _load(deq_ckpt, trust)
@@ -56,51 +67,112 @@ def compare(
     datamodule = instantiate(cfg.task.datamodule)
     datamodule.setup("test")
     physics = deq.net.cell.physics
-
-    def tikhonov(y: torch.Tensor, gamma: float) -> torch.Tensor:
-        return physics.prox_l2(torch.zeros_like(physics.A_adjoint(y)), y, gamma)
-
     val = _batches(datamodule, "val")
-    scores = {g: torch.cat([psnr(tikhonov(y, g), t.clean) for y, t in val]).mean() for g in GAMMAS}
+    scores = {
+        g: torch.cat([psnr(tikhonov(physics, y, g), t.clean) for y, t in val]).mean()
+        for g in GAMMAS
+    }
     gamma = max(scores, key=lambda g: float(scores[g]))
-    methods = {
+    methods = _methods(deq, unrolled, gamma)
+    rows, shown = _score(methods, _batches(datamodule, "test"), 6)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    where = f"Test split of {cfg.task.datamodule._target_}, operator {dict(cfg.task.operator)}."
+    _write(out, "compare", where, rows, shown)
+    if photos:
+        _photos(deq, unrolled, dict(cfg.task.operator), gamma, int(cfg.seed), out)
+    return out / "compare.md"
+
+
+def tikhonov(physics: Any, y: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(A^T A + I / gamma)^-1 A^T y: deepinv's exact ``prox_l2`` from zero."""
+    return physics.prox_l2(torch.zeros_like(physics.A_adjoint(y)), y, gamma)
+
+
+def _methods(deq: Any, unrolled: Any, gamma: float) -> dict[str, Any]:
+    """The four reconstructions compared: (y, target) -> image."""
+    physics = deq.net.cell.physics
+    return {
         "measurement": lambda y, t: t.baseline,
-        f"Tikhonov (gamma={gamma:g})": lambda y, t: tikhonov(y, gamma),
+        f"Tikhonov (gamma={gamma:g})": lambda y, t: tikhonov(physics, y, gamma),
         "unrolled": lambda y, t: unrolled(y)[0][-1],
         "DEQ": lambda y, t: deq(y)[0][-1],
     }
-    totals = {name: [[], []] for name in methods}
+
+
+def _score(
+    methods: dict[str, Any], batches: Any, show: int
+) -> tuple[list[tuple[str, float, float]], dict[str, torch.Tensor]]:
+    """Mean PSNR and SSIM of each method over the batches, and the first images of each."""
+    totals: dict[str, list[list[torch.Tensor]]] = {name: [[], []] for name in methods}
     shown: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for i, (y, target) in enumerate(_batches(datamodule, "test")):
+        for i, (y, target) in enumerate(batches):
             for name, method in methods.items():
                 image = method(y, target).clamp(0, 1)
                 totals[name][0].append(psnr(image, target.clean))
                 ssim = structural_similarity_index_measure(
                     image, target.clean, data_range=1.0, reduction="none"
                 )
-                totals[name][1].append(ssim)
+                totals[name][1].append(ssim.reshape(-1))
                 if i == 0:
-                    shown[name] = image[:6]
+                    shown[name] = image[:show]
             if i == 0:
-                shown["ground truth"] = target.clean[:6]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+                shown["ground truth"] = target.clean[:show]
     rows = [
         (name, float(torch.cat(p).mean()), float(torch.cat(s).mean()))
         for name, (p, s) in totals.items()
     ]
-    with open(out / "compare.csv", "w", newline="") as fh:
+    return rows, shown
+
+
+def _write(
+    out: Path,
+    stem: str,
+    where: str,
+    rows: list[tuple[str, float, float]],
+    shown: dict[str, torch.Tensor],
+) -> None:
+    with open(out / f"{stem}.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("method", "psnr", "ssim"), *rows])
     lines = ["| method | PSNR (dB) | SSIM |", "| --- | --- | --- |"]
     lines += [f"| {name} | {p:.2f} | {s:.3f} |" for name, p, s in rows]
-    (out / "compare.md").write_text(
-        f"Test split of {cfg.task.datamodule._target_}, operator {dict(cfg.task.operator)}.\n\n"
-        + "\n".join(lines)
-        + "\n\n![grid](grid.png)\n"
-    )
-    _grid(shown, out / "grid.png")
-    return out / "compare.md"
+    picture = "grid.png" if stem == "compare" else f"{stem}.png"
+    text = f"{where}\n\n" + "\n".join(lines) + f"\n\n![{stem}]({picture})\n"
+    (out / f"{stem}.md").write_text(text)
+    _grid(shown, out / picture)
+
+
+def _photos(
+    deq: Any, unrolled: Any, operator: dict[str, Any], gamma: float, seed: int, out: Path
+) -> None:
+    """The comparison on scikit-image's photographs, 256 x 256, with the trained weights."""
+    import numpy as np
+    import skimage.data
+
+    from .data import Target, simplest
+
+    size = (3, 256, 256)
+    crops = []
+    for name in PHOTOS:
+        image = getattr(skimage.data, name)()
+        top, left = (image.shape[0] - 256) // 2, (image.shape[1] - 256) // 2
+        crops.append(np.ascontiguousarray(image[top : top + 256, left : left + 256, :3]))
+    clean = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
+    physics = make_physics(image_size=size, **operator)
+    y = physics(clean, seed=seed)
+    target = Target(clean, simplest(operator["kind"], y, operator.get("factor", 2)))
+
+    def at_size(module: Any) -> Any:
+        resized = copy.deepcopy(module)
+        resized.net.cell.physics = make_physics(image_size=size, noise=False, **operator)
+        resized.net.image_size = size
+        return resized
+
+    methods = _methods(at_size(deq), at_size(unrolled), gamma)
+    rows, shown = _score(methods, [(y, target)], len(PHOTOS))
+    where = f"scikit-image's {', '.join(PHOTOS)}, 256 x 256 crops, operator {operator}."
+    _write(out, "photos", where, rows, shown)
 
 
 def _grid(shown: dict[str, torch.Tensor], path: Path) -> None:
@@ -130,8 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("unrolled", help="the unrolled run's checkpoint")
     parser.add_argument("--out", required=True, help="folder for compare.md and grid.png")
     parser.add_argument("--trust-config", action="store_true")
+    parser.add_argument("--photos", action="store_true", help="also scikit-image's photographs")
     args = parser.parse_args(argv)
-    report = compare(args.deq, args.unrolled, args.out, args.trust_config)
+    report = compare(args.deq, args.unrolled, args.out, args.trust_config, args.photos)
     sys.stdout.write(report.read_text())
 
 
