@@ -26,9 +26,13 @@ def _matrix(physics, size):
     return physics.A(basis).reshape(n, -1).t()
 
 
-@pytest.mark.parametrize("kind", ["blur", "downsampling"])
-def test_the_adjoint_is_the_transpose_of_the_operator(kind):
-    physics = make_physics(kind, SMALL, blur_sigma=0.5, factor=2, noise=False).double()
+@pytest.mark.parametrize(
+    ("kind", "padding"), [("blur", "circular"), ("blur", "constant"), ("downsampling", "circular")]
+)
+def test_the_adjoint_is_the_transpose_of_the_operator(kind, padding):
+    physics = make_physics(
+        kind, SMALL, blur_sigma=0.5, kernel_size=3, padding=padding, factor=2, noise=False
+    ).double()
     a = _matrix(physics, SMALL)
     y = torch.randn(1, *physics.A(torch.zeros(1, *SMALL, dtype=torch.float64)).shape[1:])
     adjoint = physics.A_adjoint(y.double()).flatten()
@@ -102,11 +106,52 @@ def test_the_implicit_gradient_is_autograds_through_the_iteration():
         ({"kind": "blur", "noise_sigma": -0.1}, r"noise_sigma=-0\.1: a noise level"),
         ({"kind": "blur", "blur_sigma": 5.0}, r"blur kernel is \d+x\d+ .* larger than the 16x16"),
         ({"kind": "downsampling", "factor": 3}, "factor=3 must divide the image size 16x16"),
+        ({"kind": "blur", "kernel_size": 4}, "kernel_size=4 must be odd"),
+        ({"kind": "blur", "padding": "mirror"}, "unknown padding 'mirror'"),
     ],
 )
 def test_an_operator_that_cannot_work_is_refused_by_name(kwargs, message):
     with pytest.raises(OperatorError, match=message):
         make_physics(image_size=(3, 16, 16), **kwargs)
+
+
+def test_the_authors_blur_is_a_zero_padded_5x5_gaussian():
+    """kernel_size=5, padding=constant: Gilton et al.'s GaussianBlur (kernel exp(-d^2 /
+    2 sigma^2) on a 5 x 5 grid, normalized to sum 1, conv2d with zero padding 2)."""
+    physics = make_physics("blur", (3, 16, 16), blur_sigma=5.0, kernel_size=5, padding="constant")
+    grid = torch.arange(5.0) - 2
+    kernel = torch.exp(-((grid / 5.0) ** 2) / 2)
+    kernel = kernel[:, None] * kernel[None]
+    kernel = (kernel / kernel.sum()).expand(3, 1, 5, 5)
+    x = torch.rand(2, 3, 16, 16)
+    want = torch.nn.functional.conv2d(x, kernel, groups=3, padding=2)
+    torch.testing.assert_close(physics.A(x), want, rtol=0, atol=1e-6)
+
+
+def test_the_ridge_start_and_the_dncnn_layout():
+    """start_ridge=lambda starts the solve from (A^T A + lambda I)^-1 A^T y (the authors' CG
+    start), A^T y without it; batch_norm=True is DnCNN's layout: BN after each hidden
+    convolution and no biases; clamp=True keeps every step's image in [0, 1]."""
+    operator = {"kind": "blur", "blur_sigma": 0.5, "kernel_size": 3, "padding": "constant"}
+    net = Reconstructor(operator, SMALL, start_ridge=0.1, batch_norm=True, depth=4, clamp=True)
+    net = net.double()
+    physics = make_physics(image_size=SMALL, noise=False, **operator).double()
+    a = _matrix(physics, SMALL)
+    y = torch.rand(2, *SMALL, dtype=torch.float64)
+    u, z0 = net.inject(y)
+    want = torch.linalg.solve(a.t() @ a + 0.1 * torch.eye(a.shape[1]), a.t() @ y.flatten(1).t())
+    torch.testing.assert_close(
+        z0, want.t().reshape_as(z0), rtol=0, atol=5e-5
+    )  # deepinv's CG, to 1e-6
+    plain = Reconstructor(operator, SMALL).double()
+    torch.testing.assert_close(plain.inject(y)[1], physics.A_adjoint(y))
+    layers = list(net.cell.denoiser.noise)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in layers) == 2
+    assert all(m.bias is None for m in layers if isinstance(m, torch.nn.Conv2d))
+    image = net.cell(torch.randn(2, *SMALL, dtype=torch.float64) * 5, u)
+    assert float(image.min()) >= 0 and float(image.max()) <= 1
+    with pytest.raises(ValueError, match=r"net\.start_ridge=0"):
+        Reconstructor(operator, SMALL, start_ridge=0)
 
 
 def test_a_measurement_the_operator_cannot_give_is_refused_by_name():
@@ -148,7 +193,13 @@ def test_deq_and_unrolled_deblurring_train_through_the_runner(tmp_path):
 
     deq, unrolled = (tmp_path / e / "checkpoints" / "last.ckpt" for e in experiments)
     report = compare(deq, unrolled, tmp_path / "compare", photos=True).read_text()
-    for method in ("measurement", "Tikhonov (gamma=", "unrolled", "DEQ"):
+    for method in (
+        "measurement",
+        "Tikhonov (gamma=",
+        "total variation (lambda=",
+        "unrolled",
+        "DEQ",
+    ):
         assert f"| {method}" in report
     deq_psnr = float(report.split("| DEQ | ")[1].split(" |")[0])
     assert deq_psnr == pytest.approx(scores["deq_deblur_cifar"], abs=0.01)

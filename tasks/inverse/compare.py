@@ -1,12 +1,18 @@
 """``python -m deqlab.tasks.inverse.compare DEQ.ckpt UNROLLED.ckpt --out DIR``: the same test
 images reconstructed five ways, scored and shown side by side.
 
-The rows of ``DIR/compare.md`` (and ``compare.csv``): the measurement itself, a classical
-reconstruction, the unrolled network and the DEQ, each with the mean PSNR and SSIM over the
-test split. The classical one is Tikhonov (Wiener-type) deconvolution, deepinv's exact
-``prox_l2`` from zero: x = (A^T A + I / gamma)^-1 A^T y, with gamma chosen on the validation
-split from a grid. ``DIR/grid.png`` shows a few test images: measurement / classical /
-unrolled / DEQ / ground truth. Both checkpoints must come from runs of the same task and
+The rows of ``DIR/compare.md`` (and ``compare.csv``): the measurement itself, two classical
+reconstructions, the unrolled network and the DEQ, each with the mean PSNR and SSIM over the
+test split. The classical ones, each with its weight chosen on the validation split from a
+grid:
+
+- Tikhonov (Wiener-type) deconvolution, deepinv's ``prox_l2`` from zero:
+  x = (A^T A + I / gamma)^-1 A^T y;
+- total variation, argmin_x ||A x - y||^2 / 2 + lambda TV(x), by deepinv's proximal gradient
+  (``optim_builder("PGD")`` with ``TVPrior``, step 1, 50 iterations from A^T y).
+
+``DIR/grid.png`` shows a few test images: measurement / classical / unrolled / DEQ / ground
+truth. Both checkpoints must come from runs of the same task and
 operator; their configs are read as ``deqlab analyze`` reads them (allow-listed classes
 only unless ``--trust-config``).
 
@@ -34,6 +40,7 @@ from .module import psnr
 from .operators import make_physics
 
 GAMMAS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+LAMBDAS = (0.001, 0.003, 0.01, 0.03)
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
 
 
@@ -68,19 +75,16 @@ def compare(
     datamodule.setup("test")
     physics = deq.net.cell.physics
     val = _batches(datamodule, "val")
-    scores = {
-        g: torch.cat([psnr(tikhonov(physics, y, g), t.clean) for y, t in val]).mean()
-        for g in GAMMAS
-    }
-    gamma = max(scores, key=lambda g: float(scores[g]))
-    methods = _methods(deq, unrolled, gamma)
+    gamma = _best(lambda y, g: tikhonov(physics, y, g), GAMMAS, val)
+    lam = _best(lambda y, w: total_variation(physics, y, w), LAMBDAS, val)
+    methods = _methods(deq, unrolled, gamma, lam)
     rows, shown = _score(methods, _batches(datamodule, "test"), 6)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     where = f"Test split of {cfg.task.datamodule._target_}, operator {dict(cfg.task.operator)}."
     _write(out, "compare", where, rows, shown)
     if photos:
-        _photos(deq, unrolled, dict(cfg.task.operator), gamma, int(cfg.seed), out)
+        _photos(deq, unrolled, dict(cfg.task.operator), (gamma, lam), int(cfg.seed), out)
     return out / "compare.md"
 
 
@@ -89,12 +93,40 @@ def tikhonov(physics: Any, y: torch.Tensor, gamma: float) -> torch.Tensor:
     return physics.prox_l2(torch.zeros_like(physics.A_adjoint(y)), y, gamma)
 
 
-def _methods(deq: Any, unrolled: Any, gamma: float) -> dict[str, Any]:
-    """The four reconstructions compared: (y, target) -> image."""
+def total_variation(physics: Any, y: torch.Tensor, lam: float) -> torch.Tensor:
+    """argmin_x ||A x - y||^2 / 2 + lam TV(x): deepinv's proximal gradient with its TV prior
+    (50 steps of size 1, A's norm being 1; each TV prox 20 inner iterations)."""
+    from deepinv.optim import TVPrior, optim_builder
+    from deepinv.optim.data_fidelity import L2
+
+    model = optim_builder(
+        iteration="PGD",
+        prior=TVPrior(n_it_max=20),
+        data_fidelity=L2(),
+        params_algo={"stepsize": 1.0, "lambda": lam},
+        max_iter=50,
+        early_stop=False,
+    )
+    with torch.no_grad():
+        return model(y, physics)
+
+
+def _best(method: Any, weights: tuple[float, ...], batches: list[Any]) -> float:
+    """The weight of ``method(y, weight)`` with the best mean PSNR over ``batches``."""
+    scores = {
+        w: float(torch.cat([psnr(method(y, w), t.clean) for y, t in batches]).mean())
+        for w in weights
+    }
+    return max(scores, key=scores.__getitem__)
+
+
+def _methods(deq: Any, unrolled: Any, gamma: float, lam: float) -> dict[str, Any]:
+    """The five reconstructions compared: (y, target) -> image."""
     physics = deq.net.cell.physics
     return {
         "measurement": lambda y, t: t.baseline,
         f"Tikhonov (gamma={gamma:g})": lambda y, t: tikhonov(physics, y, gamma),
+        f"total variation (lambda={lam:g})": lambda y, t: total_variation(physics, y, lam),
         "unrolled": lambda y, t: unrolled(y)[0][-1],
         "DEQ": lambda y, t: deq(y)[0][-1],
     }
@@ -144,7 +176,12 @@ def _write(
 
 
 def _photos(
-    deq: Any, unrolled: Any, operator: dict[str, Any], gamma: float, seed: int, out: Path
+    deq: Any,
+    unrolled: Any,
+    operator: dict[str, Any],
+    weights: tuple[float, float],
+    seed: int,
+    out: Path,
 ) -> None:
     """The comparison on scikit-image's photographs, 256 x 256, with the trained weights."""
     import numpy as np
@@ -169,7 +206,7 @@ def _photos(
         resized.net.image_size = size
         return resized
 
-    methods = _methods(at_size(deq), at_size(unrolled), gamma)
+    methods = _methods(at_size(deq), at_size(unrolled), *weights)
     rows, shown = _score(methods, [(y, target)], len(PHOTOS))
     where = f"scikit-image's {', '.join(PHOTOS)}, 256 x 256 crops, operator {operator}."
     _write(out, "photos", where, rows, shown)
