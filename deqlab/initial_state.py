@@ -25,24 +25,36 @@ def mixed_init(shape: Sequence[int], *, device=None, dtype=None) -> Tensor:
 INITIAL_STATES = {"zeros": zeros_init, "mixed": mixed_init}
 
 
-# ``net``: the start the network's ``inject`` returns, as it is (an inverse problem's A^T y)
-NAMES = (*INITIAL_STATES, "net")
+# ``net``: the start the network's ``inject`` returns, as it is (an inverse problem's A^T y);
+# ``cached``: in training, each sample's last equilibrium (deqlab/warm_start.py)
+NAMES = (*INITIAL_STATES, "net", "cached")
 
 
 @dataclass
 class InitConfig:
-    """Where each solve starts (the ``init`` config group): ``zeros``, ``mixed``, or ``net``
-    (the state the network's ``inject`` returns, values included)."""
+    """Where each solve starts (the ``init`` config group): ``zeros``, ``mixed``, ``net``
+    (the state the network's ``inject`` returns, values included), or ``cached``: in
+    training, each sample's equilibrium from the last time it was trained on, ``base`` for a
+    sample not seen yet and in evaluation; kept in ``storage`` (``cpu`` or ``device``) up to
+    ``max_gb`` (:class:`~deqlab.warm_start.WarmStarts`)."""
 
     name: str = "zeros"
+    base: str = "zeros"
+    storage: str = "cpu"
+    max_gb: float = 2.0
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:
             raise ValueError(f"init.name must be one of {sorted(NAMES)}, got {self.name!r}")
+        if self.base not in NAMES or self.base == "cached":
+            bases = sorted(set(NAMES) - {"cached"})
+            raise ValueError(f"init.base must be one of {bases}, got {self.base!r}")
 
     def like(self, z0: State) -> State:
-        """A start with the structure, shapes, dtype and device of ``z0`` (``net``: z0)."""
-        if self.name == "net":
+        """A start with the structure, shapes, dtype and device of ``z0`` (``net``: z0;
+        ``cached``: its ``base``, which the cache then overwrites for the samples it has)."""
+        name = self.base if self.name == "cached" else self.name
+        if name == "net":
             return z0
-        make = INITIAL_STATES[self.name]
+        make = INITIAL_STATES[name]
         return like(z0, [make(p.shape, device=p.device, dtype=p.dtype) for p in as_tuple(z0)])

@@ -1,6 +1,8 @@
 """A run killed with SIGKILL, twice, and resumed each time from its run folder ends with the
 same weights and metrics as the run that was never interrupted: mid-epoch, with augmentation,
-budget jitter and Jacobian regularization (CIFAR), and with segment memory (language model)."""
+budget jitter and Jacobian regularization (CIFAR), the same with warm starts carried across
+training (init=cached: the cache travels in the checkpoint), and with segment memory (language
+model)."""
 
 from __future__ import annotations
 
@@ -85,10 +87,11 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("task", ["cifar", "lm"])
+@pytest.mark.parametrize("task", ["cifar", "cifar_warm", "lm"])
 def test_run_killed_twice_resumes_to_the_uninterrupted_result(task, tmp_path):
-    if task == "cifar":
+    if task.startswith("cifar"):
         data, args, keys = write_cifar_folder(tmp_path / "data"), CIFAR, ("val/acc", "test/acc")
+        args = [*args, "init=cached"] if task == "cifar_warm" else args
         steps_per_epoch = 4
     else:
         data, args, keys = write_ptb_folder(tmp_path / "data"), LM, ("val/ppl", "test/ppl")
@@ -101,7 +104,7 @@ def test_run_killed_twice_resumes_to_the_uninterrupted_result(task, tmp_path):
     first = kill_after_checkpoint([*args, f"hydra.run.dir={killed}"], tmp_path, ckpt)
     assert first % steps_per_epoch != 0  # killed after a checkpoint in the middle of an epoch
     resume = [*args, f"hydra.run.dir={killed}", "ckpt_path=last"]
-    if task == "cifar":  # then after one at the end of an epoch
+    if task.startswith("cifar"):  # then after one at the end of an epoch
         second = kill_after_checkpoint(resume, tmp_path, ckpt, lambda s: s % steps_per_epoch == 0)
         assert second % steps_per_epoch == 0
     else:

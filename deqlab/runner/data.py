@@ -25,7 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -130,14 +130,36 @@ class ResumableLoader(DataLoader):
             self.sampler.skip(batches * self.batch_size)
 
 
+class Indexed(Dataset):
+    """``dataset``'s samples with their index appended: (x, y) -> (x, y, i), what
+    ``init=cached`` keys each sample's warm start by; ``dataset.sample_key(i)`` instead where
+    it says which samples are the same (one image drawn at every step)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        key = self.dataset.sample_key(i) if hasattr(self.dataset, "sample_key") else i
+        return (*self.dataset[i], key)
+
+
 class ResumableDataModule(L.LightningDataModule):
     """A DataModule whose training loader resumes mid-epoch: a subclass builds the loader in
-    ``make_train_loader`` (a :class:`ResumableLoader`) instead of ``train_dataloader``."""
+    ``make_train_loader`` (a :class:`ResumableLoader`) instead of ``train_dataloader``, over
+    ``self.training_set(its training data)``: with ``indexed`` set (the runner sets it for
+    ``init=cached``), each training batch carries its samples' indices."""
 
     def __init__(self) -> None:
         super().__init__()
         self._train_loader: ResumableLoader | None = None
         self._resume: dict[str, Any] | None = None
+        self.indexed = False
+
+    def training_set(self, dataset: Any) -> Any:
+        return Indexed(dataset) if self.indexed else dataset
 
     def make_train_loader(self) -> ResumableLoader:
         raise NotImplementedError

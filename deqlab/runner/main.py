@@ -44,6 +44,7 @@ from deqlab.runner.config import CONF_DIR, register_configs, validate
 from deqlab.runner.extras import run_extras
 from deqlab.runner.refusal import refusal_in, refuse
 from deqlab.runner.run_folder import RunFolder
+from deqlab.warm_start import WarmStartError
 
 register_configs()
 
@@ -88,6 +89,7 @@ def run(cfg: DictConfig) -> float | None:
                 initial_state(cfg.init_from)  # a file of tensors, before anything is built
             L.seed_everything(cfg.seed, workers=True)
             datamodule = instantiate(cfg.task.datamodule)
+            index_samples(datamodule, cfg)
             module = instantiate(cfg.task.module)
             check_before_training(module, ckpt)
             callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
@@ -141,6 +143,18 @@ def check_before_training(module: L.LightningModule, ckpt: Path | None) -> None:
     on_load = getattr(module, "check_checkpoint", None)
     if ckpt is not None and on_load is not None:
         on_load(read_checkpoint(ckpt))
+
+
+def index_samples(datamodule: L.LightningDataModule, cfg: DictConfig) -> None:
+    """``init=cached`` keys warm starts by sample index: the training data must give it."""
+    if OmegaConf.select(cfg, "init.name") != "cached":
+        return
+    if not hasattr(datamodule, "indexed"):
+        raise WarmStartError(
+            f"init=cached: {type(datamodule).__name__} (task={cfg.task.name}) does not give "
+            "sample indices; use another init for this task"
+        )
+    datamodule.indexed = True
 
 
 def fit_and_test(

@@ -35,6 +35,7 @@ from ..norm import NormConfig, apply_norm
 from ..regularize import fp_correction, spectral_radius
 from ..settings import to_config
 from ..state import State
+from ..warm_start import WarmStartError, WarmStarts
 from .batch_chunks import BatchChunks
 from .budget_curve import BudgetCurve
 from .checkpoint import check_compatible, load_initial_weights
@@ -214,6 +215,11 @@ class DEQLitModule(L.LightningModule):
         self.optim_cfg = to_config(OptimConfig, optim, "optim")
         self.fit_cfg = to_config(FitConfig, fit, "fit")
         self.seed = seed
+        i = self.init_cfg
+        self.warm = WarmStarts(i.storage, i.max_gb) if i.name == "cached" else None
+        self._warm_keys: Tensor | None = None  # this training batch's sample indices
+        if self.warm is not None and self.fit_cfg.batch_chunk > 1:
+            raise WarmStartError("init=cached cannot split batches: set fit.batch_chunk=1")
         self.init_from, self.init_from_strict = init_from, init_from_strict
         self.compile_cell, self.compile_options = compile, dict(compile_options or {})
         self._weights_loaded = False
@@ -305,19 +311,25 @@ class DEQLitModule(L.LightningModule):
         """
         t = self.fit_cfg
         z0 = self.init_cfg.like(z0)
-        unrolled = t.unrolled if self.training and torch.is_grad_enabled() else 0
+        training = self.training and torch.is_grad_enabled()
+        unrolled = t.unrolled if training else 0
         if self.global_step < t.pretrain_steps or unrolled:
             z = z0
             for _ in range(unrolled or t.pretrain_unroll):
                 z = evaluate(f, z, self.grad_cfg.mem_gc)
             return [z], None
+        keys = self._warm_keys if training and self.warm is not None else None
+        if keys is not None:
+            z0 = self.warm.read(keys, z0)
         kwargs: dict[str, Any] = {}
-        if self.training and torch.is_grad_enabled():
+        if training:
             budget = self.training_budget(jac_vecs) if max_iter is None else max_iter
             kwargs = {"max_iter": budget, "jac_vecs": jac_vecs}
         elif budgets:
             kwargs = {"budgets": budgets}
         z, info = self.deq(f, z0, **kwargs)
+        if keys is not None:
+            self.warm.write(keys, info.states[-1])
         if sradius_iters > 0:
             info.sradius = spectral_radius(f, z, sradius_iters)
         return info.states, info
@@ -359,6 +371,11 @@ class DEQLitModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.clock.start_fit()
 
+    def on_train_start(self) -> None:
+        if self.warm is not None:  # a cache filled on other data is dropped
+            loader = self.trainer.train_dataloader
+            self.warm.bind(len(getattr(loader, "dataset", ())))
+
     def on_train_epoch_start(self) -> None:
         self.clock.start_epoch()
 
@@ -393,7 +410,8 @@ class DEQLitModule(L.LightningModule):
         return weight if weight > 0 and bool(torch.rand(()) < self.jac_cfg.freq) else 0.0
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        x, y = batch
+        x, y, *index = batch  # the samples' indices, from an indexed data set (init=cached)
+        self._warm_keys = self.warm_keys(index)
         jac_weight = self.jacobian_weight()
         jac_vecs = self.jac_cfg.vecs if jac_weight > 0 else 0
         if self.fit_cfg.batch_chunk > 1:
@@ -404,9 +422,23 @@ class DEQLitModule(L.LightningModule):
         if info is None:  # unrolled pre-training
             return {"loss": loss, "task_loss": task_loss, "info": None}
         self.log_solver_stats("fwd", info)
+        if self.warm is not None:
+            warm, cold = self.warm.read_counts()
+            self.log("deq/warm_share", warm / max(warm + cold, 1))
         if info.jac_loss is not None:
             self.log("deq/jac_loss", info.jac_loss.detach())
         return {"loss": loss, "task_loss": task_loss, "info": info}
+
+    def warm_keys(self, index: list[Any]) -> Tensor | None:
+        """The batch's sample indices when ``init=cached`` reads them, refused when absent."""
+        if self.warm is None:
+            return None
+        if not index:
+            raise WarmStartError(
+                "init=cached needs each training sample's index: this task's data module "
+                "does not give one (its batches are (x, y), not (x, y, index))"
+            )
+        return index[0]
 
     def loss(
         self, x: Any, y: Any, jac_weight: float, jac_vecs: int, max_iter: int | None = None
@@ -452,7 +484,7 @@ class DEQLitModule(L.LightningModule):
     # -- evaluation --------------------------------------------------------------------------
 
     def _eval_step(self, batch: Any, batch_idx: int, split: str) -> Tensor:
-        x, y = batch
+        x, y, *_ = batch  # evaluation starts every solve from init.base
         sradius_iters = self.fit_cfg.sradius_iters if split == "val" or self.keep_eval else 0
         grid = self.curve.grid(split, self.deq, self.fit_cfg, self.global_step)
         outputs, info = self(x, sradius_iters=sradius_iters, budgets=grid)
@@ -513,11 +545,15 @@ class DEQLitModule(L.LightningModule):
         checkpoint["deqlab_module"] = self.qualified_name()
         for part in (self.clock, self.plateau, self.stability):
             part.save(checkpoint)
+        if self.warm is not None:
+            checkpoint["warm_starts"] = self.warm.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)
         for part in (self.clock, self.plateau, self.stability):
             part.load(checkpoint)
+        if self.warm is not None and "warm_starts" in checkpoint:
+            self.warm.load_state_dict(checkpoint["warm_starts"], self.device)
 
     # -- optimization ------------------------------------------------------------------------
 

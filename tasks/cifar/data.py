@@ -270,7 +270,7 @@ class CifarDataModule(ResumableDataModule):
         world = rank_and_world()[1]
         order = {"seed": self.seed, "images": len(self.train_set), "batch": self.batch_size}
         return ResumableLoader(
-            self.train_set,
+            self.training_set(self.train_set),
             per_process(self.batch_size, "task.datamodule.batch_size"),
             sampler=EpochShuffle(len(self.train_set), self.seed),
             drop_last=True,
@@ -293,7 +293,7 @@ class CifarDataModule(ResumableDataModule):
         trainer = self.trainer
         if not (self.augment and trainer is not None and trainer.training):
             return batch
-        x, y = batch
+        x, y, *index = batch
         key = mix_seed(self.seed, trainer.global_rank, trainer.global_step)
         g = torch.Generator(device=x.device).manual_seed(key)
-        return random_crop_flip(x, g, mean=self.mean, std=self.std), y
+        return random_crop_flip(x, g, mean=self.mean, std=self.std), y, *index

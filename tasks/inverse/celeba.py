@@ -167,7 +167,7 @@ class MeasuredCelebADataModule(ResumableDataModule):
         train = self.sets["train"]
         order = {"seed": self.seed, "images": len(train), "batch": self.batch_size}
         return ResumableLoader(
-            train,
+            self.training_set(train),
             per_process(self.batch_size, "task.datamodule.batch_size"),
             sampler=EpochShuffle(len(train), self.seed),
             drop_last=True,  # as the authors' loader

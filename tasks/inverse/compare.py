@@ -40,7 +40,7 @@ from .module import psnr
 from .operators import make_physics
 
 GAMMAS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
-LAMBDAS = (0.001, 0.003, 0.01, 0.03)
+LAMBDAS = (0.0001, 0.0003, 0.001, 0.003, 0.01)
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
 
 

@@ -1,0 +1,79 @@
+"""Warm starts carried across training (init=cached): each sample starts from its own last
+equilibrium, the cache grows within its bound, survives a checkpoint, and refuses or drops
+a cache that no longer matches the model or the data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deqlab import DEQ, Bound, InitConfig
+from deqlab.warm_start import WarmStartError, WarmStarts
+
+
+def test_each_sample_starts_from_its_own_last_equilibrium():
+    cache = WarmStarts()
+    z0 = torch.zeros(3, 2)
+    assert torch.equal(cache.read(torch.tensor([0, 5, 9]), z0), z0)  # nothing cached yet
+    cache.write(torch.tensor([5, 0]), torch.tensor([[5.0, 5.0], [1.0, 1.0]]))
+    start = cache.read(torch.tensor([0, 5, 9]), z0)
+    assert start.tolist() == [[1.0, 1.0], [5.0, 5.0], [0.0, 0.0]]  # 9: never seen, its base
+    assert cache.read_counts() == (2, 4)  # warm, cold since the start
+    assert torch.equal(z0, torch.zeros(3, 2))  # the base start is not written into
+    cache.write(torch.tensor([9]), torch.tensor([[9.0, 9.0]]))  # grows to index 9
+    assert cache.read(torch.tensor([9]), torch.zeros(1, 2)).tolist() == [[9.0, 9.0]]
+
+
+def test_a_state_of_several_tensors_is_cached_part_by_part():
+    cache = WarmStarts()
+    state = (torch.ones(2, 3), torch.full((2, 4, 4), 2.0))
+    cache.write(torch.tensor([0, 1]), state)
+    a, b = cache.read(torch.tensor([1]), (torch.zeros(1, 3), torch.zeros(1, 4, 4)))
+    assert bool((a == 1).all()) and bool((b == 2).all())
+
+
+def test_a_cache_past_its_bound_or_of_another_shape_is_refused_by_name():
+    with pytest.raises(WarmStartError, match=r"above init\.max_gb=1e-06"):
+        WarmStarts(max_gb=1e-6).write(torch.tensor([10_000]), torch.zeros(1, 8))
+    cache = WarmStarts()
+    cache.write(torch.tensor([0]), torch.zeros(1, 8))
+    with pytest.raises(WarmStartError, match=r"state shape changed"):
+        cache.read(torch.tensor([0]), torch.zeros(1, 16))
+    with pytest.raises(WarmStartError, match=r"init\.storage='disk'"):
+        WarmStarts(storage="disk")
+    with pytest.raises(ValueError, match=r"init\.base must be one of"):
+        InitConfig(name="cached", base="cached")
+
+
+def test_the_cache_survives_a_checkpoint_and_is_dropped_for_other_data():
+    cache = WarmStarts()
+    cache.bind(10)
+    cache.write(torch.tensor([3]), torch.full((1, 2), 3.0))
+    restored = WarmStarts()
+    restored.load_state_dict(cache.state_dict(), torch.device("cpu"))
+    assert restored.read(torch.tensor([3]), torch.zeros(1, 2)).tolist() == [[3.0, 3.0]]
+    restored.bind(10)  # the same data: kept
+    assert restored.read(torch.tensor([3]), torch.zeros(1, 2)).tolist() == [[3.0, 3.0]]
+    with pytest.warns(UserWarning, match="filled on 10 training samples, the data now has 12"):
+        restored.bind(12)
+    assert restored.read(torch.tensor([3]), torch.zeros(1, 2)).tolist() == [[0.0, 0.0]]
+
+
+def test_a_warm_start_reaches_the_same_equilibrium_in_fewer_steps():
+    """z = tanh(W z + x) with ||W|| < 1: from the cached equilibrium of slightly different
+    weights, fixed-point iteration stops after fewer steps at the same point."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 16, dtype=torch.float64)
+    w *= 0.9 / torch.linalg.matrix_norm(w, 2)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    deq = DEQ({"name": "fixed_point", "max_iter": 500, "tol": 1e-8, "stop_mode": "abs"})
+    cell = lambda z, u: torch.tanh(z @ w.t() + u)
+    z, cold = deq(Bound(cell, x), torch.zeros_like(x))
+    cache = WarmStarts()
+    cache.write(torch.arange(4), z)
+    w += 1e-5 * torch.randn_like(w)  # a small training step later
+    keys = torch.arange(4)
+    warm_z, warm = deq(Bound(cell, x), cache.read(keys, torch.zeros_like(x)))
+    cold_z, cold = deq(Bound(cell, x), torch.zeros_like(x))
+    torch.testing.assert_close(warm_z, cold_z, rtol=0, atol=1e-7)
+    assert warm.nfe <= 0.6 * cold.nfe  # 13 against 25: the distance to cover is 1e-5, not 1
