@@ -43,6 +43,9 @@ WITH = {
     ("net", "ignn_graph"): ["task=tu"],
     ("net", "de_grad"): ["task=inverse_cifar"],
     ("net", "de_prox"): ["task=inverse_cifar"],
+    ("net", "implicit_mfn"): ["task=image_fit"],
+    ("net", "mfn"): ["task=image_fit"],
+    ("net", "siren"): ["task=image_fit"],
     ("norm", "inf_ball"): ["task=chains"],  # a matrix's rows: the graph cell's weight
 }
 
