@@ -20,6 +20,7 @@ from . import (
     convergence,
     end_to_end,
     graph_sparse,
+    inr_memory,
     inverse_memory,
     lm_memory,
     memory,
@@ -57,6 +58,7 @@ BENCHES: dict[str, Callable[[torch.device, argparse.Namespace], list[dict]]] = {
     "memory": lambda device, args: memory.memory(device),
     "graph_sparse": lambda device, args: graph_sparse.graph_sparse(device, args.repeats),
     "inverse_memory": lambda device, args: inverse_memory.inverse_memory(device, args.repeats),
+    "inr_memory": lambda device, args: inr_memory.inr_memory(device, args.repeats),
     "lm_memory": lambda device, args: lm_memory.lm_memory(device),
     "end_to_end": lambda device, args: end_to_end.end_to_end(device, args.data),
     "tutorial_recipe": lambda device, args: tutorial_recipe.tutorial_recipe(

@@ -141,6 +141,15 @@ def test_the_graph_benchmark_steps_the_same_model_sparse_and_dense():
         torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-12)
 
 
+def test_the_inr_benchmark_shows_explicit_memory_growing_and_the_deqs_flat():
+    from benchmarks.inr_memory import inr_memory
+
+    short, long = inr_memory(torch.device("cpu"), repeats=1, depths=(2, 6), side=16, width=16)
+    assert long["explicit_saved_MB"] > 2.5 * short["explicit_saved_MB"]  # k layers' activations
+    assert long["deq_saved_MB"] == short["deq_saved_MB"]  # one f at z*, whatever k
+    assert long["explicit_params"] > long["deq_params"] == short["deq_params"]
+
+
 def test_the_inverse_benchmark_shows_unrolled_memory_growing_and_the_deqs_flat():
     pytest.importorskip("deepinv")
     from benchmarks.inverse_memory import inverse_memory

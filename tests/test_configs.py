@@ -46,6 +46,7 @@ WITH = {
     ("net", "implicit_mfn"): ["task=image_fit"],
     ("net", "mfn"): ["task=image_fit"],
     ("net", "siren"): ["task=image_fit"],
+    ("net", "fourier_features"): ["task=image_fit"],
     ("norm", "inf_ball"): ["task=chains"],  # a matrix's rows: the graph cell's weight
 }
 

@@ -69,6 +69,7 @@ def test_the_equilibrium_mfn_is_its_closed_form():
     z, info = deq(Bound(net.cell, u), z0)
     assert bool(info.converged.all())
     g0, g1 = u[0].chunk(2, -1)
+    g1 = torch.sin(g1)  # the second filter's phase, then its sine
     w, b = net.cell.mix.weight, net.cell.mix.bias
     for p in range(9):
         a = torch.eye(6, dtype=torch.float64) - g1[p, :, None] * w
@@ -76,7 +77,33 @@ def test_the_equilibrium_mfn_is_its_closed_form():
         torch.testing.assert_close(z[0, p], want, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("net", ["implicit_mfn", "mfn", "siren"])
+def test_the_authors_onestep_backward_is_ift_with_one_fixed_point_step():
+    """Their ``OnestepBackward`` sends (I + J^T) g through f(z*): grad=ift returning f(z*),
+    its backward one fixed-point step from g (a budget of 2: deqlab's budget k returns the
+    (k-1)-th iterate), gives the same gradients, for both filters."""
+    for filter in ("fourier", "siren_like"):
+        torch.manual_seed(0)
+        net = ImplicitMFN(channels=1, width=5, input_scale=4.0, filter=filter).double()
+        coords = coordinate_grid(2, 3).double()[None]
+        grad = {"name": "ift", "solver": "fixed_point", "max_iter": 2, "tol": None}
+        deq = DEQ(
+            {"name": "fixed_point", "max_iter": 300, "tol": 1e-12, "stop_mode": "abs"},
+            {**grad, "output": "fz"},
+        )
+        params = [net.cell.mix.weight, net.cell.mix.bias]
+        u, z0 = net.inject(coords)
+        z, _ = deq(Bound(net.cell, u), z0)
+        got = torch.autograd.grad(z.pow(2).sum(), params)
+        star = z.detach().requires_grad_()
+        fz = net.cell(star, u.detach())
+        g = 2 * fz.detach()
+        (jtg,) = torch.autograd.grad(fz, star, g, retain_graph=True)
+        want = torch.autograd.grad(fz, params, g + jtg)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("net", ["implicit_mfn", "mfn", "siren", "fourier_features"])
 def test_each_network_fits_a_photograph_through_the_runner(net, tmp_path):
     """A few full-image steps on scikit-image's astronaut at 16 x 16: the loss falls, PSNR,
     SSIM and (for the DEQ) the budget curve are reported, the fitted image is drawn, and the
