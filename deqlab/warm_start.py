@@ -65,7 +65,11 @@ class WarmStarts:
         self.parts, self.seen, self.signature = [], torch.zeros(0, dtype=torch.bool), None
 
     def read(self, keys: Tensor, z0: State) -> State:
-        """z0 with each sample seen before replaced by its stored equilibrium."""
+        """z0 with each sample seen before replaced by its stored equilibrium; a negative key
+        marks a sample never cached (a language model's shorter last segment)."""
+        if not bool((keys >= 0).any()):
+            self.misses += len(keys)
+            return z0
         if self.signature is not None and self.signature != _signature(z0):
             raise WarmStartError(
                 f"init=cached: the cache holds states {self.signature}, the model now gives "
@@ -76,6 +80,7 @@ class WarmStarts:
             return z0
         keys = keys.long().to(self.seen.device)
         inside = keys < len(self.seen)
+        inside &= keys >= 0
         known = torch.zeros_like(inside)
         known[inside] = self.seen[keys[inside]]
         self.hits += int(known.sum())
@@ -91,7 +96,13 @@ class WarmStarts:
         return like(z0, out)
 
     def write(self, keys: Tensor, z: State) -> None:
-        """Store the equilibria ``z`` (detached) of the samples ``keys``."""
+        """Store the equilibria ``z`` (detached) of the samples ``keys`` (but negative ones)."""
+        keep = keys >= 0
+        if not bool(keep.any()):
+            return
+        if not bool(keep.all()):
+            z = like(z, [p[keep.to(p.device)] for p in as_tuple(z)])
+            keys = keys[keep]
         parts = [p.detach() for p in as_tuple(z)]
         if self.signature is None:
             self.signature = _signature(z)

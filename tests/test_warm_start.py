@@ -77,3 +77,25 @@ def test_a_warm_start_reaches_the_same_equilibrium_in_fewer_steps():
     cold_z, cold = deq(Bound(cell, x), torch.zeros_like(x))
     torch.testing.assert_close(warm_z, cold_z, rtol=0, atol=1e-7)
     assert warm.nfe <= 0.6 * cold.nfe  # 13 against 25: the distance to cover is 1e-5, not 1
+
+
+def test_language_model_segments_are_keyed_and_start_warm_in_the_second_epoch(tmp_path):
+    """BPTT segments recur every epoch: row r of segment k is keyed k * batch + r, the short
+    last segment -1 (never cached); a second epoch of the DEQ-Transformer starts warm."""
+    from deqlab.runner.main import run
+    from deqlab.tasks.lm.data import BPTTStream
+
+    from .helpers.runs import TINY_LM, compose_cfg, metrics, write_ptb_folder
+
+    stream = BPTTStream(torch.arange(40), batch_size=2, tgt_len=6)
+    stream.indexed = True
+    keys = [k.tolist() for *_, k in stream]
+    assert keys == [[0, 1], [2, 3], [4, 5], [-1, -1]]  # 19 tokens a stream: 6, 6, 6, 1
+    data = write_ptb_folder(tmp_path / "data", lines=40)
+    overrides = [*TINY_LM, f"paths.data_dir={data}", "init=cached", "trainer.max_epochs=2"]
+    run(compose_cfg([*overrides, "logger=csv", "trainer.log_every_n_steps=1"], tmp_path / "run"))
+    rows = [r for r in metrics(tmp_path / "run") if r.get("deq/warm_share")]
+    first = [float(r["deq/warm_share"]) for r in rows if r["epoch"] == "0"]
+    second = [float(r["deq/warm_share"]) for r in rows if r["epoch"] == "1"]
+    assert set(first) == {0.0}
+    assert second and min(second[:-1]) == 1.0  # all but the short last segment

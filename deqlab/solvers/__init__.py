@@ -14,6 +14,7 @@ from .broyden import broyden
 from .catalog import COMMON_ARGS, SOLVERS, Solver, get_solver, register_solver, solver_options
 from .checks import STOP_MODES
 from .fixed_point import fixed_point
+from .gmres import gmres
 from .reversible import reversible
 from .solver_config import SolverConfig
 
@@ -22,6 +23,7 @@ for _name, _fn in (
     ("anderson", anderson),
     ("broyden", broyden),
     ("reversible", reversible),
+    ("gmres", gmres),
 ):
     register_solver(_name, _fn)
 
@@ -40,6 +42,7 @@ __all__ = [
     "broyden",
     "fixed_point",
     "get_solver",
+    "gmres",
     "register_solver",
     "reversible",
     "solver_options",

@@ -150,13 +150,16 @@ class BPTTStream(IterableDataset):
 
     Yields ``(x, y)`` of shape (batch, <= tgt_len): y is x shifted by one token. The last
     segment may be shorter, so every token of the streams is read exactly once. ``skip(k)``
-    makes the next pass start at segment k (a resumed epoch).
+    makes the next pass start at segment k (a resumed epoch). With ``indexed`` (``init=cached``)
+    it yields ``(x, y, keys)``: row r of segment k is the same tokens every epoch, keyed
+    k * batch_size + r (global rows); the shorter last segment is keyed -1, never cached.
     """
 
     def __init__(self, data: Tensor, batch_size: int, tgt_len: int, name: str = "split"):
         super().__init__()
         self.data, self.batch_size, self.tgt_len, self.name = data, batch_size, tgt_len, name
         self._skip = 0
+        self.indexed = False
 
     def skip(self, segments: int) -> None:
         self._skip = segments
@@ -173,12 +176,18 @@ class BPTTStream(IterableDataset):
         all_streams = self.data[: n * self.batch_size].view(self.batch_size, n)
         return all_streams[rank * local : (rank + 1) * local].long()
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         s = self.streams()
         start, self._skip = self._skip * self.tgt_len, 0
+        rows = torch.arange(s.shape[0]) + rank_and_world()[0] * s.shape[0]
         for i in range(start, s.shape[1] - 1, self.tgt_len):
             j = min(i + self.tgt_len, s.shape[1] - 1)
-            yield s[:, i:j], s[:, i + 1 : j + 1]
+            if not self.indexed:
+                yield s[:, i:j], s[:, i + 1 : j + 1]
+                continue
+            keys = rows + (i // self.tgt_len) * self.batch_size
+            keys = keys if j - i == self.tgt_len else torch.full_like(keys, -1)
+            yield s[:, i:j], s[:, i + 1 : j + 1], keys
 
     def __len__(self) -> int:
         n = self.streams().shape[1] - 1
@@ -238,6 +247,7 @@ class LMDataModule(ResumableDataModule):
 
     def make_train_loader(self) -> ResumableLoader:
         stream = self._stream("train", self.batch_size, self.tgt_len)
+        stream.indexed = self.indexed
         order = {"tokens": len(stream.data), "batch": self.batch_size, "tgt_len": self.tgt_len}
         return ResumableLoader(
             stream, batch_size=None, order={**order, "processes": rank_and_world()[1]}
