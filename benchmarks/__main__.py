@@ -26,6 +26,7 @@ from . import (
     memory,
     model_step,
     solver_overhead,
+    solver_table,
     training_step,
     tutorial_recipe,
 )
@@ -60,6 +61,7 @@ BENCHES: dict[str, Callable[[torch.device, argparse.Namespace], list[dict]]] = {
     "inverse_memory": lambda device, args: inverse_memory.inverse_memory(device, args.repeats),
     "inr_memory": lambda device, args: inr_memory.inr_memory(device, args.repeats),
     "lm_memory": lambda device, args: lm_memory.lm_memory(device),
+    "solver_table": lambda device, args: solver_table.solver_table(device, args.repeats),
     "end_to_end": lambda device, args: end_to_end.end_to_end(device, args.data),
     "tutorial_recipe": lambda device, args: tutorial_recipe.tutorial_recipe(
         device, args.data, args.recipe_steps

@@ -251,6 +251,14 @@ class _ImplicitGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is asked for
+            raise RuntimeError(
+                "grad=ift gives first derivatives only: its backward solve is not itself "
+                "differentiated, so create_graph=True (a Hessian-vector product, an input-"
+                "gradient penalty, forces) would return a wrong second derivative. Use "
+                "grad=phantom or grad=onestep, whose gradients are ordinary autograd graphs "
+                "and differentiate again (second derivatives of their approximations)"
+            )
         return (None, None, *ctx.backward_solve(grads))
 
 

@@ -127,6 +127,9 @@ def test_each_network_fits_a_photograph_through_the_runner(net, tmp_path):
     ]
     if net != "implicit_mfn":
         overrides += ["init=zeros", "norm=none"]
+    if net == "fourier_features":  # no frequency scale: its Gaussian frequencies' sigma
+        overrides.remove("task.module.net.input_scale=8")
+        overrides += ["~task.module.net.input_scale", "task.module.net.features=8"]
     run(compose_cfg(overrides, tmp_path))
     rows = metrics(tmp_path)
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]

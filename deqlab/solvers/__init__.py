@@ -15,6 +15,7 @@ from .catalog import COMMON_ARGS, SOLVERS, Solver, get_solver, register_solver, 
 from .checks import STOP_MODES
 from .fixed_point import fixed_point
 from .gmres import gmres
+from .newton_krylov import newton_krylov
 from .reversible import reversible
 from .solver_config import SolverConfig
 
@@ -24,6 +25,7 @@ for _name, _fn in (
     ("broyden", broyden),
     ("reversible", reversible),
     ("gmres", gmres),
+    ("newton_krylov", newton_krylov),
 ):
     register_solver(_name, _fn)
 
@@ -43,6 +45,7 @@ __all__ = [
     "fixed_point",
     "get_solver",
     "gmres",
+    "newton_krylov",
     "register_solver",
     "reversible",
     "solver_options",

@@ -29,15 +29,18 @@ from .base import SolveLoop, SolverResult, State
 
 
 def _least_squares(h: Tensor, beta: Tensor) -> Tensor:
-    """argmin_y ||beta e1 - H y|| for each sample (H: (B, j + 1, j)), by QR; a zero pivot (a
-    sample whose Krylov space stopped growing: it is solved) is bounded away from zero so that
-    no sample's numbers turn into NaN."""
+    """argmin_y ||beta e1 - H y|| for each sample (H: (B, j + 1, j)), by QR. A zero pivot (a
+    sample whose Krylov space stopped growing: solved, or M singular there) gets the
+    coefficient 0 instead of a division by zero, so no sample's numbers blow up."""
     q, r = torch.linalg.qr(h)  # (B, j+1, j), (B, j, j)
     rhs = q[:, 0, :] * beta.unsqueeze(1)  # Q^T (beta e1)
     diag = r.diagonal(dim1=1, dim2=2)
-    tiny = torch.finfo(h.dtype).eps * h.abs().amax(dim=(1, 2)).clamp_min(1.0).unsqueeze(1)
-    safe = torch.where(diag.abs() < tiny, torch.where(diag < 0, -tiny, tiny), diag)
-    r = r - torch.diag_embed(diag) + torch.diag_embed(safe)
+    scale = h.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(h.dtype).tiny).unsqueeze(1)
+    degenerate = diag.abs() <= 64 * torch.finfo(h.dtype).eps * scale  # (B, j)
+    if bool(degenerate.any()):  # that row reads y_i = 0
+        r = r.masked_fill(degenerate.unsqueeze(2), 0.0)
+        r = r + torch.diag_embed(degenerate.to(r.dtype))
+        rhs = rhs.masked_fill(degenerate, 0.0)
     return torch.linalg.solve_triangular(r, rhs.unsqueeze(2), upper=True).squeeze(2)
 
 
