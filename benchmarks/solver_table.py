@@ -2,7 +2,8 @@
 evaluations, seconds and the residual reached.
 
 Forward: z = f(z) from zero to a relative residual of 1e-5 (at most 60 steps) by
-fixed-point iteration, Anderson (m = 5), Broyden and Newton-Krylov (forward-mode products).
+fixed-point iteration, Anderson (m = 5), Broyden and Newton-Krylov (forward-mode products;
+from zero, and after 5 fixed-point steps).
 Backward: the implicit gradient's linear system g = J^T g + u at that equilibrium, to 1e-8,
 by the same iterations and by GMRES. The cells: the tutorial's ResNet cell, tanh(W z + x)
 with ||W|| = 0.9, and the same with ||W|| = 2, where fixed-point iteration does not settle.
@@ -21,11 +22,12 @@ from deqlab import get_solver
 from .cells import TanhCell, resnet_problem, tanh_problem
 from .timing import timed_round_robin
 
-FORWARD = {
-    "fixed_point": {},
-    "anderson": {"m": 5},
-    "broyden": {},
-    "newton_krylov": {},
+FORWARD = {  # label: (solver, options)
+    "fixed_point": ("fixed_point", {}),
+    "anderson": ("anderson", {"m": 5}),
+    "broyden": ("broyden", {}),
+    "newton_krylov": ("newton_krylov", {}),
+    "newton_krylov warmup=5": ("newton_krylov", {"warmup": 5}),
 }
 BACKWARD = {"fixed_point": {}, "anderson": {"m": 5}, "broyden": {}, "gmres": {}}
 
@@ -59,12 +61,12 @@ def solver_table(device: torch.device, repeats: int = 3) -> list[dict[str, Any]]
         f = lambda z, cell=cell, x=x: cell(z, x)
         z0 = torch.zeros_like(x)
         forward = {
-            name: (
+            label: (
                 lambda name=name, opts=opts: get_solver(name)(
                     f, z0, max_iter=60, tol=1e-5, stop_mode="rel", **opts
                 )
             )
-            for name, opts in FORWARD.items()
+            for label, (name, opts) in FORWARD.items()
         }
         with torch.no_grad():
             outcomes = {name: _row(name, solve) for name, solve in forward.items()}

@@ -46,6 +46,16 @@ def test_on_a_contraction_it_finds_andersons_fixed_point_with_both_products():
         assert got.best_step.max() <= 8  # superlinear: a few Newton steps
 
 
+def test_warmup_takes_fixed_point_steps_first():
+    """warmup=3: the first three steps are fixed-point iteration's, step for step."""
+    f, _, x = tanh_map(0.9)
+    start = torch.zeros_like(x)
+    plain = fixed_point(f, start, max_iter=4, tol=None)
+    warm = newton_krylov(f, start, max_iter=12, tol=1e-12, stop_mode="abs", warmup=3)
+    torch.testing.assert_close(warm.trace[:4], plain.trace[:4], rtol=0, atol=0)
+    assert bool(warm.converged.all())
+
+
 def test_each_sample_stops_on_its_own():
     torch.manual_seed(0)
     cell = StaggeredCell(batch=6, dim=16)
@@ -84,6 +94,7 @@ def test_bad_settings_are_refused_and_a_stalled_line_search_reported():
         ({"inner_tol": 0.0}, r"inner_tol must lie in \(0, 1\)"),
         ({"jvp": "complex"}, "jvp must be one of"),
         ({"min_step": 0.0}, r"min_step must lie in \(0, 1\]"),
+        ({"warmup": -1}, "warmup must be >= 0"),
     ):
         with pytest.raises(ValueError, match=message):
             newton_krylov(f, torch.zeros(1, 3), max_iter=5, tol=1e-6, **bad)

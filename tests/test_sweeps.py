@@ -203,8 +203,8 @@ def test_python_m_deqlab_is_the_deqlab_command(data_dir, tmp_path):
 
 def test_report_names_runs_by_what_tells_them_apart():
     """Runs started by hand carry every override in their name: the report keeps only the
-    ones that differ (commas inside a list do not split), and leaves names that would
-    collide or vanish as they were."""
+    ones that differ (commas inside a list do not split); a run with no override of its own
+    (the baseline) is named by its folder, and names that would collide stay as they were."""
     from deqlab.runner.report import Run, distinct_names, override_parts
 
     assert override_parts("a=1,b=[1,2],c={x: 1, y: 2}") == ["a=1", "b=[1,2]", "c={x: 1, y: 2}"]
@@ -212,6 +212,12 @@ def test_report_names_runs_by_what_tells_them_apart():
     runs = [Run(Path(n), f"experiment={n},{shared}", "m", "max") for n in ("deq", "unrolled")]
     distinct_names(runs)
     assert [r.name for r in runs] == ["experiment=deq", "experiment=unrolled"]
-    same = [Run(Path(n), "solver=anderson", "m", "max") for n in ("a", "b")]
+    base = [Run(Path("cached"), "e=x", "m", "max"), Run(Path("cold"), "e=x,init=zeros", "m", "max")]
+    distinct_names(base)
+    assert [r.name for r in base] == ["cached", "init=zeros"]
+    same = [
+        Run(Path("runs/a"), "solver=anderson", "m", "max"),
+        Run(Path("b/a"), "solver=anderson", "m", "max"),
+    ]
     distinct_names(same)
     assert [r.name for r in same] == ["solver=anderson", "solver=anderson"]

@@ -142,12 +142,16 @@ def override_parts(name: str) -> list[str]:
 
 def distinct_names(runs: list[Run]) -> None:
     """Name each run by the overrides that tell it from the others (those every run shares
-    left out), so that a figure's legend says what differs; names stay unique."""
+    left out), so that a figure's legend says what differs; a run with none of its own (the
+    baseline the others change) is named by its folder; names stay unique."""
     if len(runs) < 2:
         return
     split = [override_parts(r.name) for r in runs]
     common = set(split[0]).intersection(*split[1:])
-    short = [",".join(p for p in parts if p not in common) for parts in split]
+    short = [
+        ",".join(p for p in parts if p not in common) or run.folder.name
+        for run, parts in zip(runs, split, strict=True)
+    ]
     if all(short) and len(set(short)) == len(short):
         for run, name in zip(runs, short, strict=True):
             run.name = name
