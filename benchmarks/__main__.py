@@ -25,6 +25,7 @@ from . import (
     lm_memory,
     memory,
     model_step,
+    shine,
     solver_overhead,
     solver_table,
     training_step,
@@ -62,6 +63,7 @@ BENCHES: dict[str, Callable[[torch.device, argparse.Namespace], list[dict]]] = {
     "inr_memory": lambda device, args: inr_memory.inr_memory(device, args.repeats),
     "lm_memory": lambda device, args: lm_memory.lm_memory(device),
     "solver_table": lambda device, args: solver_table.solver_table(device, args.repeats),
+    "shine": lambda device, args: shine.shine(device, args.repeats),
     "end_to_end": lambda device, args: end_to_end.end_to_end(device, args.data),
     "tutorial_recipe": lambda device, args: tutorial_recipe.tutorial_recipe(
         device, args.data, args.recipe_steps

@@ -210,6 +210,7 @@ class DEQ(nn.Module):
                     f"grad={self.grad_cfg.name} returns one state, the solve's own: set "
                     "core.n_states=1 and core.indexing=[]"
                 )
+            self.solver_kwargs = {**self.solver_kwargs, **self.mode.solver_options}
 
     def extra_repr(self) -> str:
         s, g, c = self.solver_cfg, self.grad_cfg, self.core_cfg

@@ -184,7 +184,8 @@ class GradMode:
     :class:`SolverResult` and uses its one returned state. ``settings``: the ``GradConfig``
     fields the mode reads besides those every mode has (:data:`EVERY_MODE`); a config that
     sets another away from its default is refused. ``None``: any field (a mode registered
-    without saying)."""
+    without saying). ``solver_options``: options the core passes to that solver for this
+    mode (``shine``: Broyden's ``keep_inverse``)."""
 
     fn: GradFn
     needs_z_grad: bool = False
@@ -192,6 +193,7 @@ class GradMode:
     defaults: dict[str, Any] = field(default_factory=dict)
     solver: str | None = None
     settings: tuple[str, ...] | None = None
+    solver_options: dict[str, Any] = field(default_factory=dict)
 
     def reads(self, key: str) -> bool:
         """Whether a config of this mode may set the ``GradConfig`` field ``key``."""
@@ -269,6 +271,7 @@ def implicit(
     cfg: GradConfig,
     on_backward: Callable[[SolverResult], None],
     f: Callable[[State], State] | None = None,
+    start: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
 ) -> State:
     """``grad=ift``: attach the exact implicit gradient to z* (module docstring).
 
@@ -280,6 +283,8 @@ def implicit(
         on_backward: receives the backward solve's :class:`SolverResult`.
         f: needed for ``cfg.jacobian_at == "fz"`` (J is then taken at f(z*), recorded during
             the backward pass).
+        start: the backward solve's start from u = dL/dz* (``shine``: its estimate of g);
+            None: ``cfg.solve_from``.
 
     Returns:
         A state with z*'s values whose gradient is the implicit function theorem's:
@@ -311,10 +316,15 @@ def implicit(
             jt_g = torch.autograd.grad(f_at, at, as_tuple(g), retain_graph=True)
             return like(z, [a + b for a, b in zip(jt_g, u)])
 
-        start = u if cfg.solve_from == "grad" else tuple(torch.zeros_like(p) for p in u)
+        if start is not None:
+            first = start(u)
+        elif cfg.solve_from == "grad":
+            first = u
+        else:
+            first = tuple(torch.zeros_like(p) for p in u)
         res = solve(
             vjp_plus_u,
-            like(z, start),
+            like(z, first),
             max_iter=cfg.max_iter,
             tol=cfg.tol,
             stop_mode=cfg.stop_mode,
@@ -404,3 +414,4 @@ register_grad("phantom", _phantom, defaults={"steps": 5, "tau": 0.5}, settings=P
 register_grad("onestep", _onestep, settings=())
 # the reversible solver's exact gradient (deqlab/reversible_grad.py), loaded when first asked for
 GRAD_MODES.register_lazy("reversible", "deqlab.reversible_grad:REVERSIBLE")
+GRAD_MODES.register_lazy("shine", "deqlab.shine:SHINE")

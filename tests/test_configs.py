@@ -38,6 +38,7 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.ya
 WITH = {
     ("net", "deq_transformer"): ["task=ptb"],
     ("grad", "reversible"): ["solver=reversible"],
+    ("grad", "shine"): ["solver=broyden"],
     ("net", "ignn"): ["task=chains"],
     ("net", "gcn"): ["task=chains"],
     ("net", "ignn_graph"): ["task=tu"],

@@ -81,7 +81,7 @@ def test_wheel_installs_and_runs_from_any_folder(tmp_path):
     (wheel,) = dist.glob("deqlab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tasks = sorted(p.parent.name for p in (ROOT / "tasks").glob("*/__init__.py"))
-    assert tasks == ["cifar", "graph", "inverse", "lm"]
+    assert tasks == ["cifar", "graph", "inr", "inverse", "lm"]
     assert "deqlab/conf/train.yaml" in names and "deqlab/runner/main.py" in names
     for task in tasks:  # every task package goes in, found without a hand-written list
         assert f"deqlab/tasks/{task}/module.py" in names, task

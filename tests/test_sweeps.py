@@ -196,7 +196,7 @@ def test_python_m_deqlab_is_the_deqlab_command(data_dir, tmp_path):
     help_text = run_cli(["--help"], tmp_path).stdout
     ours = help_text.split("== Hydra's flags ==")[0]  # Hydra's own flags follow
     assert ours.startswith("deqlab: train and test") and "deqlab report FOLDER" in ours
-    assert "solver: anderson, broyden, fixed_point, reversible\n" in ours
+    assert "solver: anderson, broyden, fixed_point, gmres, newton_krylov, reversible\n" in ours
     assert "deqlab analyze CKPT" in ours
     assert "schema" not in ours and "__main__" not in ours
 

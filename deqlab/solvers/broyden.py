@@ -102,6 +102,7 @@ def broyden(
     *,
     memory: int = 30,
     ls: bool = False,
+    keep_inverse: bool = False,
     **common: Any,
 ) -> SolverResult:
     """Good Broyden with the ``memory`` most recent rank-one updates (module docstring).
@@ -113,6 +114,9 @@ def broyden(
             restarts from -I.
         ls: an Armijo line search along each step (:func:`armijo_step`); ``max_iter`` then
             counts steps and ``nfe`` the f evaluations.
+        keep_inverse: return the final inverse-Jacobian estimate B = -I + sum_i u_i v_i^T as
+            ``aux["inverse_jacobian"] = (u, v)``, each (B, n, D) on the flat state (what
+            ``grad=shine`` reads: it sets this itself).
         **common: the settings every solver shares (:class:`~deqlab.solvers.SolveSpec`):
             ``max_iter`` and ``tol`` (required), ``stop_mode``, ``save_at``,
             ``return_final``, ``check_every``, ``budgets``.
@@ -210,7 +214,11 @@ def broyden(
                 z = z + step
                 fz = None
             g_prev = gz
-    return run.result(nfe)
+        factors = (us[:, :used].clone(), vs[:, :used].clone()) if keep_inverse else None
+    res = run.result(nfe)
+    if factors is not None:
+        res.aux["inverse_jacobian"] = factors
+    return res
 
 
 broyden = torch.no_grad()(broyden)  # the decorator, written out: see fixed_point.py
