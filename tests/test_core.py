@@ -40,6 +40,7 @@ def test_only_the_solvers_own_options_are_passed():
     assert SolverConfig(name="broyden", memory=7).solver_kwargs() == {
         "memory": 7,
         "ls": False,
+        "keep_inverse": False,
         **common,
     }
     assert SolverConfig(name="fixed_point", tau=0.5).solver_kwargs() == {"tau": 0.5, **common}

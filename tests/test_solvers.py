@@ -775,7 +775,7 @@ def test_cpu_solves_recycle_their_history_buffers(name, history):
 CONFIG_OPTIONS = {
     "fixed_point": ("tau", "return_final", "check_every"),
     "anderson": ("m", "lam", "lam_mode", "tau", "return_final", "check_every"),
-    "broyden": ("memory", "ls", "return_final", "check_every"),
+    "broyden": ("memory", "ls", "keep_inverse", "return_final", "check_every"),
 }
 
 

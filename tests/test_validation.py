@@ -316,8 +316,9 @@ def test_solver_settings_refusals_and_conversions_in_full(restore_registries):
         ),
         (
             dict(name="broyden", tau=0.5),
-            "solver.tau=0.5: solver 'broyden' takes no tau (its options: check_every, ls, "
-            "memory, return_final); tau is an option of anderson, fixed_point (a fallback's "
+            "solver.tau=0.5: solver 'broyden' takes no tau (its options: check_every, "
+            "keep_inverse, ls, memory, return_final); tau is an option of anderson, fixed_point "
+            "(a fallback's "
             "options go in solver.fallback_options.<name>)",
         ),
     ]
