@@ -96,7 +96,9 @@ def test_fallback_settings_are_checked():
     broyden, fixed_point = cfg.fallback_configs()
     assert (broyden.name, broyden.memory, hasattr(broyden, "m")) == ("broyden", 12, False)
     assert (fixed_point.name, fixed_point.tau) == ("fixed_point", 0.5)
-    with pytest.raises(ValueError, match=r"takes no m \(its options: check_every, keep_inverse, ls, memory"):
+    with pytest.raises(
+        ValueError, match=r"takes no m \(its options: check_every, keep_inverse, ls, memory"
+    ):
         SolverConfig(fallback=["broyden"], fallback_options={"broyden": {"m": 3}})
     with pytest.raises(ValueError, match=r"fallback_options names \['fixed_point'\], which"):
         SolverConfig(fallback=["broyden"], fallback_options={"fixed_point": {"tau": 0.5}})
