@@ -143,12 +143,12 @@ def test_each_network_fits_a_photograph_through_the_runner(net, tmp_path):
         assert shares[0] == 0.0 and set(shares[1:]) == {1.0}
 
 
-def test_warm_starts_on_a_task_without_sample_indices_are_refused(tmp_path):
+def test_warm_starts_where_a_sample_has_no_fixed_state_shape_are_refused(tmp_path):
     pytest.importorskip("torch_geometric")
     from deqlab.runner.main import run
     from deqlab.warm_start import WarmStartError
 
     from .helpers.runs import compose_cfg
 
-    with pytest.raises(WarmStartError, match=r"ChainsDataModule.*does not give sample indices"):
-        run(compose_cfg(["experiment=ignn_chains", "init=cached", "trainer=cpu"], tmp_path))
+    with pytest.raises(WarmStartError, match=r"task=tu pads each batch .* use init=zeros"):
+        run(compose_cfg(["experiment=ignn_mutag", "init=cached", "trainer=cpu"], tmp_path))

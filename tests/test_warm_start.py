@@ -99,3 +99,22 @@ def test_language_model_segments_are_keyed_and_start_warm_in_the_second_epoch(tm
     second = [float(r["deq/warm_share"]) for r in rows if r["epoch"] == "1"]
     assert set(first) == {0.0}
     assert second and min(second[:-1]) == 1.0  # all but the short last segment
+
+
+def test_a_one_graph_task_starts_every_step_after_the_first_warm(tmp_path):
+    """The chains: one graph, key 0, trained at every step: from the second step on the solve
+    starts from the last step's equilibrium and needs fewer evaluations than the first."""
+    pytest.importorskip("torch_geometric")
+    from deqlab.runner.main import run
+
+    from .helpers.runs import compose_cfg, metrics
+    from .test_graph import CHAINS_RUN
+
+    overrides = ["experiment=ignn_chains", "trainer.max_epochs=4", "init=cached", *CHAINS_RUN]
+    overrides += ["trainer.log_every_n_steps=1"]
+    run(compose_cfg(overrides, tmp_path))
+    rows = metrics(tmp_path)
+    shares = [float(r["deq/warm_share"]) for r in rows if r.get("deq/warm_share")]
+    nfe = [float(r["deq/fwd_nfe"]) for r in rows if r.get("deq/fwd_nfe")]
+    assert shares == [0.0, 1.0, 1.0, 1.0]
+    assert max(nfe[1:]) < nfe[0]

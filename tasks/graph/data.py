@@ -31,6 +31,9 @@ class OneGraphDataModule(L.LightningDataModule):
     the split reading the nodes its mask selects. A subclass supplies the graph
     (:meth:`load`); this class checks it, normalizes the adjacency and builds the splits.
 
+    With ``indexed`` (the runner sets it for ``init=cached``) the training batch carries the
+    graph's key, 0: every step trains the same sample, and starts from its last equilibrium.
+
     Args:
         num_classes: the classes the network scores; every label must be below it.
     """
@@ -39,6 +42,7 @@ class OneGraphDataModule(L.LightningDataModule):
         super().__init__()
         self.num_classes = num_classes
         self.batches: dict[str, tuple[GraphInput, NodeTargets]] = {}
+        self.indexed = False
 
     def load(self) -> dict[str, Tensor]:
         """The graph: ``x`` (N, F), ``edge_index`` (2, E), ``y`` (N,) and the node indices of
@@ -63,6 +67,9 @@ class OneGraphDataModule(L.LightningDataModule):
         return DataLoader(_One(self.batches[split]), batch_size=None, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
+        if self.indexed:
+            key = torch.zeros(1, dtype=torch.long)
+            return DataLoader(_One((*self.batches["train"], key)), batch_size=None)
         return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
@@ -74,8 +81,8 @@ class OneGraphDataModule(L.LightningDataModule):
     def transfer_batch_to_device(self, batch: Any, device: torch.device, idx: int) -> Any:
         # Lightning's own transfer walks a dataclass by deep-copying it: 12 ms a batch here,
         # more than a training step of the chains model on the CPU
-        graph, targets = batch
-        return graph.to(device), targets.to(device)
+        graph, targets, *key = batch
+        return graph.to(device), targets.to(device), *(k.to(device) for k in key)
 
 
 class ChainsDataModule(OneGraphDataModule):

@@ -211,6 +211,20 @@ class TUDataModule(ResumableDataModule):
                 "with it; raise max_nodes or use a dataset of smaller graphs"
             )
 
+    @property
+    def indexed(self) -> bool:
+        return False
+
+    @indexed.setter
+    def indexed(self, value: bool) -> None:
+        if value:  # the runner asks for sample indices (init=cached)
+            from deqlab.warm_start import WarmStartError
+
+            raise WarmStartError(
+                "init=cached: task=tu pads each batch to its largest graph, so a graph's state "
+                "has no fixed shape to keep between epochs; use init=zeros here"
+            )
+
     def make_train_loader(self) -> ResumableLoader:
         world = rank_and_world()[1]
         order = {"seed": self.seed, "graphs": len(self.train_set), "batch": self.batch_size}
