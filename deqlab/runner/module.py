@@ -218,6 +218,7 @@ class DEQLitModule(L.LightningModule):
         i = self.init_cfg
         self.warm = WarmStarts(i.storage, i.max_gb) if i.name == "cached" else None
         self._warm_keys: Tensor | None = None  # this training batch's sample indices
+        self.init_loss: Tensor | None = None  # init=learned: the prediction's distance to z*
         if self.warm is not None and self.fit_cfg.batch_chunk > 1:
             raise WarmStartError("init=cached cannot split batches: set fit.batch_chunk=1")
         self.init_from, self.init_from_strict = init_from, init_from_strict
@@ -248,6 +249,14 @@ class DEQLitModule(L.LightningModule):
         (``torch.compile`` with ``compile_options``). Tasks whose network depends on the data
         (e.g. a vocabulary size) pass ``net=None`` and call this from ``setup``."""
         self.net = net
+        if self.init_cfg.name == "learned":
+            enable = getattr(net, "enable_learned_start", None)
+            if enable is None:
+                raise ValueError(
+                    f"init=learned: {type(net).__name__} cannot predict its state (it has no "
+                    "enable_learned_start / predict_start); use another init"
+                )
+            enable()
         n = self.norm_cfg
         apply_norm(
             getattr(net, "cell", net),  # an explicit baseline has no cell: the whole net
@@ -346,8 +355,25 @@ class DEQLitModule(L.LightningModule):
         if not hasattr(self.net, "inject"):
             return [self.net(x)], None
         u, z0 = self.net.inject(x)
-        states, info = self.equilibrium(Bound(self.net.cell, u), z0, **solve)
+        predicted = self.predicted_start(u, z0) if self.init_cfg.name == "learned" else None
+        start = z0 if predicted is None else predicted.detach()
+        states, info = self.equilibrium(Bound(self.net.cell, u), start, **solve)
+        if predicted is not None:  # the prediction learns toward the equilibrium reached
+            self.init_loss = (predicted - states[-1].detach()).pow(2).mean()
         return [self.net.head(s) for s in states], info
+
+    def predicted_start(self, u: Any, z0: State) -> Tensor:
+        """``init=learned``: the network's prediction of z* from its injection u, checked
+        against the state's structure and shape."""
+        if not isinstance(z0, Tensor):
+            raise ValueError("init=learned predicts a single-tensor state; use another init")
+        predicted = self.net.predict_start(u)
+        if predicted.shape != z0.shape:
+            raise ValueError(
+                f"init=learned: predict_start gave {tuple(predicted.shape)}, the state is "
+                f"{tuple(z0.shape)}"
+            )
+        return predicted
 
     # -- what a task supplies (TaskHooks) ----------------------------------------------------
 
@@ -468,6 +494,10 @@ class DEQLitModule(L.LightningModule):
         task_loss = loss.detach()  # the criterion's, without the Jacobian term
         if info is not None and info.jac_loss is not None:
             loss = loss + jac_weight * info.jac_loss
+        if self.init_loss is not None:  # init=learned: pull the predicted start toward z*
+            self.log("train/init_loss", self.init_loss.detach())
+            loss = loss + self.init_cfg.weight * self.init_loss
+            self.init_loss = None
         return loss, task_loss, info
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:

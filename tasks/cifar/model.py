@@ -99,5 +99,17 @@ class TutorialDEQ(nn.Module):
         u = self.stem(x)
         return u, torch.zeros_like(u)
 
+    def enable_learned_start(self) -> None:
+        """``init=learned`` (the runner calls this before the optimizer is built): add the
+        predictor of z0 from the injection, one 3x3 convolution, zero at first, so that the
+        solve starts where init=zeros does until the prediction has learned."""
+        channels = self.cell.conv2.out_channels
+        self.start = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.zeros_(self.start.weight)
+        nn.init.zeros_(self.start.bias)
+
+    def predict_start(self, u: Tensor) -> Tensor:
+        return self.start(u)
+
     def head(self, z: Tensor) -> Tensor:
         return self.classifier(z)
