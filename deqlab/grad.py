@@ -16,6 +16,10 @@ f evaluation recorded on the autograd tape.
 - ``phantom``: k damped unrolled steps z <- tau f(z) + (1 - tau) z from z*, differentiated by
   ordinary backprop through those k steps only (Geng et al., 2021). Returns the k-th step.
 - ``onestep``: Jacobian-free backprop, one step of f at z* (Fung et al., 2022). Returns f(z*).
+
+Second derivatives (``create_graph=True``) are exact under ``ift`` when f is a
+:class:`~deqlab.bound.Bound` or an ``nn.Module`` (:func:`differentiable_backward`); phantom and
+onestep give their own steps' second derivatives, as ordinary autograd graphs.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .bound import differentiable_inputs
 from .registry import Registry
 from .solvers import SolverResult, get_solver, solver_options
 from .solvers.checks import check_common
-from .state import State, as_tuple, like, mix
+from .state import State, as_tuple, leaf, like, mix
 
 
 class DivergenceWarning(UserWarning):
@@ -243,25 +248,23 @@ def register_grad(
 
 
 class _ImplicitGrad(torch.autograd.Function):
-    """Returns z* in the forward pass; in the backward pass maps dL/dz* to the IFT vector g
-    and hands it to fz, whose recorded graph carries it on to the parameters and inputs."""
+    """Returns z* in the forward pass. Its backward pass maps dL/dz* to the IFT vector g and
+    hands it to fz, whose recorded graph carries it on to the parameters and inputs. Asked for
+    a graph of that backward (``create_graph=True``), it hands fz nothing and returns, from
+    ``twice``, the gradients of the tensors f reads (``inputs``) as a graph that differentiates
+    again (:func:`differentiable_backward`)."""
 
     @staticmethod
-    def forward(ctx, backward_solve, z_star, *fz):  # type: ignore[override]
-        ctx.backward_solve = backward_solve
+    def forward(ctx, backward_solve, twice, n_fz, z_star, *fz_and_inputs):  # type: ignore[override]
+        ctx.backward_solve, ctx.twice = backward_solve, twice
+        ctx.n_fz, ctx.n_inputs = n_fz, len(fz_and_inputs) - n_fz
         return tuple(z.clone() for z in z_star)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         if torch.is_grad_enabled():  # create_graph=True: a second derivative is asked for
-            raise RuntimeError(
-                "grad=ift gives first derivatives only: its backward solve is not itself "
-                "differentiated, so create_graph=True (a Hessian-vector product, an input-"
-                "gradient penalty, forces) would return a wrong second derivative. Use "
-                "grad=phantom or grad=onestep, whose gradients are ordinary autograd graphs "
-                "and differentiate again (second derivatives of their approximations)"
-            )
-        return (None, None, *ctx.backward_solve(grads))
+            return (None,) * (4 + ctx.n_fz) + tuple(ctx.twice(grads))
+        return (None,) * 4 + tuple(ctx.backward_solve(grads)) + (None,) * ctx.n_inputs
 
 
 def implicit(
@@ -272,6 +275,7 @@ def implicit(
     on_backward: Callable[[SolverResult], None],
     f: Callable[[State], State] | None = None,
     start: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
+    refuse_twice: str | None = None,
 ) -> State:
     """``grad=ift``: attach the exact implicit gradient to z* (module docstring).
 
@@ -282,9 +286,12 @@ def implicit(
         cfg: the gradient settings: the backward solver, its budget, tol and options.
         on_backward: receives the backward solve's :class:`SolverResult`.
         f: needed for ``cfg.jacobian_at == "fz"`` (J is then taken at f(z*), recorded during
-            the backward pass).
+            the backward pass) and for second derivatives (a :class:`~deqlab.bound.Bound` or
+            an ``nn.Module``, whose inputs and parameters the second derivative reaches).
         start: the backward solve's start from u = dL/dz* (``shine``: its estimate of g);
             None: ``cfg.solve_from``.
+        refuse_twice: the error a second derivative meets (a mode whose gradient is not
+            ift's); None: differentiate twice when f allows it.
 
     Returns:
         A state with z*'s values whose gradient is the implicit function theorem's:
@@ -294,6 +301,18 @@ def implicit(
     solve = get_solver(cfg.solver)
     if cfg.jacobian_at == "fz" and f is None:
         raise ValueError("implicit: jacobian_at=fz needs f")
+    inputs: list[Tensor] = []
+    if refuse_twice is None and cfg.jacobian_at == "fz":
+        refuse_twice = (
+            "grad.jacobian_at=fz takes J at f(z*) (the references' approximation), whose "
+            "derivative is not the implicit function's: set grad.jacobian_at=z for second "
+            "derivatives"
+        )
+    if refuse_twice is None:
+        try:
+            inputs = differentiable_inputs(f, "grad=ift, differentiating twice,")[1]  # type: ignore[arg-type]
+        except TypeError as e:
+            refuse_twice = str(e)
 
     # The backward pass runs outside the forward's autocast region: the evaluation recorded
     # there (jacobian_at=fz) re-enters it, so a bf16 cell sees the precision it was trained in.
@@ -310,7 +329,7 @@ def implicit(
         if cfg.jacobian_at == "fz":  # J_f at f(z*): one more recorded evaluation
             with torch.enable_grad(), torch.autocast(**precision):
                 at = tuple(p.detach().requires_grad_() for p in fz_parts)
-                f_at = as_tuple(f(like(z, at)))
+                f_at = as_tuple(f(like(z, at)))  # type: ignore[misc]
 
         def vjp_plus_u(g: State) -> State:
             jt_g = torch.autograd.grad(f_at, at, as_tuple(g), retain_graph=True)
@@ -341,9 +360,124 @@ def implicit(
         on_backward(res)
         return as_tuple(res.z)
 
+    def twice(u: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        if refuse_twice is not None:
+            raise RuntimeError(refuse_twice)
+        with torch.no_grad():
+            g_star = backward_solve(tuple(p.detach() for p in u))
+        return differentiable_backward(f, z, u, like(z, g_star), cfg, on_backward)  # type: ignore[arg-type]
+
     values = fz_parts if cfg.output == "fz" else as_tuple(z_star)
-    out = _ImplicitGrad.apply(backward_solve, tuple(v.detach() for v in values), *fz_parts)
+    out = _ImplicitGrad.apply(
+        backward_solve,
+        twice,
+        len(fz_parts),
+        tuple(v.detach() for v in values),
+        *fz_parts,
+        *inputs,
+    )
     return like(z_star, out)
+
+
+THIRD_DERIVATIVE = (
+    "grad=ift gives first and second derivatives: a third (create_graph=True through a "
+    "second derivative) would need the adjoint's own backward solve differentiated, which "
+    "deqlab does not do"
+)
+
+
+def differentiable_backward(
+    f: Callable[[State], State],
+    z: State,
+    u: tuple[Tensor, ...],
+    g_star: State,
+    cfg: GradConfig,
+    on_backward: Callable[[SolverResult], None],
+) -> tuple[Tensor | None, ...]:
+    """ift's backward pass as a graph that differentiates again: dL/dtheta =
+    (df/dtheta)^T g at z*(theta), with (I - J^T) g = u, for the tensors theta f reads
+    (:func:`~deqlab.bound.differentiable_inputs`).
+
+    Each implicit quantity carries its own implicit derivative, so nothing is unrolled:
+
+    - z*(theta) is z* with ift's gradient attached (:func:`implicit` again);
+    - g solves the linear fixed point g = J(z*, theta)^T g + u; it is ``g_star`` (solved
+      already) with the implicit gradient of that fixed point attached. Differentiating
+      g = (I - J^T)^-1 u gives, for an outer adjoint v of g, w = (I - J)^-1 v (the products J w
+      are vector-Jacobian products of the recorded J^T g, i.e. forward-mode through reverse),
+      then dL/du = w and dL/d(z, theta) = d/d(z, theta) [g^T J(z, theta) w];
+    - df/dtheta is a partial derivative at z*(theta): f runs on stand-ins for theta (views
+      of them), which only this evaluation reads.
+
+    The first derivative's value is the one :func:`implicit` computes; its graph costs two
+    more f evaluations, and the second backward pass two more linear solves (one for z*'s
+    gradient, one for g's), each with ``cfg``'s backward solver and budget.
+
+    Args:
+        f: the map (a :class:`~deqlab.bound.Bound` or an ``nn.Module``).
+        z: z*.
+        u: dL/dz*, with its own graph (the outer loss's dependence on z*).
+        g_star: the solution of the backward fixed point for ``u``.
+        cfg: the backward solve's settings, used for both new solves.
+        on_backward: receives each backward solve's statistics.
+
+    Returns:
+        The gradients of the tensors f reads, in :func:`differentiable_inputs`' order (None
+        where f does not read one).
+
+    Raises:
+        RuntimeError: f reads a tensor that needs a gradient outside those (a closure over
+            it): its derivatives would be missed.
+    """
+    f_of, inputs = differentiable_inputs(f)
+    stand_ins = [t.view_as(t) for t in inputs]
+    z_in = leaf(z, True)
+    z_theta = as_tuple(implicit(z, z_in, f(z_in), cfg, on_backward, f))
+    fz = as_tuple(f_of(like(z, z_theta), stand_ins))
+    hidden = unlisted_leaves(fz, stand_ins, stop=[p.grad_fn for p in z_theta])
+    if hidden:
+        raise RuntimeError(
+            f"f reads {len(hidden)} tensor(s) that need a gradient besides its Bound inputs "
+            f"and its module's parameters (shapes {[tuple(t.shape) for t in hidden]}): grad=ift "
+            "differentiates twice only through what it sees. Pass them as inputs, "
+            "deqlab.Bound(cell, *inputs), or make them parameters of the cell"
+        )
+
+    def adjoint_step(g: State) -> State:  # g -> J(z*, theta)^T g + u, recorded
+        jt = torch.autograd.grad(
+            fz, z_theta, as_tuple(g), create_graph=True, retain_graph=True, allow_unused=True
+        )
+        return like(z, [b if a is None else a + b for a, b in zip(jt, u)])
+
+    g_in = leaf(g_star, True)
+    g = implicit(g_star, g_in, adjoint_step(g_in), cfg, on_backward, refuse_twice=THIRD_DERIVATIVE)
+    grads = torch.autograd.grad(
+        fz, stand_ins, as_tuple(g), create_graph=True, retain_graph=True, allow_unused=True
+    )
+    return tuple(grads)
+
+
+def unlisted_leaves(outputs: tuple[Tensor, ...], listed: list[Tensor], stop: list) -> list[Tensor]:
+    """The leaves needing a gradient that the graph of ``outputs`` reaches without passing
+    through a ``listed`` tensor or a ``stop`` node (what a closure hides from
+    :func:`~deqlab.bound.differentiable_inputs`)."""
+    listed_ids = {id(t) for t in listed}
+    ends = {t.grad_fn for t in listed if t.grad_fn is not None} | {n for n in stop if n}
+    seen: set = set()
+    found: list[Tensor] = []
+    todo = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen or node in ends:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf
+        if variable is not None:
+            if id(variable) not in listed_ids:
+                found.append(variable)
+            continue
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 def evaluate(f: Callable[[State], State], z: State, checkpointed: bool) -> State:

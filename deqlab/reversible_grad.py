@@ -39,43 +39,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .bound import Bound
+from .bound import differentiable_inputs
 from .grad import DivergenceWarning, GradConfig, GradMode
 from .solvers import SolverResult
 from .solvers.base import REL_EPS, FlatState
-from .solvers.capture import _map
 from .state import State
-
-
-def differentiable_inputs(f: Callable[[State], State]) -> tuple[Callable[..., State], list[Tensor]]:
-    """The tensors f reads that need a gradient, and ``g(z, tensors) = f(z)`` reading those
-    tensors from its argument instead (so that each evaluation's products reach them)."""
-    if isinstance(f, Bound):
-        module = f.fn if isinstance(f.fn, nn.Module) else None
-        leaves: list[Tensor] = []
-
-        def collect(t: Tensor) -> Tensor:
-            if t.requires_grad:
-                leaves.append(t)
-            return t
-
-        _map(collect, f.args)
-        params = [p for p in module.parameters() if p.requires_grad] if module else []
-        slots = {id(t): i for i, t in enumerate(leaves)}
-
-        def g(z: State, tensors: list[Tensor]) -> State:
-            args = _map(lambda t: tensors[slots[id(t)]] if id(t) in slots else t, f.args)
-            return f.fn(z, *args)
-
-        return g, [*leaves, *params]
-    if isinstance(f, nn.Module):
-        return (lambda z, tensors: f(z)), [p for p in f.parameters() if p.requires_grad]
-    raise TypeError(
-        "grad=reversible must know the tensors f reads to hand back their gradients: pass f as "
-        f"deqlab.Bound(cell, *inputs) or an nn.Module z -> z, not a {type(f).__name__}"
-    )
 
 
 def report_drift(
@@ -126,6 +96,12 @@ class _Reversed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(
+                "grad=reversible gives first derivatives only: its reverse pass is not itself "
+                "differentiated, so create_graph=True would return a wrong second derivative. "
+                "Use grad=ift (exact, f a deqlab.Bound or an nn.Module), phantom or onestep"
+            )
         return (None, None, *ctx.reverse(grad))
 
 

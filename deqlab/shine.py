@@ -25,6 +25,12 @@ from .solvers.base import FlatState
 from .solvers.broyden import low_rank_apply
 from .state import State, as_tuple, leaf, like
 
+SHINE_TWICE = (
+    "grad=shine gives first derivatives only (its backward solve starts from Broyden's "
+    "estimate, an approximation with no derivative of its own): use grad=ift for second "
+    "derivatives"
+)
+
 
 def shine_gradient(
     f: Callable[[State], State],
@@ -51,7 +57,7 @@ def shine_gradient(
         return as_tuple(state.unflatten(estimate))
 
     z = leaf(res.z, True)
-    return implicit(res.z, z, f(z), cfg, on_backward, f, start=start)
+    return implicit(res.z, z, f(z), cfg, on_backward, f, start=start, refuse_twice=SHINE_TWICE)
 
 
 SHINE = GradMode(

@@ -401,7 +401,8 @@ def test_the_arguments_a_recording_keeps_are_walked_to_every_tensor():
     import dataclasses
     from collections import namedtuple
 
-    from deqlab.solvers.capture import _copy_into, _map, _signature, _static
+    from deqlab.bound import map_tensors
+    from deqlab.solvers.capture import _copy_into, _signature, _static
 
     Pair = namedtuple("Pair", "a b")
 
@@ -418,13 +419,13 @@ def test_the_arguments_a_recording_keeps_are_walked_to_every_tensor():
         {"pos": torch.arange(3.0)},
         Context(torch.ones(1, 4), [torch.ones(1)]),
     )
-    doubled = _map(lambda t: t * 2, args)
+    doubled = map_tensors(lambda t: t * 2, args)
     assert type(doubled) is tuple and type(doubled[1]) is Pair and doubled[1].b == 3
     assert doubled[2][1] == "tag" and type(doubled[2]) is list
     assert torch.equal(doubled[3]["pos"], torch.arange(3.0) * 2)
     assert type(doubled[4]) is Context and torch.equal(doubled[4].mask, torch.full((1, 4), 2.0))
     assert torch.equal(doubled[4].lengths[0], torch.full((1,), 2.0))
-    assert _map(lambda t: t, Context) is Context  # a class is kept as it is
+    assert map_tensors(lambda t: t, Context) is Context  # a class is kept as it is
     static = _static(args)
     assert static[0] is not args[0] and torch.equal(static[0], args[0])
     _copy_into(static, doubled)

@@ -21,7 +21,6 @@ of shapes, dtypes, budget, autocast state and train/eval mode.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import warnings
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .. import bound
+from ..bound import map_tensors
 from ..dropout import VariationalDropout
 from .checks import check_finite_start
 
@@ -69,37 +69,20 @@ class GraphRecorder:
         self.begin()
 
 
-def _map(fn: Callable[[Tensor], Any], x: Any) -> Any:
-    """``fn`` applied to every tensor in x: tuples, lists, dicts and dataclasses (the LM's
-    context) are walked; anything else is kept as it is."""
-    if isinstance(x, Tensor):
-        return fn(x)
-    if isinstance(x, (tuple, list)):
-        items = [_map(fn, v) for v in x]
-        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
-    if isinstance(x, dict):
-        return {k: _map(fn, v) for k, v in x.items()}
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return dataclasses.replace(
-            x, **{f.name: _map(fn, getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
-        )
-    return x
-
-
 def _leaves(x: Any) -> list[Any]:
     out: list[Any] = []
-    _map(out.append, x)
+    map_tensors(out.append, x)
     return out
 
 
 def _static(x: Any) -> Any:
-    return _map(torch.clone, x)
+    return map_tensors(torch.clone, x)
 
 
 def _signature(x: Any) -> tuple:
     """What a recording depends on: structure, shapes, dtypes, devices of the tensors."""
     return (
-        repr(_map(lambda t: None, x)),
+        repr(map_tensors(lambda t: None, x)),
         tuple((tuple(t.shape), t.dtype, t.device, t.requires_grad) for t in _leaves(x)),
     )
 
