@@ -239,7 +239,8 @@ class DEQ(nn.Module):
         if not options:
             return self.solver_cfg
         fixed = sorted(
-            {"name", "capture", "options", "fallback", "fallback_options"} & set(options)
+            {"name", "capture", "options", "fallback", "fallback_options", "per_solver"}
+            & set(options)
         )
         if fixed:
             raise ValueError(

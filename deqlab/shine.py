@@ -63,6 +63,6 @@ def shine_gradient(
 SHINE = GradMode(
     lambda f, z0, res, cfg, on_backward: [shine_gradient(f, z0, res, cfg, on_backward)],  # type: ignore[arg-type]
     solver="broyden",
-    settings=("solver", "max_iter", "tol", "stop_mode", "solver_options", "output"),
+    settings=("solver", "max_iter", "tol", "stop_mode", "solver_options", "output", "jacobian_at"),
     solver_options={"keep_inverse": True},
 )

@@ -150,6 +150,44 @@ def test_a_fallback_gets_its_own_options_from_the_command_line(tmp_path):
     assert (broyden.name, broyden.memory) == ("broyden", 12)
 
 
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_takes_another_solver(experiment, tmp_path):
+    """`experiment=X solver=Y` composes: an experiment keeps its solver's own options under
+    solver.per_solver, so another solver takes the recipe's budget and stop rule alone."""
+    from omegaconf import OmegaConf
+
+    from deqlab.solvers import SolverConfig
+
+    for name in ("anderson", "broyden"):
+        cfg = compose_cfg([f"experiment={experiment}", f"solver={name}"], tmp_path)
+        solver = SolverConfig.from_mapping(OmegaConf.to_container(cfg.solver, resolve=True))
+        assert solver.name == name
+
+
+def test_a_recipes_solver_options_reach_its_solver(tmp_path):
+    from omegaconf import OmegaConf
+
+    from deqlab.solvers import SolverConfig
+
+    def solver(*overrides):
+        cfg = compose_cfg(["experiment=cifar_tutorial", *overrides], tmp_path)
+        return SolverConfig.from_mapping(OmegaConf.to_container(cfg.solver, resolve=True))
+
+    tutorial = solver()
+    assert (tutorial.m, tutorial.lam, tutorial.lam_mode, tutorial.max_iter) == (
+        5,
+        1e-4,
+        "absolute",
+        25,
+    )
+    assert solver("solver.m=3").m == 3
+    broyden = solver("solver=broyden")
+    assert (broyden.memory, broyden.max_iter, broyden.stop_mode) == (30, 25, "batch_rel")
+
+
 def test_schema_rejects_a_bad_value_at_assignment(tmp_path):
     cfg = compose_cfg([], tmp_path)
     with pytest.raises(ValidationError):

@@ -292,7 +292,9 @@ def test_what_a_budget_curve_and_a_reversible_core_cannot_do_is_said_in_full():
     )
 
 
-@pytest.mark.parametrize("option", ["capture", "options", "fallback", "fallback_options", "name"])
+@pytest.mark.parametrize(
+    "option", ["capture", "options", "fallback", "fallback_options", "per_solver", "name"]
+)
 def test_the_layers_own_solver_settings_do_not_change_per_call(option):
     x = torch.randn(3, 4)
     with pytest.raises(ValueError) as e:

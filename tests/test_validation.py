@@ -210,6 +210,29 @@ def test_an_option_the_solver_does_not_read_is_refused_not_ignored():
         SolverConfig.from_mapping({"name": "broyden", "mm": 5})
 
 
+def test_per_solver_options_apply_only_to_their_solver():
+    """An experiment's solver options under per_solver.<name> reach that solver (main or
+    fallback) where its own field is at the default, and no other; a solver or an option that
+    does not exist is refused by name."""
+    tutorial = {"anderson": {"m": 6, "lam_mode": "absolute"}, "broyden": {"memory": 9}}
+    anderson = SolverConfig(name="anderson", per_solver=tutorial)
+    assert (anderson.m, anderson.lam_mode, anderson.lam) == (6, "absolute", 1e-4)
+    assert SolverConfig(name="anderson", m=3, per_solver=tutorial).m == 3  # set: it wins
+    assert SolverConfig(name="broyden", per_solver=tutorial).memory == 9
+    assert not hasattr(SolverConfig(name="fixed_point", per_solver=tutorial), "m")
+    (fallback,) = SolverConfig(
+        name="anderson", per_solver=tutorial, fallback=["broyden"]
+    ).fallback_configs()
+    assert fallback.memory == 9
+    with pytest.raises(ValueError, match=r"unknown solver 'anderzon'"):
+        SolverConfig(per_solver={"anderzon": {"m": 6}})
+    with pytest.raises(
+        ValueError,
+        match=r"solver\.per_solver\.broyden sets \['m'\], which solver 'broyden' does not",
+    ):
+        SolverConfig(per_solver={"broyden": {"m": 6}})
+
+
 def test_a_solvers_schema_is_its_signature(restore_registries):
     """A solver of one's own gets a settings class from its keyword-only options: their
     annotations become the fields' types (Any where a config cannot hold one), a required

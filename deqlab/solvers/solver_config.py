@@ -52,6 +52,12 @@ class SolverConfig:
     ``fallback_options[<name>]`` (``solver.fallback_options.broyden.memory=12``); a sample
     converged already converges again at its first step and keeps its iterate.
     ``SolverResult.fallbacks`` counts the samples handed to each.
+
+    ``per_solver``: options that apply only when the named solver runs, as the main solver
+    (to each option whose field is left at its default) or as a fallback (before
+    ``fallback_options``). A published recipe gives its solver's options this way, so that
+    ``experiment=cifar_tutorial solver=broyden`` composes: the recipe's Anderson options wait
+    under ``per_solver.anderson`` while its budget and stop rule, shared by every solver, apply.
     """
 
     name: str = "anderson"
@@ -65,6 +71,7 @@ class SolverConfig:
     capture: bool = False
     fallback: list[str] = field(default_factory=list)
     fallback_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_solver: dict[str, dict[str, Any]] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SolverConfig:
@@ -116,6 +123,7 @@ class SolverConfig:
                 f"{type(self).__name__} is another solver's settings class, not {self.name!r}'s: "
                 f"build SolverConfig(name={self.name!r}, ...)"
             )
+        self._apply_per_solver()
         if self.tol is not None and not self.tol > 0:
             raise ValueError(
                 f"solver.tol must be > 0 (or null: exactly max_iter steps), got {self.tol}"
@@ -160,6 +168,24 @@ class SolverConfig:
                 f"{sorted(accepted)}"
             )
 
+    def _apply_per_solver(self) -> None:
+        """Check every ``per_solver`` entry against its solver's options, then give this
+        solver's entry to the fields still at their defaults (the rest go to ``options``)."""
+        for name, opts in self.per_solver.items():
+            theirs = solver_options(name)  # raises for an unknown solver, listing the known
+            unknown = sorted(set(opts) - set(theirs))
+            if unknown:
+                raise ValueError(
+                    f"solver.per_solver.{name} sets {unknown}, which solver {name!r} does not "
+                    f"take; its options are {sorted(theirs)}"
+                )
+        defaults = {f.name: _default_of(f) for f in fields(self)}
+        for key, value in self.per_solver.get(self.name, {}).items():
+            if key not in defaults:  # a solver known by import path keeps them in options
+                self.options.setdefault(key, value)
+            elif getattr(self, key) == defaults[key]:
+                setattr(self, key, copy.deepcopy(value))
+
     def option(self, key: str) -> Any:
         """The value this config gives the solver's option ``key`` (field or ``options``)."""
         return self.solver_kwargs()[key]
@@ -183,6 +209,7 @@ class SolverConfig:
             accepted = solver_options(name)
             keep = {k: v for k, v in self.solver_kwargs().items() if k in accepted}
             keep.update({k: getattr(self, k) for k in FALLBACK_SHARES})
+            keep.update(self.per_solver.get(name, {}))
             keep.update(self.fallback_options.get(name, {}))
             out.append(SolverConfig(name=name, **keep))
         return out
@@ -231,6 +258,13 @@ def solver_schema(name: str) -> type[SolverConfig]:
             kw_only=True,
         )
     return _SCHEMAS[key]
+
+
+def _default_of(f: Any) -> Any:
+    """A field's default (MISSING for a required one)."""
+    if f.default is MISSING and f.default_factory is not MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def _field(default: Any) -> Any:
