@@ -25,7 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -130,6 +130,13 @@ class ResumableLoader(DataLoader):
             self.sampler.skip(batches * self.batch_size)
 
 
+def collate(batch: Any) -> Any:
+    """A DataLoader's ``collate_fn`` for data that may serve a whole batch at once: a dataset's
+    ``__getitems__`` returning a tuple of batched tensors passes as it is; a list of samples
+    (any other dataset) is stacked as usual."""
+    return batch if isinstance(batch, tuple) else default_collate(batch)
+
+
 class Indexed(Dataset):
     """``dataset``'s samples with their index appended: (x, y) -> (x, y, i), what
     ``init=cached`` keys each sample's warm start by; ``dataset.sample_key(i)`` instead where
@@ -141,9 +148,18 @@ class Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _key(self, i: int) -> int:
+        return self.dataset.sample_key(i) if hasattr(self.dataset, "sample_key") else i
+
     def __getitem__(self, i: int) -> tuple[Any, ...]:
-        key = self.dataset.sample_key(i) if hasattr(self.dataset, "sample_key") else i
-        return (*self.dataset[i], key)
+        return (*self.dataset[i], self._key(i))
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        """A batch served whole where ``dataset`` serves one (see :func:`collate`)."""
+        if not hasattr(self.dataset, "__getitems__"):
+            return [self[i] for i in indices]
+        x, y = self.dataset.__getitems__(indices)
+        return x, y, torch.tensor([self._key(i) for i in indices], device=y.device)
 
 
 class ResumableDataModule(L.LightningDataModule):

@@ -25,6 +25,7 @@ from deqlab.runner.data import (
     EpochShuffle,
     ResumableDataModule,
     ResumableLoader,
+    collate,
     mix_seed,
     per_process,
     rank_and_world,
@@ -41,7 +42,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 class CifarTensors(Dataset):
     """uint8 images (N, 3, 32, 32) and labels, served in [0, 1] and then normalized by
     ``mean`` / ``std`` per channel (no normalization when they are None; augmentation is
-    batched: see :func:`random_crop_flip`)."""
+    batched: see :func:`random_crop_flip`). A DataLoader fetches a batch with one indexing
+    (``__getitems__``; its ``collate_fn`` is :func:`~deqlab.runner.data.collate`), on the
+    device the tensors are on (:meth:`to`)."""
 
     def __init__(
         self,
@@ -59,6 +62,17 @@ class CifarTensors(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return (self.images[i].float().div_(255) - self.mean) / self.std, self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        i = torch.as_tensor(indices, device=self.images.device)
+        return (self.images[i].float().div_(255) - self.mean) / self.std, self.labels[i]
+
+    def to(self, device: torch.device | str) -> CifarTensors:
+        """The images, labels and normalization moved to ``device``, in place: batches are
+        then drawn and normalized there, with no copy from the host per step."""
+        for name in ("images", "labels", "mean", "std"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
 
 
 def random_crop_flip(
@@ -177,6 +191,9 @@ class CifarDataModule(ResumableDataModule):
     still sees every class. The training order is a function of (seed, epoch) and the
     augmentation of (seed, rank, step), so a run resumed mid-epoch repeats the original.
 
+    ``on_device`` keeps every split on the training device (a GPU), where batches are drawn,
+    normalized and augmented: nothing crosses from the host per step but the batch's indices.
+
     ``val_size=0`` trains on every training image, as the implicit-layers tutorial does, and
     runs the validation loop on the test split (the tutorial reports test accuracy each
     epoch); such a run must test its last checkpoint (``test_ckpt=last``), since choosing the
@@ -197,8 +214,16 @@ class CifarDataModule(ResumableDataModule):
         subset: int | None = None,
         mean: list[float] | None = MEAN,
         std: list[float] | None = STD,
+        on_device: bool = False,
     ):
         super().__init__()
+        if on_device and (num_workers or pin_memory):
+            raise ValueError(
+                "task.datamodule.on_device keeps the images on the device, where worker "
+                "processes and pinned host memory have nothing to do: set num_workers=0 and "
+                "pin_memory=false"
+            )
+        self.on_device = on_device
         if (mean is None) != (std is None):
             raise ValueError("task.datamodule.mean and std are both set or both null")
         self.mean = None if mean is None else tuple(mean)
@@ -265,6 +290,9 @@ class CifarDataModule(ResumableDataModule):
         self.val_set = (
             self.test_set if n_val == 0 else CifarTensors(images[val], labels[val], **norm)
         )
+        if self.on_device and self.trainer is not None:
+            for split in {id(s): s for s in (self.train_set, self.val_set, self.test_set)}.values():
+                split.to(self.trainer.strategy.root_device)
 
     def make_train_loader(self) -> ResumableLoader:
         world = rank_and_world()[1]
@@ -275,14 +303,15 @@ class CifarDataModule(ResumableDataModule):
             sampler=EpochShuffle(len(self.train_set), self.seed),
             drop_last=True,
             order={**order, "processes": world},
+            collate_fn=collate,
             **self.loader_kw,
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self._eval_batch(), **self.loader_kw)
+        return DataLoader(self.val_set, self._eval_batch(), collate_fn=collate, **self.loader_kw)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, self._eval_batch(), **self.loader_kw)
+        return DataLoader(self.test_set, self._eval_batch(), collate_fn=collate, **self.loader_kw)
 
     def _eval_batch(self) -> int:
         return per_process(self.eval_batch_size, "task.datamodule.eval_batch_size")
