@@ -34,7 +34,7 @@ from ..initial_state import InitConfig
 from ..norm import NormConfig, apply_norm
 from ..regularize import fp_correction, spectral_radius
 from ..settings import to_config
-from ..state import State
+from ..state import State, as_tuple, leaf
 from ..warm_start import WarmStartError, WarmStarts
 from .batch_chunks import BatchChunks
 from .budget_curve import BudgetCurve
@@ -356,22 +356,23 @@ class DEQLitModule(L.LightningModule):
             return [self.net(x)], None
         u, z0 = self.net.inject(x)
         predicted = self.predicted_start(u, z0) if self.init_cfg.name == "learned" else None
-        start = z0 if predicted is None else predicted.detach()
+        start = z0 if predicted is None else leaf(predicted, False)
         states, info = self.equilibrium(Bound(self.net.cell, u), start, **solve)
         if predicted is not None:  # the prediction learns toward the equilibrium reached
-            self.init_loss = (predicted - states[-1].detach()).pow(2).mean()
+            pairs = list(zip(as_tuple(predicted), as_tuple(states[-1])))
+            self.init_loss = sum((p - z.detach()).pow(2).mean() for p, z in pairs) / len(pairs)
         return [self.net.head(s) for s in states], info
 
-    def predicted_start(self, u: Any, z0: State) -> Tensor:
-        """``init=learned``: the network's prediction of z* from its injection u, checked
-        against the state's structure and shape."""
-        if not isinstance(z0, Tensor):
-            raise ValueError("init=learned predicts a single-tensor state; use another init")
+    def predicted_start(self, u: Any, z0: State) -> State:
+        """``init=learned``: the network's prediction of z* from its injection u (a tensor, or
+        one per part of a multi-part state), checked against the state's structure and
+        shapes."""
         predicted = self.net.predict_start(u)
-        if predicted.shape != z0.shape:
+        shapes = [tuple(p.shape) for p in as_tuple(predicted)]
+        want = [tuple(p.shape) for p in as_tuple(z0)]
+        if isinstance(predicted, Tensor) != isinstance(z0, Tensor) or shapes != want:
             raise ValueError(
-                f"init=learned: predict_start gave {tuple(predicted.shape)}, the state is "
-                f"{tuple(z0.shape)}"
+                f"init=learned: predict_start gave shapes {shapes}, the state has {want}"
             )
         return predicted
 

@@ -269,6 +269,22 @@ class MDEQClassifier(nn.Module):
         z0 = tuple(u.new_zeros(b, c, h >> i, w >> i) for i, c in enumerate(self.channels))
         return u, z0
 
+    def enable_learned_start(self) -> None:
+        """``init=learned`` (the runner calls this before the optimizer is built): one 3x3
+        convolution per branch predicts its state from the injection, strided down to the
+        branch's resolution, zero at first so that the first solves start where init=zeros
+        does."""
+        c0 = self.channels[0]
+        self.start = nn.ModuleList(
+            nn.Conv2d(c0, c, 3, stride=1 << i, padding=1) for i, c in enumerate(self.channels)
+        )
+        for conv in self.start:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def predict_start(self, u: Tensor) -> tuple[Tensor, ...]:
+        return tuple(conv(u) for conv in self.start)
+
     def head(self, z: tuple[Tensor, ...]) -> Tensor:
         y = self.incre[0](z[0])
         for i, merge in enumerate(self.merge):
