@@ -65,6 +65,38 @@ def test_the_prediction_starts_at_zero_and_learns_toward_the_equilibrium(net, si
         assert ours.rel_residual.mean() < 0.8 * theirs.rel_residual.mean()
 
 
+def test_the_deq_transformer_predicts_each_positions_state():
+    """The language model's start: a linear map of each position's injection, zero at first
+    (the first solve is init=zeros'), learning toward z* until the solve from it needs fewer
+    steps."""
+    from deqlab.tasks.lm.module import LMModule
+
+    from .test_lm import tiny_lm
+
+    def lm(init: dict) -> LMModule:
+        solver = {"name": "anderson", "max_iter": 40, "tol": 1e-4}
+        return LMModule(tiny_lm(), mem_len=0, solver=solver, init=init)
+
+    x = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    learned, zeros = lm({"name": "learned", "weight": 1.0}), lm({"name": "zeros"})
+    (out_l,), info_l = learned(x)
+    (out_z,), info_z = zeros(x)
+    torch.testing.assert_close(out_l, out_z)
+    assert info_l.nfe == info_z.nfe
+    optimizer = torch.optim.Adam(learned.net.start.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        learned(x)
+        losses.append(float(learned.init_loss.detach()))
+        optimizer.zero_grad()
+        learned.init_loss.backward()
+        optimizer.step()
+    assert losses[-1] < 0.5 * losses[0]
+    with torch.no_grad():
+        learned.eval(), zeros.eval()
+        assert learned(x)[1].nfe < zeros(x)[1].nfe
+
+
 def test_a_network_that_cannot_predict_its_state_is_refused_by_name():
     class Plain(torch.nn.Module):
         cell = torch.nn.Linear(2, 2)

@@ -355,13 +355,20 @@ class DEQLitModule(L.LightningModule):
         if not hasattr(self.net, "inject"):
             return [self.net(x)], None
         u, z0 = self.net.inject(x)
+        states, info = self.equilibrium_from(u, z0, **solve)
+        return [self.net.head(s) for s in states], info
+
+    def equilibrium_from(self, u: Any, z0: State, **solve: Any) -> tuple[list[State], DEQInfo]:
+        """The equilibrium of ``net.cell`` with injection ``u``, solved from z0 or, under
+        ``init=learned``, from the network's prediction, which then learns toward it
+        (``init_loss``)."""
         predicted = self.predicted_start(u, z0) if self.init_cfg.name == "learned" else None
         start = z0 if predicted is None else leaf(predicted, False)
         states, info = self.equilibrium(Bound(self.net.cell, u), start, **solve)
         if predicted is not None:  # the prediction learns toward the equilibrium reached
             pairs = list(zip(as_tuple(predicted), as_tuple(states[-1])))
             self.init_loss = sum((p - z.detach()).pow(2).mean() for p, z in pairs) / len(pairs)
-        return [self.net.head(s) for s in states], info
+        return states, info
 
     def predicted_start(self, u: Any, z0: State) -> State:
         """``init=learned``: the network's prediction of z* from its injection u (a tensor, or

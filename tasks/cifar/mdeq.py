@@ -274,9 +274,10 @@ class MDEQClassifier(nn.Module):
         convolution per branch predicts its state from the injection, strided down to the
         branch's resolution, zero at first so that the first solves start where init=zeros
         does."""
-        c0 = self.channels[0]
+        c0, w = self.channels[0], self.classifier.weight  # built beside it: device, dtype
         self.start = nn.ModuleList(
-            nn.Conv2d(c0, c, 3, stride=1 << i, padding=1) for i, c in enumerate(self.channels)
+            nn.Conv2d(c0, c, 3, stride=1 << i, padding=1, device=w.device, dtype=w.dtype)
+            for i, c in enumerate(self.channels)
         )
         for conv in self.start:
             nn.init.zeros_(conv.weight)

@@ -103,8 +103,8 @@ class TutorialDEQ(nn.Module):
         """``init=learned`` (the runner calls this before the optimizer is built): add the
         predictor of z0 from the injection, one 3x3 convolution, zero at first, so that the
         solve starts where init=zeros does until the prediction has learned."""
-        channels = self.cell.conv2.out_channels
-        self.start = nn.Conv2d(channels, channels, 3, padding=1)
+        w = self.cell.conv2.weight  # built beside it: its device and dtype
+        self.start = nn.Conv2d(w.shape[0], w.shape[0], 3, padding=1, device=w.device, dtype=w.dtype)
         nn.init.zeros_(self.start.weight)
         nn.init.zeros_(self.start.bias)
 

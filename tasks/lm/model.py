@@ -360,6 +360,19 @@ class DEQTransformerLM(nn.Module):
         ctx = Context(torch.cat([u_mem.to(u.dtype), u], dim=1), z_mem.to(e.dtype), pos, mask)
         return ctx, torch.zeros_like(e)
 
+    def enable_learned_start(self) -> None:
+        """``init=learned`` (the runner calls this before the optimizer is built): a linear
+        map from each position's injection to its state, zero at first, so that the first
+        solves start where init=zeros does."""
+        w = self.inject_net.weight  # built beside it: its device and dtype
+        self.start = nn.Linear(w.shape[0], self.d_model, device=w.device, dtype=w.dtype)
+        nn.init.zeros_(self.start.weight)
+        nn.init.zeros_(self.start.bias)
+
+    def predict_start(self, ctx: Context) -> Tensor:
+        length = ctx.u.shape[1] - ctx.mem.shape[1]  # the segment's positions, after the memory
+        return self.start(ctx.u[:, -length:])
+
     @staticmethod
     def next_memory(ctx: Context, z: Tensor, keep: int) -> Memory:
         """The last ``keep`` positions of memory and segment, states and injections, detached:

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
-from deqlab.bound import Bound
 from deqlab.core import DEQInfo
 from deqlab.runner.module import DEQLitModule
 
@@ -88,7 +87,7 @@ class LMModule(DEQLitModule):
         if mem is not None and chunk is not None:
             mem = (mem[0][chunk[0]], mem[1][chunk[0]])
         ctx, z0 = self.net.inject(x, mem)
-        states, info = self.equilibrium(Bound(self.net.cell, ctx), z0, **solve)
+        states, info = self.equilibrium_from(ctx, z0, **solve)
         keep = self.mem_len if split == "train" else self.eval_mem_len
         if keep > 0:  # no gradient flows into the next segment through the memory
             new = self.net.next_memory(ctx, states[-1], keep)
