@@ -53,7 +53,10 @@ class GradConfig:
     """Gradient mode settings (the ``grad`` config group).
 
     ``solver``, ``max_iter``, ``tol``, ``stop_mode`` and ``solver_options`` (the backward
-    solver's own options, e.g. ``{memory: 40}``) configure the ``ift`` backward solve; ``output``,
+    solver's own options, e.g. ``{memory: 40}``) configure the ``ift`` backward solve;
+    ``per_solver`` holds options by backward solver name, used when ``solver`` is that one (an
+    experiment's way to give them so that ``grad.solver=<another>`` still composes; keys set in
+    ``solver_options`` win); ``output``,
     ``jacobian_at`` and ``solve_from`` choose between deqlab's form and the references' (see
     the module docstring). ``steps`` and ``tau`` configure ``phantom`` (and, under ift, the
     states a core samples before the last, as in TorchDEQ). ``steps`` may be a list: one step
@@ -69,6 +72,7 @@ class GradConfig:
     tol: float | None = 1e-4  # None: exactly max_iter backward steps
     stop_mode: str = "rel"
     solver_options: dict[str, Any] = field(default_factory=dict)
+    per_solver: dict[str, dict[str, Any]] = field(default_factory=dict)
     output: str = "z"  # z | fz
     jacobian_at: str = "z"  # z | fz
     solve_from: str = "grad"  # grad | zeros
@@ -102,6 +106,15 @@ class GradConfig:
             self.steps = mode.defaults.get("steps", 1)
         if self.tau is None:
             self.tau = mode.defaults.get("tau", 1.0)
+        for name, opts in self.per_solver.items():
+            theirs = solver_options(name)  # raises with the list of known solvers
+            stray = sorted(set(opts) - set(theirs))
+            if stray:
+                raise ValueError(
+                    f"grad.per_solver.{name} sets {stray}, which solver {name!r} does not take; "
+                    f"its options are {sorted(theirs)}"
+                )
+        self.solver_options = {**self.per_solver.get(self.solver, {}), **self.solver_options}
         accepted = solver_options(self.solver)  # raises with the list of known solvers
         unknown = sorted(set(self.solver_options) - set(accepted))
         if unknown:
@@ -534,7 +547,7 @@ def _onestep(f, z, fz, cfg, steps, on_backward):  # type: ignore[no-untyped-def]
 # settings for the states a core samples before the equilibrium (TorchDEQ's default for
 # those: one undamped step); onestep nothing more.
 PHANTOM_SETTINGS = ("steps", "tau", "sup_gap", "sup_loc")
-BACKWARD_SETTINGS = ("solver", "max_iter", "tol", "stop_mode", "solver_options")
+BACKWARD_SETTINGS = ("solver", "max_iter", "tol", "stop_mode", "solver_options", "per_solver")
 IFT_SETTINGS = (*BACKWARD_SETTINGS, "output", "jacobian_at", "solve_from", *PHANTOM_SETTINGS)
 register_grad(
     "ift",

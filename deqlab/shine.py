@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from .grad import GradConfig, GradMode, implicit
+from .grad import BACKWARD_SETTINGS, GradConfig, GradMode, implicit
 from .solvers import SolverResult
 from .solvers.base import FlatState
 from .solvers.broyden import low_rank_apply
@@ -63,6 +63,6 @@ def shine_gradient(
 SHINE = GradMode(
     lambda f, z0, res, cfg, on_backward: [shine_gradient(f, z0, res, cfg, on_backward)],  # type: ignore[arg-type]
     solver="broyden",
-    settings=("solver", "max_iter", "tol", "stop_mode", "solver_options", "output", "jacobian_at"),
+    settings=(*BACKWARD_SETTINGS, "output", "jacobian_at"),
     solver_options={"keep_inverse": True},
 )

@@ -155,16 +155,21 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_takes_another_solver(experiment, tmp_path):
-    """`experiment=X solver=Y` composes: an experiment keeps its solver's own options under
-    solver.per_solver, so another solver takes the recipe's budget and stop rule alone."""
+    """`experiment=X solver=Y grad.solver=Y` composes and builds: an experiment keeps its
+    solvers' own options under solver.per_solver and grad.per_solver, so another solver takes
+    the recipe's budget and stop rule alone."""
     from omegaconf import OmegaConf
 
+    from deqlab.grad import GradConfig
+    from deqlab.settings import to_config
     from deqlab.solvers import SolverConfig
 
     for name in ("anderson", "broyden"):
-        cfg = compose_cfg([f"experiment={experiment}", f"solver={name}"], tmp_path)
+        overrides = [f"experiment={experiment}", f"solver={name}", f"grad.solver={name}"]
+        cfg = compose_cfg(overrides, tmp_path)
         solver = SolverConfig.from_mapping(OmegaConf.to_container(cfg.solver, resolve=True))
-        assert solver.name == name
+        grad = to_config(GradConfig, OmegaConf.to_container(cfg.grad, resolve=True), "grad")
+        assert solver.name == name and grad.solver == name
 
 
 def test_a_recipes_solver_options_reach_its_solver(tmp_path):
@@ -186,6 +191,15 @@ def test_a_recipes_solver_options_reach_its_solver(tmp_path):
     assert solver("solver.m=3").m == 3
     broyden = solver("solver=broyden")
     assert (broyden.memory, broyden.max_iter, broyden.stop_mode) == (30, 25, "batch_rel")
+    cfg = compose_cfg(["experiment=cifar_tutorial"], tmp_path)
+    backward = instantiate(cfg.task.module).deq.grad_cfg
+    assert backward.solver_options == {
+        "m": 5,
+        "lam": 1e-4,
+        "lam_mode": "absolute",
+        "tau": 1.0,
+        "return_final": True,
+    }
 
 
 def test_schema_rejects_a_bad_value_at_assignment(tmp_path):

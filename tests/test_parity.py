@@ -141,7 +141,7 @@ def lm_overrides(fx: dict, *extra: str) -> list[str]:
         "solver.tol=null",
         f"grad.max_iter={c['b_thres'] + 1}",
         "grad.tol=null",
-        f"grad.solver_options.memory={c['b_thres']}",
+        f"grad.per_solver.broyden.memory={c['b_thres']}",
         "jac_reg=none",
         "task.module.fit.jitter=0",
         *extra,
@@ -356,10 +356,10 @@ def mdeq_module(name: str, tmp_path, *extra: str):
         "task.module.fit.jitter=0",
         f"solver.max_iter={f_thres + 1}",
         "solver.tol=null",
-        f"solver.memory={f_thres}",
+        f"solver.per_solver.broyden.memory={f_thres}",
         f"grad.max_iter={b_thres + 1}",
         "grad.tol=null",
-        f"grad.solver_options.memory={b_thres}",
+        f"grad.per_solver.broyden.memory={b_thres}",
         *extra,
     ]
     cfg = compose([f"experiment={experiment}", *overrides], tmp_path)

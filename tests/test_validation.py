@@ -233,6 +233,19 @@ def test_per_solver_options_apply_only_to_their_solver():
         SolverConfig(per_solver={"broyden": {"m": 6}})
 
 
+def test_backward_per_solver_options_apply_only_to_their_solver():
+    from deqlab.grad import GradConfig
+
+    options = {"broyden": {"memory": 20}, "anderson": {"m": 6}}
+    assert GradConfig(solver="broyden", per_solver=options).solver_options == {"memory": 20}
+    assert GradConfig(solver="anderson", per_solver=options).solver_options == {"m": 6}
+    explicit = GradConfig(solver="anderson", per_solver=options, solver_options={"m": 3})
+    assert explicit.solver_options == {"m": 3}  # set directly: it wins
+    assert GradConfig(solver="fixed_point", per_solver=options).solver_options == {}
+    with pytest.raises(ValueError, match=r"grad\.per_solver\.broyden sets \['m'\]"):
+        GradConfig(per_solver={"broyden": {"m": 6}})
+
+
 def test_a_solvers_schema_is_its_signature(restore_registries):
     """A solver of one's own gets a settings class from its keyword-only options: their
     annotations become the fields' types (Any where a config cannot hold one), a required
