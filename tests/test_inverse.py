@@ -164,6 +164,7 @@ def test_a_measurement_the_operator_cannot_give_is_refused_by_name():
         check_measurement(physics, y, (3, 32, 32))
 
 
+@pytest.mark.slow  # two runs, then the TV baseline's lambda search on 256 x 256 photographs
 def test_deq_and_unrolled_deblurring_train_through_the_runner(tmp_path):
     """deq_deblur_cifar solves in training (deq/fwd_nfe); unrolled_deblur_cifar trains its
     10 iterations by backprop (no solve), and both report PSNR, SSIM, the input's PSNR and
