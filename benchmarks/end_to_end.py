@@ -35,12 +35,14 @@ def end_to_end(device: torch.device, data_dir: str, steps: int = 30) -> list[dic
         tutorial = ["experiment=cifar_tutorial"]
         bf16 = ["trainer.precision=bf16-mixed"]
         capture = ["solver.capture=true", "solver.check_every=5"]
+        capture_bwd = ["grad.capture=true", "grad.check_every=5"]
         mdeq = ["experiment=cifar_mdeq_small", "task.module.fit.pretrain_steps=0"]
         runs = [
             ("cifar_tutorial", tutorial, "images/s"),
             ("cifar_tutorial bf16", [*tutorial, *bf16], "images/s"),
             ("cifar_tutorial captured", [*tutorial, *capture], "images/s"),
             ("cifar_tutorial bf16 captured", [*tutorial, *bf16, *capture], "images/s"),
+            ("cifar_tutorial captured fwd+bwd", [*tutorial, *capture, *capture_bwd], "images/s"),
             ("cifar_mdeq_small", mdeq, "images/s"),
             ("cifar_mdeq_small bf16", [*mdeq, *bf16], "images/s"),
             ("ptb_deq_transformer_cpu", ["experiment=ptb_deq_transformer_cpu"], "tokens/s"),

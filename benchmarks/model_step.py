@@ -22,8 +22,9 @@ def model_step(
     """Forward + backward of the published CIFAR models as their experiment files build them
     (batch, solver, gradient, normalization), in fp32 and under bf16 autocast, with the
     tolerances set out of reach so every variant spends the same f evaluations (the
-    experiment's forward and backward budgets); on CUDA also with the forward solve captured
-    (skipped where the model draws dropout masks inside the solve). Images/s and peak memory."""
+    experiment's forward and backward budgets); on CUDA also with the forward solve captured,
+    and with both solves captured (skipped where the model draws dropout masks inside the
+    solve). Images/s and peak memory."""
     import hydra.utils
 
     from deqlab.dropout import reset_dropout
@@ -32,11 +33,13 @@ def model_step(
     rows, steps = [], {}
     for exp in experiments:
         for precision in ("fp32", "bf16"):
-            for captured in (False, True) if device.type == "cuda" else (False,):
+            for captured in ("", "fwd", "fwd+bwd") if device.type == "cuda" else ("",):
                 overrides = [f"experiment={exp}", "solver.tol=null", "grad.tol=null"]
                 overrides += ["task.module.fit.pretrain_steps=0"]
                 if captured:
                     overrides += ["solver.capture=true"]
+                if captured == "fwd+bwd":
+                    overrides += ["grad.capture=true"]
                 cfg = compose(overrides, "/tmp/deqlab-bench")
                 torch.manual_seed(0)
                 module = hydra.utils.instantiate(cfg.task.module).to(device).train()
@@ -57,7 +60,10 @@ def model_step(
                         loss = module.criterion(outputs[-1].float(), y)
                     loss.backward()
 
-                name = f"{exp} {precision}" + (" captured" if captured else "")
+                name = (
+                    f"{exp} {precision}"
+                    + {"": "", "fwd": " captured", "fwd+bwd": " captured fwd+bwd"}[captured]
+                )
                 row = {
                     "bench": "model_step",
                     "variant": name,

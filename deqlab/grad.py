@@ -25,6 +25,7 @@ onestep give their own steps' second derivatives, as ordinary autograd graphs.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from .bound import differentiable_inputs
 from .registry import Registry
 from .solvers import SolverResult, get_solver, solver_options
+from .solvers.capture import CapturedSolver, split_bound
 from .solvers.checks import check_common
 from .state import State, as_tuple, leaf, like, mix
 
@@ -81,6 +83,8 @@ class GradConfig:
     sup_gap: int = -1
     sup_loc: list[int] = field(default_factory=list)
     mem_gc: bool = False
+    check_every: int = 1  # read the backward solve's convergence test every k steps
+    capture: bool = False  # replay the backward solve as CUDA graphs (see implicit)
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -122,6 +126,22 @@ class GradConfig:
                 f"grad.solver_options: backward solver {self.solver!r} takes no option(s) {unknown}; "
                 f"its options are {sorted(accepted)}"
             )
+        if "check_every" in self.solver_options:
+            raise ValueError(
+                "grad.solver_options.check_every: set grad.check_every (as solver.check_every)"
+            )
+        if (self.capture or self.check_every != 1) and "check_every" not in accepted:
+            raise ValueError(
+                f"grad.capture / grad.check_every: backward solver {self.solver!r} does not "
+                "report its steps to deqlab's Tracker (it takes no check_every), so its tests "
+                "can be neither deferred nor captured; set grad.check_every=1 and "
+                "grad.capture=false, or use a built-in solver"
+            )
+        if (self.capture or self.check_every != 1) and self.solver_options.get("ls"):
+            raise ValueError(
+                "grad.solver_options.ls reads its Armijo test back at every trial: set "
+                "grad.check_every=1 and grad.capture=false, or ls=false"
+            )
         for key, allowed in (
             ("output", ("z", "fz")),
             ("jacobian_at", ("z", "fz")),
@@ -138,7 +158,7 @@ class GradConfig:
                 f"grad.tol must be > 0 (or null: exactly max_iter steps), got {self.tol}"
             )
         try:
-            check_common(self.max_iter, self.tol, self.stop_mode)
+            check_common(self.max_iter, self.tol, self.stop_mode, self.check_every)
         except ValueError as e:
             raise ValueError(f"grad.{e}") from None
         steps = self.step_list()
@@ -336,32 +356,32 @@ def implicit(
         "enabled": torch.is_autocast_enabled(device),
     }
 
+    # grad.capture; a second derivative's solve for the adjoint's own gradient (no f) runs eagerly
+    replay = captured_adjoint(f, cfg, z_parts[0].device) if cfg.capture and f is not None else None
+
     def backward_solve(u: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         # u = dL/dz*; autograd hands zeros for a part of the state the loss does not use
-        at, f_at = z_parts, fz_parts
-        if cfg.jacobian_at == "fz":  # J_f at f(z*): one more recorded evaluation
-            with torch.enable_grad(), torch.autocast(**precision):
-                at = tuple(p.detach().requires_grad_() for p in fz_parts)
-                f_at = as_tuple(f(like(z, at)))  # type: ignore[misc]
-
-        def vjp_plus_u(g: State) -> State:
-            jt_g = torch.autograd.grad(f_at, at, as_tuple(g), retain_graph=True)
-            return like(z, [a + b for a, b in zip(jt_g, u)])
-
         if start is not None:
             first = start(u)
         elif cfg.solve_from == "grad":
             first = u
         else:
             first = tuple(torch.zeros_like(p) for p in u)
-        res = solve(
-            vjp_plus_u,
-            like(z, first),
-            max_iter=cfg.max_iter,
-            tol=cfg.tol,
-            stop_mode=cfg.stop_mode,
-            **cfg.solver_options,
+        kwargs = dict(
+            max_iter=cfg.max_iter, tol=cfg.tol, stop_mode=cfg.stop_mode, **cfg.solver_options
         )
+        if cfg.check_every != 1:  # only the solvers that take it (checked in GradConfig)
+            kwargs["check_every"] = cfg.check_every
+        if replay is not None:  # J taken at the same point, by an f(z*) recorded in the graph
+            point = fz_parts if cfg.jacobian_at == "fz" else z_parts
+            res = replay_adjoint(replay, f, z, point, u, first, precision, kwargs)
+        else:
+            at, f_at = z_parts, fz_parts
+            if cfg.jacobian_at == "fz":  # J_f at f(z*): one more recorded evaluation
+                with torch.enable_grad(), torch.autocast(**precision):
+                    at = tuple(p.detach().requires_grad_() for p in fz_parts)
+                    f_at = as_tuple(f(like(z, at)))  # type: ignore[misc]
+            res = solve(adjoint_map(f_at, at, u, z), like(z, first), **kwargs)
         if res.nonfinite:
             warnings.warn(
                 "DEQ backward (ift) solve met non-finite iterates; using the best finite one. "
@@ -390,6 +410,90 @@ def implicit(
         *inputs,
     )
     return like(z_star, out)
+
+
+def adjoint_map(
+    f_at: tuple[Tensor, ...], at: tuple[Tensor, ...], u: tuple[Tensor, ...], template: State
+) -> Callable[[State], State]:
+    """The backward fixed-point map g -> J^T g + u, J the Jacobian of f at ``at`` (``f_at``
+    recorded from it), its products vector-Jacobian products of that one evaluation."""
+
+    def step(g: State) -> State:
+        jt_g = torch.autograd.grad(f_at, at, as_tuple(g), retain_graph=True)
+        return like(template, [a + b for a, b in zip(jt_g, u)])
+
+    return step
+
+
+# grad.capture's recordings, per cell and backward solver, kept as long as the cell lives
+_ADJOINT_RECORDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def captured_adjoint(
+    f: Callable[[State], State], cfg: GradConfig, device: torch.device
+) -> CapturedSolver | None:
+    """``grad.capture``: the replayer of f's cell's backward solves; None off CUDA, where the
+    solve runs eagerly (said once per cell). A closure is refused on any device, so that a
+    configuration is checked before it meets a GPU."""
+    cell, _ = split_bound(f, "grad.capture")
+    per_cell = _ADJOINT_RECORDINGS.get(cell)
+    if per_cell is None:
+        per_cell = _ADJOINT_RECORDINGS[cell] = {}
+        if device.type != "cuda":
+            warnings.warn(
+                f"grad.capture: CUDA graphs need a CUDA device; on {device.type} the backward "
+                "solve runs eagerly",
+                stacklevel=4,
+            )
+    if device.type != "cuda":
+        return None
+    if cfg.solver not in per_cell:
+        per_cell[cfg.solver] = CapturedSolver(get_solver(cfg.solver), cfg.solver, "grad.capture")
+    return per_cell[cfg.solver]
+
+
+def replay_adjoint(
+    replay: CapturedSolver,
+    f: Callable[[State], State],
+    z: State,
+    point: tuple[Tensor, ...],
+    u: tuple[Tensor, ...],
+    first: tuple[Tensor, ...],
+    precision: dict[str, Any],
+    kwargs: dict[str, Any],
+) -> SolverResult:
+    """The backward solve g = J^T g + u replayed from CUDA graphs. The recording starts with
+    one evaluation of f at ``point`` (in the forward's precision), whose graph the solve's
+    vector-Jacobian products then run backward: J is taken where the eager solve takes it,
+    and the tensors that change between steps (point, u, f's inputs) are copied in."""
+    cell, args = split_bound(f, "grad.capture")
+
+    def make(point: tuple, u: tuple, *args: Any) -> tuple[Callable[[State], State], Any]:
+        check_running_stats(cell)  # run when recording only
+        with torch.enable_grad(), torch.autocast(**precision, cache_enabled=False):
+            at = tuple(p.detach().requires_grad_() for p in point)
+            f_at = as_tuple(cell(like(z, at), *args))
+        return adjoint_map(f_at, at, u, z), f_at
+
+    tag = ("adjoint", getattr(cell, "training", None), tuple(precision.values()))
+    inputs = (tuple(p.detach() for p in point), tuple(u), *args)
+    return replay.replay(cell, tag, make, like(z, first), inputs, kwargs)
+
+
+def check_running_stats(cell: Any) -> None:
+    """Refuse a training cell whose evaluation updates running statistics (BatchNorm): the
+    captured backward evaluates f once more per step than the eager one, which would move
+    them once more."""
+    if not isinstance(cell, torch.nn.Module) or not cell.training:
+        return
+    for name, m in cell.named_modules():
+        if getattr(m, "track_running_stats", False) and m.training:
+            raise ValueError(
+                f"grad.capture evaluates f(z*) once more per backward pass, and "
+                f"{type(m).__name__} {name!r} updates its running statistics at each "
+                "evaluation in training: set grad.capture=false, or use a norm without "
+                "running statistics (GroupNorm, LayerNorm)"
+            )
 
 
 THIRD_DERIVATIVE = (
@@ -547,7 +651,16 @@ def _onestep(f, z, fz, cfg, steps, on_backward):  # type: ignore[no-untyped-def]
 # settings for the states a core samples before the equilibrium (TorchDEQ's default for
 # those: one undamped step); onestep nothing more.
 PHANTOM_SETTINGS = ("steps", "tau", "sup_gap", "sup_loc")
-BACKWARD_SETTINGS = ("solver", "max_iter", "tol", "stop_mode", "solver_options", "per_solver")
+BACKWARD_SETTINGS = (
+    "solver",
+    "max_iter",
+    "tol",
+    "stop_mode",
+    "solver_options",
+    "per_solver",
+    "check_every",
+    "capture",
+)
 IFT_SETTINGS = (*BACKWARD_SETTINGS, "output", "jacobian_at", "solve_from", *PHANTOM_SETTINGS)
 register_grad(
     "ift",

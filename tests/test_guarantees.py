@@ -404,6 +404,15 @@ def test_subsets_are_stratified_and_every_prefix_sees_all_classes(tmp_path):
     assert not torch.equal(other.test_set.images, dm.test_set.images)  # seeded
 
 
+@pytest.mark.parametrize("switch", ["solver.capture", "grad.capture"])
+def test_compile_and_a_captured_solve_are_refused_together(switch, tmp_path):
+    from deqlab.runner.config import ConfigError, compose, validate
+
+    with pytest.raises(ConfigError, match=f"compile=true and {switch}=true both compile"):
+        validate(compose(["compile=true", f"{switch}=true"], tmp_path))
+    validate(compose([f"{switch}=true"], tmp_path))
+
+
 def test_validating_on_the_test_split_must_test_the_last_checkpoint(tmp_path):
     from deqlab.runner.config import ConfigError, compose, validate
 

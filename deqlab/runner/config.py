@@ -257,11 +257,12 @@ def validate(cfg: DictConfig) -> None:
             "optim.clip_nonemb clips the non-embedding gradients to trainer.gradient_clip_val, "
             "which is not set (the DEQ-Transformer's is 0.25)"
         )
-    if cfg.get("compile") and OmegaConf.select(cfg, "solver.capture"):
-        raise ConfigError(
-            "compile=true and solver.capture=true both compile the solve's kernels: choose one "
-            "(torch.compile's mode=reduce-overhead records CUDA graphs of its own)"
-        )
+    for switch in ("solver.capture", "grad.capture"):
+        if cfg.get("compile") and OmegaConf.select(cfg, switch):
+            raise ConfigError(
+                f"compile=true and {switch}=true both compile the solve's kernels: choose one "
+                "(torch.compile's mode=reduce-overhead records CUDA graphs of its own)"
+            )
     if cfg.mode != "train" and not (cfg.ckpt_path or cfg.get("init_from")):
         raise ConfigError(
             f"mode={cfg.mode} evaluates a checkpoint: pass ckpt_path=<file.ckpt> "

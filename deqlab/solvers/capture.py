@@ -17,6 +17,10 @@ changes between calls in ``args`` (the cell's parameters are updated in place by
 stay where they are). Recording runs the solve once eagerly first (a side stream, to load
 kernels and pick algorithms), then records; a new recording is made for each new combination
 of shapes, dtypes, budget, autocast state and train/eval mode.
+
+:meth:`CapturedSolver.replay` records the solve of any function built from static inputs:
+``grad.capture`` (:func:`deqlab.grad.replay_adjoint`) records the backward solve g = J^T g + u
+together with the evaluation of f whose graph its vector-Jacobian products run backward.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def _copy_into(dst: Any, src: Any) -> None:
         d.copy_(s)
 
 
-def check_capturable(f: Callable[..., Any]) -> None:
+def check_capturable(f: Callable[..., Any], switch: str = "solver.capture") -> None:
     """Refuse cells whose state changes between calls outside ``args``: a variational dropout
     draws its mask at the first call of a batch, which a replay would not repeat."""
     if not isinstance(f, nn.Module) or not f.training:
@@ -100,58 +104,96 @@ def check_capturable(f: Callable[..., Any]) -> None:
     for name, m in f.named_modules():
         if isinstance(m, VariationalDropout) and m.p > 0:
             raise ValueError(
-                f"solver.capture cannot replay {type(m).__name__} {name!r} (p={m.p}) in "
+                f"{switch} cannot replay {type(m).__name__} {name!r} (p={m.p}) in "
                 "training: its mask is drawn anew for each batch outside the graph. Set its "
-                "dropout to 0, or solver.capture=false."
+                f"dropout to 0, or {switch}=false."
             )
+
+
+def split_bound(f: Callable[..., Any], switch: str) -> tuple[Callable[..., Any], tuple]:
+    """``f`` as (cell, inputs): a :class:`~deqlab.bound.Bound`'s, or a module's with no inputs;
+    a closure is refused (``switch``: the setting that asked for a replay)."""
+    fn, args = (f.fn, f.args) if isinstance(f, bound.Bound) else (f, ())
+    if getattr(fn, "__closure__", None):
+        raise ValueError(
+            f"{switch} replays f on the tensors it read when recorded, and this f reads its "
+            "inputs from a closure; pass them in view: deqlab.Bound(cell, x) instead of "
+            "lambda z: cell(z, x)"
+        )
+    return fn, args
+
+
+# make(*static_inputs) -> (the function to solve, anything the recording must keep alive)
+Make = Callable[..., tuple[Callable[[Any], Any], Any]]
 
 
 class CapturedSolver:
     """``solve(f, z0, ...)`` recorded as CUDA graphs, one recording per call signature.
 
-    ``captured(f, z0, args, **solver_kwargs)`` returns the solver's :class:`SolverResult`
-    computed by replaying; its tensors are fresh (the static buffers are not handed out).
+    ``captured(f, z0, **solver_kwargs)`` returns the solver's :class:`SolverResult` computed by
+    replaying; its tensors are fresh (the static buffers are not handed out). :meth:`replay`
+    solves any function built from static inputs (the backward solve's ``g -> J^T g + u``).
     """
 
-    def __init__(self, solve: Callable[..., Any], name: str):
+    def __init__(self, solve: Callable[..., Any], name: str, switch: str = "solver.capture"):
         self.solve = solve
         self.name = name
-        self.recordings: dict[tuple, tuple[GraphRecorder, Any, Any, Any]] = {}
+        self.switch = switch
+        self.recordings: dict[tuple, tuple[GraphRecorder, Any, Any, Any, Any]] = {}
 
     def __call__(self, f: Callable[..., Any], z0: Any, **kwargs: Any) -> Any:
         """Solve ``f(z) = z`` from ``z0`` by replaying; ``f`` a :class:`~deqlab.bound.Bound` (its inputs are
         copied in), a module, or a function that reads no tensor from a closure."""
-        f, args = (f.fn, f.args) if isinstance(f, bound.Bound) else (f, ())
-        if getattr(f, "__closure__", None):
-            raise ValueError(
-                "solver.capture replays f on the tensors it read when recorded, and this f "
-                "reads its inputs from a closure; pass them in view: "
-                "deqlab.Bound(cell, x) instead of lambda z: cell(z, x)"
-            )
+        fn, args = split_bound(f, self.switch)
 
+        def make(*static_args: Any) -> tuple[Callable[[Any], Any], None]:
+            return (lambda z: fn(z, *static_args)), None
+
+        return self.replay(fn, (fn, getattr(fn, "training", None)), make, z0, args, kwargs)
+
+    def replay(
+        self,
+        cell: Any,
+        tag: Any,
+        make: Make,
+        z0: Any,
+        inputs: tuple,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Solve the function ``make(*inputs)`` builds, from ``z0``, by replaying.
+
+        Args:
+            cell: the module the function runs (checked by :func:`check_capturable`).
+            tag: what else the recording depends on besides the shapes of ``z0`` and
+                ``inputs``, the solver's options and autocast (hashable).
+            make: builds the function from static copies of ``inputs``; run once eagerly
+                and once while recording, so everything it computes is replayed too.
+            z0: the start, copied into its static buffer before each replay.
+            inputs: the tensors that change between calls (structures of them).
+            kwargs: the solver's arguments (``max_iter``, ``tol``, ``check_every``, ...).
+        """
         key = (
-            f,
-            getattr(f, "training", None),
+            tag,
             _signature(z0),
-            _signature(args),
+            _signature(inputs),
             tuple(sorted((k, repr(v)) for k, v in kwargs.items())),
             torch.is_autocast_enabled("cuda"),
             torch.get_autocast_dtype("cuda"),
         )
         if key not in self.recordings:
-            self.recordings[key] = self._record(f, z0, args, kwargs)
+            self.recordings[key] = self._record(cell, make, z0, inputs, kwargs)
             n = len(self.recordings)
             if n >= 8 and n & (n - 1) == 0:  # 8, 16, 32, ...: say so, without flooding
                 warnings.warn(
-                    f"solver.capture: {n} recordings for this layer, each keeping its graphs "
+                    f"{self.switch}: {n} recordings for this layer, each keeping its graphs "
                     "and memory: every new f, state shape, budget, precision or train/eval "
                     "mode records anew. Pass the same f (a module, or deqlab.Bound(cell, x)) "
                     "and fixed budgets (no fit.jitter) to reuse them.",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-        rec, static_z0, static_args, res = self.recordings[key]
+        rec, static_z0, static_inputs, res, _ = self.recordings[key]
         _copy_into(static_z0, z0)
-        _copy_into(static_args, args)
+        _copy_into(static_inputs, inputs)
         steps = 0
         every = kwargs.get("check_every", 1)
         for graph, flag in zip(rec.graphs[:-1], rec.flags):
@@ -181,10 +223,9 @@ class CapturedSolver:
             saved=saved,
         )
 
-    def _record(self, f: Callable[..., Any], z0: Any, args: tuple, kwargs: dict) -> tuple:
-        check_capturable(f)
-        static_z0, static_args = _static(z0), _static(args)
-        call = lambda z: f(z, *static_args)
+    def _record(self, cell: Any, make: Make, z0: Any, inputs: tuple, kwargs: dict) -> tuple:
+        check_capturable(cell, self.switch)
+        static_z0, static_inputs = _static(z0), _static(inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         rec = GraphRecorder()
@@ -202,12 +243,16 @@ class CapturedSolver:
         )
         try:
             with torch.cuda.stream(side), no_cast_cache:
-                self.solve(call, static_z0, **kwargs)  # warm-up: kernels, handles, algorithms
+                fn, _ = make(*static_inputs)  # warm-up: kernels, handles, algorithms
+                self.solve(fn, static_z0, **kwargs)
+                del fn
                 parametrize._cache.clear()
                 rec.begin()
                 _local.recorder = rec
                 try:
-                    res = self.solve(call, static_z0, **kwargs)
+                    # what make computes (the backward's f(z*)) is the first graph's start
+                    fn, keep = make(*static_inputs)
+                    res = self.solve(fn, static_z0, **kwargs)
                 finally:
                     _local.recorder = None
                     rec.end()
@@ -218,9 +263,10 @@ class CapturedSolver:
         if len(rec.graphs) < 2 or rec.flags[-1] is not None:
             raise TypeError(
                 f"solver {self.name!r} cannot be captured: it does not report its steps to "
-                "deqlab's Tracker (the built-in solvers do); use solver.capture=false"
+                f"deqlab's Tracker (the built-in solvers do); use {self.switch}=false"
             )
-        return rec, static_z0, static_args, res
+        # keep: tensors the graphs read after make returned (the backward's recorded f(z*))
+        return rec, static_z0, static_inputs, res, keep
 
 
 def __getattr__(name: str) -> Any:
