@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -45,6 +44,7 @@ from .fit import FitConfig, JacRegConfig
 from .loggers import log_figure, residual_trace_figure
 from .optim import OptimConfig, PlateauSchedule, clip_non_embedding
 from .stability import StabilityMonitor
+from .step_log import StepLogging
 
 
 class DEQNet(Protocol):
@@ -161,7 +161,7 @@ def compile_cell(cell: nn.Module, options: Mapping[str, Any] | None = None) -> n
     return cell
 
 
-class DEQLitModule(L.LightningModule):
+class DEQLitModule(StepLogging):
     """The DEQ training step every task shares; a task adds its network and :class:`TaskHooks`.
 
     Args:
