@@ -158,3 +158,43 @@ def test_the_inverse_benchmark_shows_unrolled_memory_growing_and_the_deqs_flat()
     assert long["unrolled_saved_MB"] > 2.5 * short["unrolled_saved_MB"]  # k activations
     assert long["deq_saved_MB"] == short["deq_saved_MB"]  # one f at z*, whatever k
     assert short["deq_saved_MB"] < short["unrolled_saved_MB"]
+
+
+def test_the_reproduction_records_every_epochs_test_accuracy(tmp_path):
+    """benchmarks.reproduce on the CPU, as a GPU run is made (--fast included: the data
+    on the device, both solves captured, which on a CPU warn and run eagerly): a tiny tutorial
+    model for two epochs, whose per-epoch accuracies join the results file beside an entry
+    that was there before."""
+    from benchmarks.reproduce import CAPTURE, fast_overrides, record, reproduce
+
+    from .helpers.runs import write_cifar_folder
+
+    data = write_cifar_folder(tmp_path / "data", train_per_class=4, test_per_class=2)
+    tiny = ["trainer.max_epochs=2", "task.module.net.channels=8", "task.module.net.inner=8"]
+    tiny += ["task.module.net.groups=2", "task.datamodule.batch_size=20"]
+    entry = reproduce("cifar_tutorial", str(data), tmp_path / "run", "cpu", True, tiny)
+    assert entry["epochs"] == 2 and len(entry["test_acc"]) == 2
+    assert all(0 <= a <= 1 for a in entry["test_acc"]) and entry["final_test_acc"] is not None
+    assert entry["published_test_acc"] == 0.816 and entry["device"] == "cpu"
+    assert "solver.capture=true" in entry["command"] and "paths." not in entry["command"]
+    out = tmp_path / "cuda.json"
+    out.write_text(json.dumps({"meta": {}, "reproduction": [{"experiment": "cifar_mdeq_small"}]}))
+    record(entry, out)
+    record(entry, out)  # a rerun replaces its own entry
+    results = json.loads(out.read_text())
+    assert [e["experiment"] for e in results["reproduction"]] == [
+        "cifar_mdeq_small",
+        "cifar_tutorial",
+    ]
+    assert "meta" in results
+    # MDEQ draws dropout masks inside its solve: its fast run keeps the eager solves
+    assert not set(CAPTURE) & set(fast_overrides("cifar_mdeq_small", []))
+
+
+def test_each_capture_mutant_names_one_line_of_capture_py():
+    """benchmarks.capture_mutants runs on a GPU only: here, that each of its mutants still
+    finds its line, once, in the file it mutates."""
+    from benchmarks.capture_mutants import MUTANTS, TARGET
+
+    source = TARGET.read_text()
+    assert [what for what, line, _ in MUTANTS if source.count(line) != 1] == []
