@@ -9,6 +9,9 @@
 #   the CUDA-graph tests (forward and backward capture), then one epoch of the tutorial's
 #   recipe eager, with --fast, and with --fast plus cuDNN autotuning and fused Adam, each
 #   timed, each entry into $OUT.
+# There:        bash benchmarks/gpu_checks.sh bf16           (about 4 minutes)
+#   benchmarks model_step: the published models' training step in fp32 and bf16, eager and
+#   captured, MDEQ-large and the DEQ-Transformer medium at the WikiText-103 batch included.
 # There:        bash benchmarks/gpu_checks.sh mutate         (about 4 minutes)
 #   benchmarks/capture_mutants.py: hand-made mutants of solvers/capture.py against the
 #   CUDA-graph tests (mutmut is not in the image, and reads them as untested on a CPU).
@@ -52,6 +55,11 @@ quick)
       -- trainer.max_epochs=1 "${extra[@]}"
   done
   ;;
+bf16)
+  setup
+  python3 -m benchmarks --only model_step --repeats 3 --device cuda | tee "$OUT/model_step.txt"
+  cp benchmarks/results/cuda.json "$OUT/"
+  ;;
 mutate)
   setup
   python3 -m benchmarks.capture_mutants
@@ -62,7 +70,7 @@ reproduce)
     --out "$OUT/cuda.json"
   ;;
 *)
-  echo "usage: $0 pack | quick | mutate | reproduce EXPERIMENT" >&2
+  echo "usage: $0 pack | quick | bf16 | mutate | reproduce EXPERIMENT" >&2
   exit 2
   ;;
 esac

@@ -198,3 +198,24 @@ def test_each_capture_mutant_names_one_line_of_capture_py():
 
     source = TARGET.read_text()
     assert [what for what, line, _ in MUTANTS if source.count(line) != 1] == []
+
+
+def test_model_step_times_each_precision_and_builds_a_language_models_batch():
+    """benchmarks.model_step on the CPU: one row per precision with its throughput; a
+    language model's net, which waits for its vocabulary, is built at WikiText-103's."""
+    import hydra.utils
+
+    from benchmarks.model_step import WT103_VOCAB, example_batch, model_step
+    from deqlab.runner.config import compose
+
+    rows = model_step(torch.device("cpu"), 1, ("cifar_cpu",))
+    assert [r["variant"] for r in rows] == ["cifar_cpu fp32", "cifar_cpu bf16"]
+    assert all(r["images_per_s"] > 0 and r["unit"] == "images" for r in rows)
+    assert rows[0]["vs_fp32"] == 1.0
+    cfg = compose(["experiment=ptb_deq_transformer_cpu"], "/tmp/deqlab-bench")
+    module = hydra.utils.instantiate(cfg.task.module)
+    x, y, unit = example_batch(cfg, module, torch.device("cpu"))
+    shape = (cfg.task.datamodule.batch_size, cfg.task.datamodule.tgt_len)
+    assert unit == "tokens" and x.shape == y.shape == shape and int(x.max()) < WT103_VOCAB
+    embed = module.net.embed  # adaptive (its edges end at the vocabulary) or a plain table
+    assert (embed.edges[-1] if hasattr(embed, "edges") else embed.num_embeddings) == WT103_VOCAB
