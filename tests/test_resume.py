@@ -39,6 +39,7 @@ CIFAR = [
     "task.datamodule.augment=true",
     "jac_reg=hutchinson",
     "task.module.fit.jitter=1",
+    "trainer.log_every_n_steps=3",  # training metrics: means over 3 steps, which a kill splits
 ]
 # 300 lines of 9 tokens in 4 streams of 8-token segments: 85 steps, checkpoints every 20.
 LM = [*TINY_LM, "+trainer.val_check_interval=20"]
@@ -119,3 +120,6 @@ def test_run_killed_twice_resumes_to_the_uninterrupted_result(task, tmp_path):
     rows_full, rows_killed = metrics(full), metrics(killed)
     for key in (*keys, "val/loss", "train/loss"):
         assert last_value(rows_killed, key) == last_value(rows_full, key), key
+    logged = {r["step"]: r["train/loss"] for r in rows_full if r.get("train/loss")}
+    resumed = {r["step"]: r["train/loss"] for r in rows_killed if r.get("train/loss")}
+    assert resumed and all(logged[step] == loss for step, loss in resumed.items())

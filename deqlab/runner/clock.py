@@ -33,9 +33,9 @@ class TrainingClock:
             log("train/peak_cuda_mem_mb", torch.cuda.max_memory_allocated(device) / 2**20)
             torch.cuda.reset_peak_memory_stats(device)
 
-    def log_elapsed(self, log: Callable[[str, float], None]) -> None:
-        if self.fit_t0 is not None:
-            log("train/elapsed_s", time.perf_counter() - self.fit_t0)
+    def log_elapsed(self, log: Callable[..., None]) -> None:
+        if self.fit_t0 is not None:  # a step metric whose latest value is the one to log
+            log("train/elapsed_s", time.perf_counter() - self.fit_t0, step_reduce="last")
 
     def save(self, checkpoint: dict[str, Any]) -> None:
         now = time.perf_counter()

@@ -422,7 +422,7 @@ class DEQLitModule(StepLogging):
         torch.manual_seed(mix_seed(self.seed, self.global_rank, self.global_step))
         reset_dropout(self)
         # this step's learning rate (every parameter group follows the same schedule)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], step_reduce="last")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.clock.log_elapsed(self.log)
@@ -432,6 +432,7 @@ class DEQLitModule(StepLogging):
             done = info.backward
             self.log("deq/bwd_nfe", sum(r.nfe for r in done) / len(done))
             self.log("deq/bwd_rel_residual", torch.cat([r.rel_residual for r in done]).mean())
+        super().on_train_batch_end(outputs, batch, batch_idx)  # a logging step logs the means
 
     def jacobian_weight(self) -> float:
         """This step's Jacobian-loss weight: the schedule's (times ``jac_reg.adaptive``'s
@@ -580,6 +581,7 @@ class DEQLitModule(StepLogging):
     # accumulates travels in the checkpoint (each component's state; tasks add their own).
     # The writer's class is stored so that a checkpoint of another task is refused by name.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["deqlab_module"] = self.qualified_name()
         for part in (self.clock, self.plateau, self.stability):
             part.save(checkpoint)
@@ -588,6 +590,7 @@ class DEQLitModule(StepLogging):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)
+        super().on_load_checkpoint(checkpoint)
         for part in (self.clock, self.plateau, self.stability):
             part.load(checkpoint)
         if self.warm is not None and "warm_starts" in checkpoint:
