@@ -126,6 +126,8 @@ class StepLogging(L.LightningModule):
 
     def in_training_step(self) -> bool:
         """Whether a training batch has started and not yet ended (its hooks included)."""
+        if self._trainer is None:  # a module saved outside a Trainer
+            return False
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
         return self.trainer.training and progress.ready > progress.completed
 
