@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "deqlab" / "solvers" / "capture.py"
 TESTS = ["tests/test_capture.py", "tests/test_capture_backward.py", "-k", "captured or refuses"]
+# (the dropout test among them: the masks' addresses are what a replay reads)
 
 # (what it breaks, the line as it is, the line mutated)
 MUTANTS = [
@@ -28,7 +29,7 @@ MUTANTS = [
     ("step count unbounded", 'steps = min(steps + every, kwargs["max_iter"])', "steps = steps + every"),
     ("result graph skipped", "rec.graphs[-1].replay()  # the result", "pass"),
     ("inputs' shapes not in the key", "_signature(inputs),", ""),
-    ("train/eval mode not in the key", 'return self.replay(fn, (fn, getattr(fn, "training", None)), make, z0, args, kwargs)', "return self.replay(fn, fn, make, z0, args, kwargs)"),
+    ("train/eval mode not in the key", 'return self.replay((fn, getattr(fn, "training", None)), make, z0, args, kwargs)', "return self.replay(fn, make, z0, args, kwargs)"),
     ("weight-norm cache kept", "parametrize._cache.clear()\n                rec.begin()", "rec.begin()"),
     ("autocast cache kept", "cache_enabled=False,", "cache_enabled=True,"),
     ("trace not cut at the steps run", "trace=res.trace[:steps].clone(),", "trace=res.trace.clone(),"),

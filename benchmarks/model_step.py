@@ -6,8 +6,6 @@ from typing import Any
 
 import torch
 
-from deqlab.solvers.capture import check_capturable
-
 from .timing import (
     peak_memory_mb,
     timed_round_robin,
@@ -28,8 +26,7 @@ def model_step(
     (batch, solver, gradient, normalization), in fp32 and under bf16 autocast, with the
     tolerances set out of reach so every variant spends the same f evaluations (the
     experiment's forward and backward budgets); on CUDA also with the forward solve captured,
-    and with both solves captured (skipped where the model draws dropout masks inside the
-    solve), and the wide models too (:data:`WIDE`; the language model at the WikiText-103
+    and with both solves captured, and the wide models too (:data:`WIDE`; the language model at the WikiText-103
     batch and vocabulary, on random tokens). Images/s (tokens/s) and peak memory."""
     import hydra.utils
 
@@ -51,11 +48,6 @@ def model_step(
                 module = hydra.utils.instantiate(cfg.task.module)
                 x, y, unit = example_batch(cfg, module, device)
                 module = module.to(device).train()
-                if captured:
-                    try:
-                        check_capturable(module.net.cell)
-                    except ValueError:  # variational dropout inside the cell
-                        continue
                 batch = cfg.task.datamodule.batch_size
                 dtype = torch.bfloat16 if precision == "bf16" else None
 

@@ -9,7 +9,7 @@ validate on the test split (``val_size: 0``, as the references do), so the valid
 after each epoch is the test accuracy after that epoch. ``--fast`` adds the settings that change
 how fast the recipe runs, not what it trains: every split resident on the device, both solves
 replayed from CUDA graphs (the convergence test still read at every step, so the stop rules are
-the experiment's; not where the cell draws dropout masks inside the solve). The result joins ``--out`` (benchmarks/results/cuda.json) under
+the experiment's). The result joins ``--out`` (benchmarks/results/cuda.json) under
 ``reproduction``, one entry per experiment: ``experiment``, ``epochs``, ``test_acc`` (one per
 epoch), ``seconds`` (the whole command), ``device``, ``commit``, the command, and the paper's
 figure.
@@ -31,25 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The papers' test accuracies, as the experiment files cite them.
 PUBLISHED = {"cifar_tutorial": 0.816, "cifar_mdeq_small": 0.871}
-FAST_DATA = [
+# --fast: every split on the device, and both solves replayed from CUDA graphs
+FAST = [
     "task.datamodule.on_device=true",
     "task.datamodule.num_workers=0",
     "task.datamodule.pin_memory=false",
+    "solver.capture=true",
+    "grad.capture=true",
 ]
-CAPTURE = ["solver.capture=true", "grad.capture=true"]
-
-
-def fast_overrides(experiment: str, overrides: list[str]) -> list[str]:
-    """``--fast``'s settings for ``experiment``: the data on the device, and both solves
-    captured unless the cell draws dropout masks inside the solve (MDEQ's 0.25), which a
-    replay cannot (the capture refuses it)."""
-    from omegaconf import OmegaConf
-
-    from deqlab.runner.config import compose
-
-    cfg = compose([f"experiment={experiment}", *overrides], "/tmp/deqlab-reproduce-compose")
-    dropout = OmegaConf.select(cfg, "task.module.net.dropout", default=0.0) or 0.0
-    return FAST_DATA + ([] if dropout > 0 else CAPTURE)
 
 
 def epoch_accuracies(run_dir: Path) -> tuple[list[float], float | None]:
@@ -77,7 +66,7 @@ def reproduce(
         f"hydra.run.dir={out_dir}",
         f"trainer={'gpu' if device == 'cuda' else 'cpu'}",
         "trainer.enable_progress_bar=false",
-        *(fast_overrides(experiment, overrides) if fast else []),
+        *(FAST if fast else []),
         *overrides,
     ]
     t0 = time.perf_counter()

@@ -477,7 +477,7 @@ def replay_adjoint(
 
     tag = ("adjoint", getattr(cell, "training", None), tuple(precision.values()))
     inputs = (tuple(p.detach() for p in point), tuple(u), *args)
-    return replay.replay(cell, tag, make, like(z, first), inputs, kwargs)
+    return replay.replay(tag, make, like(z, first), inputs, kwargs)
 
 
 def check_running_stats(cell: Any) -> None:

@@ -44,7 +44,7 @@ class EagerReplayer:
 
         self.solve, self.recordings = get_solver(name), {}
 
-    def replay(self, cell, tag, make, z0, inputs, kwargs):
+    def replay(self, tag, make, z0, inputs, kwargs):
         if tag not in self.recordings:
             self.recordings[tag] = (make, _static(z0), _static(inputs))
             make(*self.recordings[tag][2])  # the warm-up

@@ -83,3 +83,48 @@ def test_mask_on_the_inputs_device():
     d = VariationalDropout(0.5).cuda()
     d(torch.ones(2, 3, device="cuda"))
     assert d.mask.device.type == "cuda"
+
+
+def test_reset_redraws_each_kept_mask_in_place():
+    """A solve replayed from CUDA graphs reads a mask at its address: a new batch's mask is
+    drawn into the same storage, one per kind of input, with the values a fresh draw gives."""
+    d = VariationalDropout2d(0.5)
+    d(torch.ones(4, 8, 3, 3))
+    d(torch.ones(2, 8, 3, 3))  # a smaller last batch keeps a mask of its own
+    kept = {kind: (m.data_ptr(), m.clone()) for kind, m in d.masks.items()}
+    torch.manual_seed(3)
+    reset_dropout(d)
+    assert len(d.masks) == 2
+    for kind, m in d.masks.items():
+        assert m.data_ptr() == kept[kind][0] and not torch.equal(m, kept[kind][1])
+    torch.manual_seed(3)
+    fresh = [torch.empty(kind[0]).bernoulli_(0.5) / 0.5 for kind in d.masks]
+    assert all(torch.equal(a, b) for a, b in zip(d.masks.values(), fresh))
+
+
+def test_masks_follow_the_layer_and_their_kinds_travel_in_a_checkpoint():
+    from deqlab.dropout import mask_kinds, restore_mask_kinds
+
+    net = nn.Sequential(nn.Linear(3, 3), VariationalDropout(0.5), VariationalTokenDropout(0.3))
+    net[1](torch.ones(2, 3))
+    net[2](torch.ones(2, 5, 3))
+    net[2](torch.ones(1, 5, 3))
+    before = net[1].mask.clone()
+    net.double()
+    ((kind, mask),) = net[1].masks.items()
+    assert kind[1] == torch.float64 and torch.equal(mask, before.double())
+    kinds = mask_kinds(net)
+    assert kinds == {
+        "1": [([2, 3], "float64")],
+        "2": [([2, 5, 1], "float64"), ([1, 5, 1], "float64")],
+    }
+    other = nn.Sequential(nn.Linear(3, 3), VariationalDropout(0.5), VariationalTokenDropout(0.3))
+    restore_mask_kinds(other, kinds)
+    assert mask_kinds(other) == kinds  # the same kinds, in the same order
+    torch.manual_seed(0)
+    reset_dropout(net)
+    torch.manual_seed(0)
+    reset_dropout(other)
+    for a, b in zip(net.modules(), other.modules()):
+        if isinstance(a, VariationalDropout):
+            assert all(torch.equal(x, y) for x, y in zip(a.masks.values(), b.masks.values()))

@@ -1,6 +1,6 @@
 """A run killed with SIGKILL, twice, and resumed each time from its run folder ends with the
 same weights and metrics as the run that was never interrupted: mid-epoch, with augmentation,
-budget jitter and Jacobian regularization (CIFAR), the same with warm starts carried across
+budget jitter, Jacobian regularization and variational dropout (CIFAR), the same with warm starts carried across
 training (init=cached: the cache travels in the checkpoint), and with segment memory (language
 model)."""
 
@@ -40,6 +40,7 @@ CIFAR = [
     "jac_reg=hutchinson",
     "task.module.fit.jitter=1",
     "trainer.log_every_n_steps=3",  # training metrics: means over 3 steps, which a kill splits
+    "task.module.net.dropout=0.2",  # masks redrawn in place each batch, their kinds restored
 ]
 # 300 lines of 9 tokens in 4 streams of 8-token segments: 85 steps, checkpoints every 20.
 LM = [*TINY_LM, "+trainer.val_check_interval=20"]

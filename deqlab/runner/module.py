@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..bound import Bound
 from ..core import CoreConfig, DEQInfo, GradConfig, SolverConfig, build_core
-from ..dropout import reset_dropout
+from ..dropout import mask_kinds, reset_dropout, restore_mask_kinds
 from ..grad import evaluate
 from ..initial_state import InitConfig
 from ..norm import NormConfig, apply_norm
@@ -583,6 +583,7 @@ class DEQLitModule(StepLogging):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["deqlab_module"] = self.qualified_name()
+        checkpoint["deqlab_dropout_masks"] = mask_kinds(self)  # which masks a batch redraws
         for part in (self.clock, self.plateau, self.stability):
             part.save(checkpoint)
         if self.warm is not None:
@@ -591,6 +592,7 @@ class DEQLitModule(StepLogging):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)
         super().on_load_checkpoint(checkpoint)
+        restore_mask_kinds(self, checkpoint.get("deqlab_dropout_masks", {}), self.device)
         for part in (self.clock, self.plateau, self.stability):
             part.load(checkpoint)
         if self.warm is not None and "warm_starts" in checkpoint:

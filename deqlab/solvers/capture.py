@@ -32,12 +32,11 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.utils import parametrize
 
 from .. import bound
 from ..bound import map_tensors
-from ..dropout import VariationalDropout
 from .checks import check_finite_start
 
 _local = threading.local()
@@ -96,20 +95,6 @@ def _copy_into(dst: Any, src: Any) -> None:
         d.copy_(s)
 
 
-def check_capturable(f: Callable[..., Any], switch: str = "solver.capture") -> None:
-    """Refuse cells whose state changes between calls outside ``args``: a variational dropout
-    draws its mask at the first call of a batch, which a replay would not repeat."""
-    if not isinstance(f, nn.Module) or not f.training:
-        return
-    for name, m in f.named_modules():
-        if isinstance(m, VariationalDropout) and m.p > 0:
-            raise ValueError(
-                f"{switch} cannot replay {type(m).__name__} {name!r} (p={m.p}) in "
-                "training: its mask is drawn anew for each batch outside the graph. Set its "
-                f"dropout to 0, or {switch}=false."
-            )
-
-
 def split_bound(f: Callable[..., Any], switch: str) -> tuple[Callable[..., Any], tuple]:
     """``f`` as (cell, inputs): a :class:`~deqlab.bound.Bound`'s, or a module's with no inputs;
     a closure is refused (``switch``: the setting that asked for a replay)."""
@@ -149,11 +134,10 @@ class CapturedSolver:
         def make(*static_args: Any) -> tuple[Callable[[Any], Any], None]:
             return (lambda z: fn(z, *static_args)), None
 
-        return self.replay(fn, (fn, getattr(fn, "training", None)), make, z0, args, kwargs)
+        return self.replay((fn, getattr(fn, "training", None)), make, z0, args, kwargs)
 
     def replay(
         self,
-        cell: Any,
         tag: Any,
         make: Make,
         z0: Any,
@@ -163,7 +147,6 @@ class CapturedSolver:
         """Solve the function ``make(*inputs)`` builds, from ``z0``, by replaying.
 
         Args:
-            cell: the module the function runs (checked by :func:`check_capturable`).
             tag: what else the recording depends on besides the shapes of ``z0`` and
                 ``inputs``, the solver's options and autocast (hashable).
             make: builds the function from static copies of ``inputs``; run once eagerly
@@ -181,7 +164,7 @@ class CapturedSolver:
             torch.get_autocast_dtype("cuda"),
         )
         if key not in self.recordings:
-            self.recordings[key] = self._record(cell, make, z0, inputs, kwargs)
+            self.recordings[key] = self._record(make, z0, inputs, kwargs)
             n = len(self.recordings)
             if n >= 8 and n & (n - 1) == 0:  # 8, 16, 32, ...: say so, without flooding
                 warnings.warn(
@@ -223,8 +206,7 @@ class CapturedSolver:
             saved=saved,
         )
 
-    def _record(self, cell: Any, make: Make, z0: Any, inputs: tuple, kwargs: dict) -> tuple:
-        check_capturable(cell, self.switch)
+    def _record(self, make: Make, z0: Any, inputs: tuple, kwargs: dict) -> tuple:
         static_z0, static_inputs = _static(z0), _static(inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
