@@ -55,11 +55,12 @@ class EagerReplayer:
         return self.solve(fn, static_z0, **kwargs)
 
 
-def train(capture: bool, jacobian_at: str, replayer=None, monkeypatch=None, steps: int = 3):
-    """Three SGD steps of a weight-normed cell under ift (x a leaf too); the gradients of
-    each step, and the backward solves' step counts."""
+def train(capture: bool, jacobian_at: str, replayer=None, monkeypatch=None, steps=3, device="cpu"):
+    """Three SGD steps of a weight-normed cell under ift (x a leaf too), on ``device`` (on
+    CUDA the forward solve is captured too); each step's gradients and backward step count,
+    and the cell."""
     torch.manual_seed(0)
-    cell = NormedCell().double()
+    cell = NormedCell().to(device).double()
     apply_norm(cell, "weight_norm")
     opt = torch.optim.SGD(cell.parameters(), lr=0.1)
     grad = {
@@ -70,12 +71,18 @@ def train(capture: bool, jacobian_at: str, replayer=None, monkeypatch=None, step
         "output": "fz" if jacobian_at == "fz" else "z",
         "jacobian_at": jacobian_at,
     }
-    deq = DEQ(solver={"name": "anderson", "max_iter": 60, "tol": 1e-10}, grad=grad)
+    forward = {
+        "max_iter": 60,
+        "tol": 1e-10,
+        "check_every": 4,
+        "capture": capture and device == "cuda",
+    }
+    deq = DEQ(solver=forward, grad=grad)
     if replayer is not None:
         monkeypatch.setattr(grad_mod, "captured_adjoint", lambda f, cfg, device: replayer)
     out = []
     for _ in range(steps):
-        x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(5, 16, device=device, dtype=torch.float64, requires_grad=True)
         z, info = deq(Bound(cell, x), torch.zeros_like(x))
         opt.zero_grad()
         (z.sin() ** 2).sum().backward()
@@ -83,7 +90,7 @@ def train(capture: bool, jacobian_at: str, replayer=None, monkeypatch=None, step
             ([p.grad.clone() for p in cell.parameters()], x.grad.clone(), info.backward[0].nfe)
         )
         opt.step()
-    return out
+    return out, cell
 
 
 @pytest.mark.parametrize("jacobian_at", ["z", "fz"])
@@ -91,9 +98,9 @@ def test_the_recorded_adjoint_solve_gives_the_eager_gradients(jacobian_at, monke
     """The recording's f(z*) is evaluated on static copies of z* (or f(z*)), u and x, with the
     weight-norm parametrization recomputed: each step's gradients, of the parameters and of x,
     equal the eager backward's, and the step counts agree."""
-    eager = train(False, jacobian_at)
+    eager, _ = train(False, jacobian_at)
     replayer = EagerReplayer("anderson")
-    replayed = train(True, jacobian_at, replayer, monkeypatch)
+    replayed, _ = train(True, jacobian_at, replayer, monkeypatch)
     assert len(replayer.recordings) == 1
     for (pa, xa, na), (pb, xb, nb) in zip(eager, replayed):
         assert na == nb < 60 and na % 4 == 0
@@ -126,9 +133,9 @@ def test_the_recorded_adjoint_solve_reenters_the_forwards_autocast(monkeypatch):
 
 
 def test_grad_capture_on_a_cpu_warns_once_per_cell_and_solves_eagerly():
-    eager = train(False, "z", steps=2)
+    eager, _ = train(False, "z", steps=2)
     with pytest.warns(UserWarning, match="grad.capture: CUDA graphs need a CUDA device; on cpu"):
-        on_cpu = train(True, "z", steps=1)
+        on_cpu, _ = train(True, "z", steps=1)
     for a, b in zip(eager[0][0], on_cpu[0][0]):
         assert torch.equal(a, b)
     cell = NormedCell().double()
@@ -197,35 +204,9 @@ def test_captured_backward_solves_give_the_eager_gradients(jacobian_at):
     """Three SGD steps of a weight-normed cell: the replayed backward solve (one recording)
     returns the eager gradients and step counts, with the forward solve captured too."""
 
-    def run(capture: bool):
-        torch.manual_seed(0)
-        cell = NormedCell().cuda().double()
-        apply_norm(cell, "weight_norm")
-        opt = torch.optim.SGD(cell.parameters(), lr=0.1)
-        grad = {
-            "max_iter": 60,
-            "tol": 1e-10,
-            "capture": capture,
-            "check_every": 4,
-            "output": "fz" if jacobian_at == "fz" else "z",
-            "jacobian_at": jacobian_at,
-        }
-        solver = {"max_iter": 60, "tol": 1e-10, "check_every": 4, "capture": capture}
-        deq = DEQ(solver=solver, grad=grad)
-        out = []
-        for _ in range(3):
-            x = torch.randn(5, 16, device="cuda", dtype=torch.float64, requires_grad=True)
-            z, info = deq(Bound(cell, x), torch.zeros_like(x))
-            opt.zero_grad()
-            (z.sin() ** 2).sum().backward()
-            out.append(([p.grad.clone() for p in cell.parameters()], x.grad.clone()))
-            out[-1] += (info.backward[0].nfe,)
-            opt.step()
-        return out, grad_mod._ADJOINT_RECORDINGS.get(cell)
-
-    eager, _ = run(False)
-    replayed, recordings = run(True)
-    assert len(recordings["anderson"].recordings) == 1
+    eager, _ = train(False, jacobian_at, device="cuda")
+    replayed, cell = train(True, jacobian_at, device="cuda")
+    assert len(grad_mod._ADJOINT_RECORDINGS[cell]["anderson"].recordings) == 1
     for (pa, xa, na), (pb, xb, nb) in zip(eager, replayed):
         assert na == nb < 60
         torch.testing.assert_close(xa, xb, rtol=1e-10, atol=1e-14)
