@@ -9,6 +9,9 @@
 #   the CUDA-graph tests (forward and backward capture), then one epoch of the tutorial's
 #   recipe eager, with --fast, and with --fast plus cuDNN autotuning and fused Adam, each
 #   timed, each entry into $OUT.
+# There:        bash benchmarks/gpu_checks.sh baseline       (about 4 minutes)
+#   the tutorial's own code (benchmarks/tutorial_train.py) on the same card: the epochs that
+#   fit in 200 s of its 50-epoch schedule, each one's time and test accuracy.
 # There:        bash benchmarks/gpu_checks.sh bf16           (about 4 minutes)
 #   benchmarks model_step: the published models' training step in fp32 and bf16, eager and
 #   captured, MDEQ-large and the DEQ-Transformer medium at the WikiText-103 batch included.
@@ -18,6 +21,7 @@
 # There:        bash benchmarks/gpu_checks.sh reproduce cifar_tutorial   (the 50 epochs)
 #   benchmarks/reproduce.py --fast, its entry into $OUT/cuda.json (copy that entry into
 #   benchmarks/results/cuda.json here, under `reproduction`).
+# One session's 15 device minutes hold `quick` and `baseline`, or `reproduce` alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK=.device
@@ -55,6 +59,11 @@ quick)
       -- trainer.max_epochs=1 "${extra[@]}"
   done
   ;;
+baseline)
+  setup
+  python3 -m benchmarks.tutorial_train --data "$DATA" --epochs 50 --max-seconds 200 \
+    --out "$OUT/tutorial_code.json"
+  ;;
 bf16)
   setup
   python3 -m benchmarks --only model_step --repeats 3 --device cuda | tee "$OUT/model_step.txt"
@@ -70,7 +79,7 @@ reproduce)
     --out "$OUT/cuda.json"
   ;;
 *)
-  echo "usage: $0 pack | quick | bf16 | mutate | reproduce EXPERIMENT" >&2
+  echo "usage: $0 pack | quick | baseline | bf16 | mutate | reproduce EXPERIMENT" >&2
   exit 2
   ;;
 esac
