@@ -30,7 +30,7 @@ DATA=/tmp/deqlab-data
 
 setup() {  # on the device: install what the image lacks, unpack the data
   python3 -m pip install -q --no-index --no-deps "$PACK"/wheels/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e .
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # deqlab from this clone, not installed
   [ -d "$DATA/cifar10/test" ] || python3 "$PACK/prepare.py" "$DATA" >/dev/null
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
   mkdir -p "$OUT"
