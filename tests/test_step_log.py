@@ -166,6 +166,8 @@ def test_what_reaches_lightning_in_and_out_of_a_training_step():
         probe._current_fx_name = "training_step"
         probe.log("d", torch.tensor(1.0), True)  # prog_bar, by position
         probe.log("d", torch.tensor(2.0), True)
+        probe.log("half", torch.tensor(1.0, dtype=torch.bfloat16))
+        probe.log("half", torch.tensor(2.0**-9, dtype=torch.bfloat16))  # lost in a bf16 sum
         probe.log("rate", 0.5, step_reduce="last")
         probe.log("rate", 0.25, step_reduce="last")
         probe.log("acc", MeanMetric())  # a Metric object computes itself: Lightning's
@@ -177,8 +179,9 @@ def test_what_reaches_lightning_in_and_out_of_a_training_step():
     assert a == 3 and isinstance(a, int)
     assert isinstance(b, torch.Tensor) and b.device.type == "cpu" and float(b) == 3
     assert c is True
-    (_, d, d_options), (_, rate, _) = seen[4:]
+    (_, d, d_options), (_, half, _), (_, rate, _) = seen[4:]
     assert float(d) == 1.5 and d_options == {"prog_bar": True}
+    assert half.dtype == torch.float32 and float(half) == (1 + 2.0**-9) / 2
     assert float(rate) == 0.25 and probe.pending == {}
 
 

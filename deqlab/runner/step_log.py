@@ -95,8 +95,9 @@ class StepLogging(L.LightningModule):
         super().log(name, value, **kwargs)
 
     def _keep(self, name: str, value: Any, reduce: str, kwargs: dict) -> None:
-        if isinstance(value, Tensor):
+        if isinstance(value, Tensor):  # summed in at least float32 (a bf16 loss would round)
             value = value.detach()
+            value = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
         elif not isinstance(value, numbers.Number) or isinstance(value, bool):
             return super().log(name, value, **kwargs)  # a Metric object: Lightning's own way
         kept = self.pending.get(name)
