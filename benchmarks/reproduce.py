@@ -11,8 +11,9 @@ how fast the recipe runs, not what it trains: every split resident on the device
 replayed from CUDA graphs (the convergence test still read at every step, so the stop rules are
 the experiment's). The result joins ``--out`` (benchmarks/results/cuda.json) under
 ``reproduction``, one entry per experiment: ``experiment``, ``epochs``, ``test_acc`` (one per
-epoch), ``seconds`` (the whole command), ``device``, ``commit``, the command, and the paper's
-figure.
+epoch), ``seconds`` (the whole command), ``epoch_train_seconds`` (each epoch's training, to set
+beside the tutorial's own code: ``benchmarks.tutorial_train``), ``device``, ``commit``, the
+command, and the paper's figure.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ FAST = [
 ]
 
 
-def epoch_accuracies(run_dir: Path) -> tuple[list[float], float | None]:
-    """The validation accuracy of every epoch (in order) and the final test accuracy, from the
-    run's latest CSV log."""
+def epoch_figures(run_dir: Path) -> tuple[list[float], list[float], float | None]:
+    """The validation accuracy and training seconds of every epoch (in order) and the final
+    test accuracy, from the run's latest CSV log."""
     logs = sorted(
         (run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])
     )
@@ -51,9 +52,13 @@ def epoch_accuracies(run_dir: Path) -> tuple[list[float], float | None]:
         raise FileNotFoundError(f"no CSV log under {run_dir / 'csv'}: did the run start?")
     with open(logs[-1]) as fh:
         rows = list(csv.DictReader(fh))
-    by_epoch = {int(r["epoch"]): float(r["val/acc"]) for r in rows if r.get("val/acc")}
+
+    def per_epoch(key: str) -> list[float]:
+        values = {int(r["epoch"]): float(r[key]) for r in rows if r.get(key)}
+        return [values[e] for e in sorted(values)]
+
     test = [float(r["test/acc"]) for r in rows if r.get("test/acc")]
-    return [by_epoch[e] for e in sorted(by_epoch)], test[-1] if test else None
+    return per_epoch("val/acc"), per_epoch("train/epoch_time_s"), test[-1] if test else None
 
 
 def reproduce(
@@ -74,7 +79,7 @@ def reproduce(
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"python -m deqlab {' '.join(args)} exited {proc.returncode}")
-    test_acc, final = epoch_accuracies(out_dir)
+    test_acc, epoch_seconds, final = epoch_figures(out_dir)
     return {
         "experiment": experiment,
         "epochs": len(test_acc),
@@ -82,6 +87,7 @@ def reproduce(
         "final_test_acc": final,
         "published_test_acc": PUBLISHED.get(experiment),
         "seconds": seconds,
+        "epoch_train_seconds": epoch_seconds,
         "device": device_name(device),
         "commit": git("rev-parse", "--short", "HEAD"),
         "date": datetime.date.today().isoformat(),

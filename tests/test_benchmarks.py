@@ -174,6 +174,9 @@ def test_the_reproduction_records_every_epochs_test_accuracy(tmp_path):
     tiny += ["task.module.net.groups=2", "task.datamodule.batch_size=20"]
     entry = reproduce("cifar_tutorial", str(data), tmp_path / "run", "cpu", True, tiny)
     assert entry["epochs"] == 2 and len(entry["test_acc"]) == 2
+    assert len(entry["epoch_train_seconds"]) == 2 and all(
+        t > 0 for t in entry["epoch_train_seconds"]
+    )
     assert all(0 <= a <= 1 for a in entry["test_acc"]) and entry["final_test_acc"] is not None
     assert entry["published_test_acc"] == 0.816 and entry["device"] == "cpu"
     assert "solver.capture=true" in entry["command"] and "paths." not in entry["command"]
